@@ -1,0 +1,299 @@
+"""Whisper's architecture with openai-whisper's state-dict names, for training from random init.
+
+Differences from openai/whisper, all needed for training from scratch on short clips:
+- a real weight init (Kaiming conv stem, N(0, 0.02) elsewhere, scaled residual projections);
+- variable-length encoder input up to n_audio_ctx * 2 frames, with `mel_lens` masking the
+  padding, so a 5 s clip costs 5 s of compute and gives the same output alone or in a batch;
+- an explicit `KVCache` argument instead of forward hooks.
+With `mel_lens=None` and 3000-frame input the computation is exactly openai-whisper's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    """Everything needed to rebuild a model; saved with its weights (openai-whisper's field names)."""
+
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ModelDimensions.{f.name} must be a positive int, got {v!r}")
+        if self.n_mels not in (80, 128):
+            raise ValueError(f"n_mels must be 80 or 128, got {self.n_mels}")
+        for side in ("audio", "text"):
+            state, head = getattr(self, f"n_{side}_state"), getattr(self, f"n_{side}_head")
+            if state % head:
+                raise ValueError(f"n_{side}_state ({state}) must be divisible by n_{side}_head ({head})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelDimensions":
+        return cls(**{f.name: int(d[f.name]) for f in fields(cls)})
+
+
+# (state, heads, layers) per preset; encoder and decoder share them, as in openai-whisper.
+PRESETS = {
+    "mini": (256, 4, 4),  # CPU-sized
+    "tiny": (384, 6, 4),
+    "base": (512, 8, 6),
+    "small": (768, 12, 12),
+    "medium": (1024, 16, 24),
+}
+
+
+def preset_dims(name: str, n_vocab: int, n_mels: int = 80, n_audio_ctx: int = 1500,
+                n_text_ctx: int = 448) -> ModelDimensions:
+    """Dimensions of a named preset (`--whisper-size`) for a tokenizer's vocabulary size."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown whisper size {name!r}; choose one of {', '.join(PRESETS)}")
+    state, head, layer = PRESETS[name]
+    return ModelDimensions(n_mels, n_audio_ctx, state, head, layer, n_vocab, n_text_ctx, state, head, layer)
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Tensor:
+    """openai-whisper's sinusoidal positions: [sin | cos] halves, geometric timescales."""
+    assert channels % 2 == 0
+    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
+    scaled_time = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+class LayerNorm(nn.LayerNorm):
+    # Normalise in fp32 even under fp16/bf16 autocast: the variance of a d=768 row overflows fp16.
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class KVCache:
+    """Keys/values of every decoder layer for incremental decoding, passed explicitly.
+
+    Self-attention K/V live in buffers preallocated to n_text_ctx and filled in place (no
+    re-concatenation per step); cross-attention K/V are computed from the audio once.
+    `offset` is the number of tokens already processed. `reorder` follows beam-search choices.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.offset = 0
+        self.self_kv: dict = {}  # layer -> (k_buf, v_buf), each (B, max_len, n_state)
+        self.cross_kv: dict = {}  # layer -> (k, v), each (B, n_audio, n_state)
+
+    def update_self(self, layer: int, k: Tensor, v: Tensor) -> tuple:
+        end = self.offset + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"decoder context is {self.max_len} tokens; cannot decode to position {end}")
+        if layer not in self.self_kv:
+            shape = (k.shape[0], self.max_len, k.shape[2])
+            self.self_kv[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+        k_buf, v_buf = self.self_kv[layer]
+        k_buf[:, self.offset:end] = k
+        v_buf[:, self.offset:end] = v
+        return k_buf[:, :end], v_buf[:, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (beam search: which hypotheses survive), in every layer."""
+        self.self_kv = {i: (k[index], v[index]) for i, (k, v) in self.self_kv.items()}
+        self.cross_kv = {i: (k[index], v[index]) for i, (k, v) in self.cross_kv.items()}
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """x: queries' input (B, T, C); k, v: projected (B, S, C); mask: bool, True = may attend."""
+        B, T, C = x.shape
+        q = self.query(x).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, k.shape[1], self.n_head, -1).transpose(1, 2)  # (B, nh, S, hs)
+        v = v.view(B, v.shape[1], self.n_head, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor], xa: Optional[Tensor] = None,
+                xa_mask: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+        h = self.attn_ln(x)
+        k, v = self.attn.key(h), self.attn.value(h)
+        if cache is not None:
+            k, v = cache.update_self(layer, k, v)
+        x = x + self.attn(h, k, v, mask)
+        if self.cross_attn is not None:
+            h = self.cross_attn_ln(x)
+            if cache is not None and layer in cache.cross_kv:
+                k, v = cache.cross_kv[layer]
+            else:
+                k, v = self.cross_attn.key(xa), self.cross_attn.value(xa)
+                if cache is not None:
+                    cache.cross_kv[layer] = (k, v)
+            x = x + self.cross_attn(h, k, v, xa_mask)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+def lengths_to_mask(lens: Tensor, max_len: int) -> Tensor:
+    """(B,) lengths -> (B, max_len) bool, True on real positions."""
+    return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+
+
+def attention_key_mask(lens: Optional[Tensor], max_len: int) -> Optional[Tensor]:
+    """(B,) key lengths -> (B, 1, 1, S) SDPA mask hiding padded keys; None when nothing is padded."""
+    if lens is None:
+        return None
+    return lengths_to_mask(lens, max_len)[:, None, None, :]
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.n_ctx = n_ctx
+        self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
+        self.ln_post = LayerNorm(n_state)
+
+    def forward(self, mel: Tensor, mel_lens: Optional[Tensor] = None) -> Tensor:
+        """mel (B, n_mels, T) -> (B, (T + 1) // 2, n_state). Frames at or past mel_lens are padding."""
+        T = mel.shape[-1]
+        if (T + 1) // 2 > self.n_ctx:
+            raise ValueError(f"mel has {T} frames; this encoder takes at most {2 * self.n_ctx} (30 s)")
+        if mel_lens is not None:
+            # Zero the padding before each conv so border frames see exactly the zeros that an
+            # unpadded, shorter input would see through the conv's own zero padding.
+            mel = mel * lengths_to_mask(mel_lens, T)[:, None, :].to(mel.dtype)
+        x = F.gelu(self.conv1(mel))
+        if mel_lens is not None:
+            x = x * lengths_to_mask(mel_lens, T)[:, None, :].to(x.dtype)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T', C)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        mask = attention_key_mask(self.output_lengths(mel_lens), x.shape[1]) if mel_lens is not None else None
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_post(x)
+
+    @staticmethod
+    def output_lengths(mel_lens: Tensor) -> Tensor:
+        """Encoder frames for each input length (the stride-2 conv halves it, rounding up)."""
+        return (mel_lens + 1) // 2
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.n_ctx = n_ctx
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.zeros(n_ctx, n_state))
+        self.blocks = nn.ModuleList(
+            [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
+        )
+        self.ln = LayerNorm(n_state)
+
+    def forward(self, tokens: Tensor, xa: Tensor, xa_lens: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None) -> Tensor:
+        """tokens (B, T), xa (B, S, C) -> logits (B, T, n_vocab) in fp32.
+
+        With `cache`, `tokens` are the new tokens after `cache.offset` earlier ones, and the
+        cache is advanced by T.
+        """
+        offset = cache.offset if cache is not None else 0
+        T = tokens.shape[1]
+        if offset + T > self.n_ctx:
+            raise ValueError(f"{offset + T} tokens exceed the decoder context of {self.n_ctx}")
+        x = self.token_embedding(tokens) + self.positional_embedding[offset: offset + T]
+        x = x.to(xa.dtype)
+        # Causal mask over the keys seen so far: query i (absolute offset+i) sees keys <= offset+i.
+        mask = None
+        if T > 1:
+            mask = torch.ones(T, offset + T, dtype=torch.bool, device=tokens.device).tril(diagonal=offset)
+        xa_mask = attention_key_mask(xa_lens, xa.shape[1])
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, xa, xa_mask, cache, i)
+        if cache is not None:
+            cache.offset += T
+        x = self.ln(x)
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state,
+                                    dims.n_audio_head, dims.n_audio_layer)
+        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state,
+                                   dims.n_text_head, dims.n_text_layer)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init for training from scratch.
+
+        The conv stem gets Kaiming-normal weights: with N(0, 0.02) its output is far smaller than
+        the sinusoidal positions added to it, the encoder output carries almost no audio, and the
+        decoder collapses to the text prior (measured here: one word for every clip). Linear and
+        embedding weights are N(0, 0.02); residual output projections are scaled by
+        1/sqrt(2 * n_layer) as in GPT-2 so the residual stream's variance does not grow with depth.
+        """
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "_ln" in name or name.split(".")[-2] in ("ln", "ln_post"):
+                nn.init.ones_(p)
+            elif ".conv" in name:
+                nn.init.kaiming_normal_(p, nonlinearity="relu")
+            elif name == "decoder.positional_embedding":
+                nn.init.normal_(p, std=0.01)
+            else:
+                std = 0.02
+                if name.endswith(("attn.out.weight", "mlp.2.weight")):
+                    n_layer = self.dims.n_audio_layer if name.startswith("encoder") else self.dims.n_text_layer
+                    std = 0.02 / math.sqrt(2 * n_layer)
+                nn.init.normal_(p, std=std)
+
+    def forward(self, mel: Tensor, mel_lens: Optional[Tensor], tokens: Tensor) -> Tensor:
+        """mel (B, n_mels, T), mel_lens (B,) or None, tokens (B, L) -> logits (B, L, n_vocab)."""
+        xa = self.encoder(mel, mel_lens)
+        xa_lens = self.encoder.output_lengths(mel_lens) if mel_lens is not None else None
+        return self.decoder(tokens, xa, xa_lens)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.dims.n_text_ctx)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
