@@ -197,3 +197,20 @@ def test_bad_dims_are_clear():
         ModelDimensions(80, 1500, 30, 4, 1, 10, 10, 32, 4, 1)
     with pytest.raises(ValueError, match="n_mels"):
         ModelDimensions(64, 1500, 32, 4, 1, 10, 10, 32, 4, 1)
+
+
+def test_ctc_head_is_optional_and_saved_in_dims(tmp_path):
+    dims = preset_dims("mini", n_vocab=40, ctc=True)
+    m = Whisper(dims).eval()
+    assert "ctc_head.weight" in m.state_dict() and dims.to_dict()["ctc"] is True
+    xa = m.encoder(torch.randn(2, 80, 60))
+    assert m.ctc_logits(xa).shape == (2, 30, 40)
+    save_checkpoint(tmp_path / "c.pt", m, CharTokenizer("аб"))
+    again, _, _ = load_model(tmp_path / "c.pt")
+    assert again.dims.ctc and torch.equal(again.ctc_logits(xa), m.ctc_logits(xa))
+    plain = Whisper(preset_dims("mini", n_vocab=40))
+    assert plain.ctc_head is None and not any(k.startswith("ctc") for k in plain.state_dict())
+    with pytest.raises(ValueError, match="no CTC head"):
+        plain.ctc_logits(xa)
+    # openai-style dims dicts (no "ctc" key) still load
+    assert ModelDimensions.from_dict({k: v for k, v in TINY.to_dict().items() if k != "ctc"}) == TINY

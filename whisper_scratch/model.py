@@ -32,9 +32,16 @@ class ModelDimensions:
     n_text_state: int
     n_text_head: int
     n_text_layer: int
+    # Not in openai-whisper: an auxiliary CTC head on the encoder (blank = the tokenizer's <|pad|>,
+    # the last id). It makes the encoder align early when training from scratch on little data.
+    ctc: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.ctc, bool):
+            raise ValueError(f"ModelDimensions.ctc must be a bool, got {self.ctc!r}")
         for f in fields(self):
+            if f.name == "ctc":
+                continue
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"ModelDimensions.{f.name} must be a positive int, got {v!r}")
@@ -50,7 +57,8 @@ class ModelDimensions:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelDimensions":
-        return cls(**{f.name: int(d[f.name]) for f in fields(cls)})
+        kw = {f.name: int(d[f.name]) for f in fields(cls) if f.name != "ctc"}
+        return cls(**kw, ctc=bool(d.get("ctc", False)))
 
 
 # (state, heads, layers) per preset; encoder and decoder share them, as in openai-whisper.
@@ -64,12 +72,12 @@ PRESETS = {
 
 
 def preset_dims(name: str, n_vocab: int, n_mels: int = 80, n_audio_ctx: int = 1500,
-                n_text_ctx: int = 448) -> ModelDimensions:
+                n_text_ctx: int = 448, ctc: bool = False) -> ModelDimensions:
     """Dimensions of a named preset (`--whisper-size`) for a tokenizer's vocabulary size."""
     if name not in PRESETS:
         raise ValueError(f"unknown whisper size {name!r}; choose one of {', '.join(PRESETS)}")
     state, head, layer = PRESETS[name]
-    return ModelDimensions(n_mels, n_audio_ctx, state, head, layer, n_vocab, n_text_ctx, state, head, layer)
+    return ModelDimensions(n_mels, n_audio_ctx, state, head, layer, n_vocab, n_text_ctx, state, head, layer, ctc)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Tensor:
@@ -259,6 +267,7 @@ class Whisper(nn.Module):
                                     dims.n_audio_head, dims.n_audio_layer)
         self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state,
                                    dims.n_text_head, dims.n_text_layer)
+        self.ctc_head = nn.Linear(dims.n_audio_state, dims.n_vocab) if dims.ctc else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -291,6 +300,12 @@ class Whisper(nn.Module):
         xa = self.encoder(mel, mel_lens)
         xa_lens = self.encoder.output_lengths(mel_lens) if mel_lens is not None else None
         return self.decoder(tokens, xa, xa_lens)
+
+    def ctc_logits(self, xa: Tensor) -> Tensor:
+        """Encoder output (B, S, C) -> CTC logits (B, S, n_vocab) in fp32; blank is the last id."""
+        if self.ctc_head is None:
+            raise ValueError("this model has no CTC head (built with ctc=False)")
+        return self.ctc_head(xa).float()
 
     def new_cache(self) -> KVCache:
         return KVCache(self.dims.n_text_ctx)
