@@ -214,3 +214,16 @@ def test_ctc_head_is_optional_and_saved_in_dims(tmp_path):
         plain.ctc_logits(xa)
     # openai-style dims dicts (no "ctc" key) still load
     assert ModelDimensions.from_dict({k: v for k, v in TINY.to_dict().items() if k != "ctc"}) == TINY
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(3)
+    m = Whisper(TINY).train()
+    mel, lens, tokens = torch.randn(2, 80, 90), torch.tensor([90, 61]), torch.randint(0, 50, (2, 6))
+    grads = []
+    for enabled in (False, True):
+        m.zero_grad()
+        m.set_grad_checkpointing(enabled)
+        m(mel, lens, tokens).square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ class AudioEncoder(nn.Module):
         self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
         self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
         self.ln_post = LayerNorm(n_state)
+        self.grad_checkpointing = False  # recompute block activations in backward to save memory
 
     def forward(self, mel: Tensor, mel_lens: Optional[Tensor] = None) -> Tensor:
         """mel (B, n_mels, T) -> (B, (T + 1) // 2, n_state). Frames at or past mel_lens are padding."""
@@ -213,7 +215,10 @@ class AudioEncoder(nn.Module):
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
         mask = attention_key_mask(self.output_lengths(mel_lens), x.shape[1]) if mel_lens is not None else None
         for block in self.blocks:
-            x = block(x, mask)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.ln_post(x)
 
     @staticmethod
@@ -232,6 +237,7 @@ class TextDecoder(nn.Module):
             [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
         )
         self.ln = LayerNorm(n_state)
+        self.grad_checkpointing = False
 
     def forward(self, tokens: Tensor, xa: Tensor, xa_lens: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None) -> Tensor:
@@ -252,7 +258,10 @@ class TextDecoder(nn.Module):
             mask = torch.ones(T, offset + T, dtype=torch.bool, device=tokens.device).tril(diagonal=offset)
         xa_mask = attention_key_mask(xa_lens, xa.shape[1])
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, xa, xa_mask, cache, i)
+            if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, xa, xa_mask, use_reentrant=False)
+            else:
+                x = block(x, mask, xa, xa_mask, cache, i)
         if cache is not None:
             cache.offset += T
         x = self.ln(x)
@@ -300,6 +309,9 @@ class Whisper(nn.Module):
         xa = self.encoder(mel, mel_lens)
         xa_lens = self.encoder.output_lengths(mel_lens) if mel_lens is not None else None
         return self.decoder(tokens, xa, xa_lens)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
 
     def ctc_logits(self, xa: Tensor) -> Tensor:
         """Encoder output (B, S, C) -> CTC logits (B, S, n_vocab) in fp32; blank is the last id."""
