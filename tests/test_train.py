@@ -1,0 +1,186 @@
+"""Training loop: learning, exact resume, accumulation, DDP equivalence, bad input. Tiny data, CPU."""
+import copy
+import csv
+import os
+import signal
+import socket
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from whisper_scratch.checkpoint import load_checkpoint, load_model
+from whisper_scratch.config import parse_options
+from whisper_scratch.data import Collator
+from whisper_scratch.trainer import Trainer, TrainOptions, train
+from conftest import DATA
+
+FSDD = str(DATA / "fsdd" / "manifest.tsv")
+
+
+def write_manifest(path, rows):
+    path.write_text("path\ttext\tsplit\n" + "".join(f"{p}\t{t}\t{s}\n" for p, t, s in rows))
+    return str(path)
+
+
+@pytest.fixture
+def digits(tmp_path):
+    """6 FSDD clips of 6 different digits, the same clips as train and dev split."""
+    rec = DATA / "fsdd" / "recordings"
+    picks = [f"{d}_jackson_{i}.wav" for d, i in [(0, 5), (1, 6), (2, 7), (3, 8), (4, 9), (5, 10)]]
+    words = ["zero", "one", "two", "three", "four", "five"]
+    rows = [(str(rec / p), w, s) for p, w in zip(picks, words) for s in ("train", "dev")]
+    return write_manifest(tmp_path / "digits.tsv", rows)
+
+
+def opts(tmp_path, manifest, **kw):
+    base = dict(local_data_dir=manifest, language="en", whisper_size="mini", output_dir=str(tmp_path / "out"),
+                num_workers=0, progress=False, warmup_steps=20, learning_rate=1e-3, train_batch_size=6,
+                max_batch_seconds=None, eval_every=1000, log_every=1, seed=0)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_mini_overfits_a_handful_of_clips_to_cer_zero(tmp_path, digits):
+    result = train(opts(tmp_path, digits, max_steps=150, warmup_steps=15, ctc_weight=0.3, eval_every=50))
+    assert result["last_eval"]["cer"] == 0.0, result["last_eval"]
+    assert result["history"][-1][1] < result["history"][0][1] / 10
+    out = tmp_path / "out"
+    for name in ("last.pt", "best_model.pt", "metrics.csv", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert any(r["dev_cer"] == "0.0" for r in rows)
+    ckpt = torch.load(out / "best_model.pt", weights_only=True)  # tensors and primitives only
+    assert {"dims", "tokenizer", "options", "model", "optimizer", "scaler", "sampler", "state", "rng"} <= set(ckpt)
+    model, tok, _ = load_model(out / "best_model.pt")
+    assert model.dims.ctc and tok.languages == ("en",)
+
+
+def test_resume_continues_exactly(tmp_path, digits):
+    a = train(opts(tmp_path / "a", digits, max_steps=6, train_batch_size=2))
+    first = train(opts(tmp_path / "b", digits, max_steps=6, train_batch_size=2, stop_after=3))
+    assert first["step"] == 3
+    assert load_checkpoint(tmp_path / "b/out/last.pt")["state"]["step"] == 3
+    resumed = train(opts(tmp_path / "b", digits, max_steps=6, train_batch_size=2, resume=True))
+    full = [h[1] for h in a["history"]]
+    assert [h[1] for h in first["history"]] == full[:3]
+    assert [h[1] for h in resumed["history"]] == full[3:]  # bit-identical on CPU
+
+
+def test_accumulation_normalises_by_the_tokens_of_the_whole_step(tmp_path, digits):
+    t = Trainer(opts(tmp_path, digits, train_batch_size=6, grad_accum=1, max_steps=5, grad_clip=0))
+    col = Collator(t.tokenizer)
+    batch = col([t.dataset[i] for i in range(6)])
+    # unequal halves with different token counts: `loss / accum` would get this wrong
+    halves = [col([t.dataset[i] for i in (0, 1)]), col([t.dataset[i] for i in (2, 3, 4, 5)])]
+    start = copy.deepcopy(t.model.state_dict())
+    grads = []
+    for micro in ([batch], halves):
+        t.model.load_state_dict(start)
+        t.optimizer.zero_grad()
+        t.optimizer.step = lambda: None  # keep the gradients: inspect instead of stepping
+        t.optimizer.zero_grad = lambda set_to_none=True: None
+        stats = t.step(micro)
+        grads.append((stats["ce"], [p.grad.clone() for p in t.model.parameters()]))
+        for p in t.model.parameters():
+            p.grad = None
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, o, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train(o)
+    if rank == 0:
+        queue.put([h[1] for h in result["history"]])
+
+
+def test_ddp_two_cpu_processes_match_one_process(tmp_path, digits):
+    # global batch per step = 6 clips: 1 process × 2 micro-batches of 3 == 2 ranks × 1 batch of 3
+    single = train(opts(tmp_path / "one", digits, max_steps=2, train_batch_size=3, grad_accum=2, num_buckets=1,
+                        eval_every=1000))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    o = opts(tmp_path / "two", digits, max_steps=2, train_batch_size=3, grad_accum=1, num_buckets=1)
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, o, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    if any(p.is_alive() for p in procs):
+        for p in procs:
+            p.kill()
+        pytest.fail("DDP workers did not finish")
+    assert [p.exitcode for p in procs] == [0, 0]
+    losses = queue.get(timeout=10)
+    assert losses[0] == pytest.approx(single["history"][0][1], rel=1e-5)
+    assert losses[1] == pytest.approx(single["history"][1][1], rel=1e-4)
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, digits):
+    t = Trainer(opts(tmp_path, digits, max_steps=50, max_nan_steps=3))
+    before = copy.deepcopy(t.model.state_dict())
+    real = t.loss_module.forward
+    t.loss_module.forward = lambda *a: tuple(x * float("nan") for x in real(*a))
+    with pytest.raises(SystemExit, match="3 consecutive steps"):
+        t.run()
+    assert t.state.nan_skipped == 3
+    saved = load_checkpoint(tmp_path / "out" / "last.pt")
+    assert all(torch.equal(saved["model"][k], v) for k, v in before.items())  # no NaN reached the weights
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, digits):
+    t = Trainer(opts(tmp_path, digits, max_steps=50))
+    real = t.step
+
+    def step_then_interrupt(micro):
+        stats = real(micro)
+        if t.state.step == 2:  # during the 3rd step
+            os.kill(os.getpid(), signal.SIGINT)
+        return stats
+
+    t.step = step_then_interrupt
+    result = t.run()
+    assert result["step"] == 3
+    assert load_checkpoint(tmp_path / "out" / "last.pt")["state"]["step"] == 3
+
+
+def test_bad_input_fails_before_any_work(tmp_path, digits, capsys):
+    empty = write_manifest(tmp_path / "empty.tsv", [(str(DATA / "fsdd/recordings/0_george_0.wav"), "zero", "dev")])
+    with pytest.raises(SystemExit, match="training split 'train'.*is empty"):
+        Trainer(opts(tmp_path, empty))
+    with pytest.raises(SystemExit):
+        parse_options(TrainOptions, ["--eval-batch-size", "0"])
+    assert "--eval-batch-size must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_options(TrainOptions, ["--whisper-size", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA GPU"):
+        Trainer(opts(tmp_path, digits, dtype="fp16", device="cpu"))
+    train(opts(tmp_path, digits, max_steps=1, whisper_size="mini"))
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):
+        Trainer(opts(tmp_path, digits, whisper_size="tiny"))
+    with pytest.raises(SystemExit, match="trained with --whisper-size mini, not tiny"):
+        Trainer(opts(tmp_path, digits, whisper_size="tiny", resume=True))
+    with pytest.raises(SystemExit, match="no such folder"):
+        Trainer(opts(tmp_path / "other", str(tmp_path / "nowhere")))
+
+
+def test_seed_flags_parse_exactly():
+    o = parse_options(TrainOptions, ["--local-data-dir", "D", "--whisper-size", "tiny", "--keep-chars", "абв",
+                                     "--train-batch-size", "8", "--eval-batch-size", "4", "--num-epochs", "10",
+                                     "--learning-rate", "1e-5", "--output-dir", "OUT"])
+    assert (o.local_data_dir, o.whisper_size, o.keep_chars, o.train_batch_size, o.eval_batch_size, o.num_epochs,
+            o.learning_rate, o.output_dir) == ("D", "tiny", "абв", 8, 4, 10, 1e-5, "OUT")
+    o = parse_options(TrainOptions, ["--max_batch_seconds", "60", "--no-lowercase", "--ctc-weight", "0.3"])
+    assert o.max_batch_seconds == 60 and o.lowercase is False and o.ctc_weight == 0.3
