@@ -122,9 +122,26 @@ class KVCache:
         v_buf[:, self.offset:end] = v
         return k_buf[:, :end], v_buf[:, :end]
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (beam search: which hypotheses survive), in every layer."""
-        self.self_kv = {i: (k[index], v[index]) for i, (k, v) in self.self_kv.items()}
+    def reorder(self, index: Tensor, cross: bool = True) -> None:
+        """Keep batch rows `index` (beam search: which hypotheses survive), in every layer.
+
+        Only the `offset` filled positions are copied, in place when the batch does not grow
+        (copying whole n_text_ctx buffers every beam step dominated decoding time).
+        cross=False leaves the cross-attention K/V as they are: beam search reorders rows within
+        an utterance, and every row keeps the same audio.
+        """
+        n, end = index.shape[0], self.offset
+        for i, (k, v) in self.self_kv.items():
+            if n <= k.shape[0]:
+                k[:n, :end], v[:n, :end] = k[index, :end], v[index, :end]  # right side is a copy
+                self.self_kv[i] = (k[:n], v[:n])
+            else:
+                self.self_kv[i] = (k[index], v[index])
+        if cross:
+            self.reorder_cross(index)
+
+    def reorder_cross(self, index: Tensor) -> None:
+        """Keep cross-attention K/V rows `index` only (utterances, when hypotheses share them)."""
         self.cross_kv = {i: (k[index], v[index]) for i, (k, v) in self.cross_kv.items()}
 
 
@@ -172,7 +189,13 @@ class ResidualAttentionBlock(nn.Module):
                 k, v = self.cross_attn.key(xa), self.cross_attn.value(xa)
                 if cache is not None:
                     cache.cross_kv[layer] = (k, v)
-            x = x + self.cross_attn(h, k, v, xa_mask)
+            if k.shape[0] != h.shape[0]:
+                # n hypotheses per utterance (beam search, rows utterance-major): fold them into
+                # the query axis so each utterance's audio K/V are read once, not n times
+                B, T, C = h.shape
+                x = x + self.cross_attn(h.reshape(k.shape[0], -1, C), k, v, xa_mask).reshape(B, T, C)
+            else:
+                x = x + self.cross_attn(h, k, v, xa_mask)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -244,10 +267,13 @@ class TextDecoder(nn.Module):
         """tokens (B, T), xa (B, S, C) -> logits (B, T, n_vocab) in fp32.
 
         With `cache`, `tokens` are the new tokens after `cache.offset` earlier ones, and the
-        cache is advanced by T.
+        cache is advanced by T. `tokens` may have n rows per row of `xa` (B = n * xa's batch,
+        utterance-major): n hypotheses of one utterance then share its audio (beam search).
         """
         offset = cache.offset if cache is not None else 0
         T = tokens.shape[1]
+        if tokens.shape[0] % xa.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} token rows cannot share {xa.shape[0]} audio rows evenly")
         if offset + T > self.n_ctx:
             raise ValueError(f"{offset + T} tokens exceed the decoder context of {self.n_ctx}")
         x = self.token_embedding(tokens) + self.positional_embedding[offset: offset + T]

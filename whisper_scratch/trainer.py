@@ -291,13 +291,16 @@ def evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, device, 
     order = sorted(range(len(utts)), key=lambda i: utts[i].duration)
     refs, hyps = [], []
     collate = D.Collator(tokenizer)
+    # an untrained model never emits <|endoftext|>: stop a little past the longest reference
+    longest = max(len(t) for t in dataset.tokens) - len(dataset.prompt)
+    options = DecodingOptions(language=opts.language, max_new_tokens=min(model.dims.n_text_ctx // 2,
+                                                                         int(1.25 * longest) + 8))
     for start in range(0, len(order), opts.eval_batch_size):
         batch = collate([dataset[i] for i in order[start:start + opts.eval_batch_size]])
         if batch["size"] == 0:
             continue
         with amp_ctx:
-            results = decode(model, batch["mel"].to(device), batch["mel_lens"].to(device), tokenizer,
-                             DecodingOptions(language=opts.language))
+            results = decode(model, batch["mel"].to(device), batch["mel_lens"].to(device), tokenizer, options)
         refs += [tokenizer.normalize(utts[i].text) for i in batch["indices"]]
         hyps += [tokenizer.normalize(r.text) for r in results]
     model.train(was_training)

@@ -1,0 +1,304 @@
+"""decoding.py on tiny random models and real clips: the search invariants (greedy = beam 1,
+batched = one by one, cached = uncached), special-token suppression and length limits, the CTC
+prefix scorer against brute force and torch's ctc_loss, and the temperature fallback rule."""
+import itertools
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from whisper_scratch.audio import load_audio, log_mel_spectrogram
+from whisper_scratch.decoding import (CtcPrefixScorer, DecodingOptions, DecodingResult, FallbackOptions, Inference,
+                                      beam_search, compression_ratio, decode, decode_with_fallback, encode,
+                                      initial_tokens, length_normalised, needs_fallback, suppress_mask)
+from whisper_scratch.model import ModelDimensions, Whisper
+from whisper_scratch.tokenizer import CharTokenizer
+from conftest import DATA
+
+TOK = CharTokenizer("abcdefghijklmnopqrstuvwxyz'")
+MAX = 12  # new tokens: random models rarely stop, keep every test short
+
+
+def tiny_model(seed=0, n_text_ctx=48, ctc=True, eot_scale=3.0):
+    """A random model; eot's embedding is scaled so some clips end at once and others run to the
+    length limit (the batch then shrinks mid-search, which the invariants must survive)."""
+    torch.manual_seed(seed)
+    m = Whisper(ModelDimensions(80, 1500, 32, 4, 2, TOK.vocab_size, n_text_ctx, 32, 4, 2, ctc=ctc)).eval()
+    with torch.no_grad():
+        m.decoder.token_embedding.weight[TOK.eot] *= eot_scale
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """Six real clips of 0.5-3 s (speech and digits), as a padded batch and one by one."""
+    files = [DATA / "samples/speechbrain/spk1_snt1.wav", DATA / "samples/speechbrain/spk2_snt2.wav",
+             DATA / "samples/deepspeech/LDC93S1_pcms16le_1_16000.wav", DATA / "fsdd/recordings/0_theo_1.wav",
+             DATA / "fsdd/recordings/7_jackson_2.wav", DATA / "fsdd/recordings/3_yweweler_4.wav"]
+    mels = [log_mel_spectrogram(load_audio(f)) for f in files]
+    lens = torch.tensor([m.shape[-1] for m in mels])
+    batch = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
+    return batch, lens, mels
+
+
+def same(a: DecodingResult, b: DecodingResult, tol=1e-4) -> bool:
+    return a.tokens == b.tokens and math.isclose(a.sum_logprob, b.sum_logprob, abs_tol=tol)
+
+
+def test_options_are_validated_with_the_bad_value():
+    for kw, bad in [("beam_size", 0), ("best_of", 0), ("patience", 0.0), ("temperature", -0.5),
+                    ("max_new_tokens", 0), ("ctc_weight", 1.5), ("length_penalty", -1.0)]:
+        with pytest.raises(ValueError, match=f"{kw} must .* got {bad}"):
+            DecodingOptions(**{kw: bad})
+    o = replace(DecodingOptions(), beam_size=5)
+    assert o.beam_size == 5 and DecodingOptions().beam_size == 1
+    with pytest.raises(ValueError, match="temperatures"):
+        FallbackOptions(temperatures=())
+
+
+def test_greedy_equals_beam_size_1(model, clips):
+    batch, lens, _ = clips
+    greedy = decode(model, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX))
+    beam1 = decode(model, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=1, ctc_weight=0.0))
+    # beam_search itself with K=1 (decode() sends beam_size 1 to the greedy loop)
+    xa, xa_lens = encode(model, batch, lens)
+    prompt = torch.tensor(initial_tokens(TOK, DecodingOptions(), 48)).repeat(len(lens), 1)
+    with torch.inference_mode():
+        found = beam_search(Inference(model, xa, xa_lens), prompt, MAX, suppress_mask(TOK, TOK.vocab_size), TOK.eot, 1)
+    lengths = {len(r.tokens) for r in greedy}
+    assert len(lengths) > 1, "the test model should stop early on some clips and not on others"
+    for g, b, f in zip(greedy, beam1, found):
+        assert same(g, b)
+        assert len(f) == 1 and f[0][0] == g.tokens and math.isclose(f[0][2], g.sum_logprob, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_batched_equals_one_by_one(model, clips, beam_size):
+    batch, lens, mels = clips
+    options = DecodingOptions(max_new_tokens=MAX, beam_size=beam_size)
+    batched = decode(model, batch, lens, TOK, options)
+    for mel, b in zip(mels, batched):
+        alone = decode(model, mel[None], torch.tensor([mel.shape[-1]]), TOK, options)[0]
+        assert same(alone, b), (alone.text, b.text)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_cached_equals_uncached(model, clips, beam_size):
+    batch, lens, _ = clips
+    options = DecodingOptions(max_new_tokens=MAX, beam_size=beam_size)
+    cached = decode(model, batch[:4], lens[:4], TOK, options)
+    uncached = decode(model, batch[:4], lens[:4], TOK, replace(options, use_cache=False))
+    for a, b in zip(cached, uncached):
+        assert same(a, b)
+
+
+def test_hypotheses_sharing_audio_equal_replicated_audio(model, clips):
+    """model.py: n token rows per audio row (beam search) give the logits of replicated audio,
+    with and without the cache, and after KVCache.reorder(cross=False) / reorder_cross."""
+    batch, lens, _ = clips
+    n = 3
+    with torch.inference_mode():
+        xa, xa_lens = encode(model, batch[:4], lens[:4])
+        rows = torch.arange(4).repeat_interleave(n)
+        tokens = torch.randint(0, TOK.n_text, (4 * n, 7))
+        shared = model.decoder(tokens, xa, xa_lens)
+        replicated = model.decoder(tokens, xa[rows], xa_lens[rows])
+        assert (shared - replicated).abs().max() <= 1e-5
+        cache = model.new_cache()
+        model.decoder(tokens[:, :6], xa, xa_lens, cache=cache)
+        keep = torch.tensor([3, 4, 5, 9, 10, 11])  # utterances 1 and 3; and beams permuted within them
+        index = keep[torch.tensor([2, 2, 0, 4, 3, 3])]
+        cache.reorder(index, cross=False)
+        cache.reorder_cross(torch.tensor([1, 3]))
+        step = model.decoder(tokens[index, 6:], xa[[1, 3]], xa_lens[[1, 3]], cache=cache)
+        full = model.decoder(tokens[index], xa[rows][index], xa_lens[rows][index])
+        assert (step[:, 0] - full[:, -1]).abs().max() <= 1e-5
+        with pytest.raises(ValueError, match="cannot share"):
+            model.decoder(tokens[:5], xa, xa_lens)
+
+
+def test_beam_search_finds_at_least_the_greedy_score(clips):
+    batch, lens, _ = clips
+    m = tiny_model(seed=3, eot_scale=1.0)
+    greedy = decode(m, batch[:3], lens[:3], TOK, DecodingOptions(max_new_tokens=6))
+    beam = decode(m, batch[:3], lens[:3], TOK, DecodingOptions(max_new_tokens=6, beam_size=5))
+    for g, b in zip(greedy, beam):  # equal lengths here (no eot), so the raw sums compare
+        assert len(g.tokens) == len(b.tokens) == 6 and b.sum_logprob >= g.sum_logprob - 1e-5
+
+
+def test_patience_collects_more_finished_hypotheses(model, clips):
+    batch, lens, _ = clips
+    xa, xa_lens = encode(model, batch[3:], lens[3:])  # the clips that end early
+    K, n = 3, len(lens) - 3
+    prompt = torch.tensor(initial_tokens(TOK, DecodingOptions(), 48)).repeat(n * K, 1)
+    sup = suppress_mask(TOK, TOK.vocab_size)
+    with torch.inference_mode():
+        for patience in (1.0, 2.0):
+            rows = torch.arange(n).repeat_interleave(K)
+            found = beam_search(Inference(model, xa[rows], xa_lens[rows]), prompt, 30, sup, TOK.eot, K, patience)
+            assert [len(f) for f in found] == [round(K * patience)] * n
+            for f in found:  # every finished hypothesis is distinct
+                assert len({tuple(t) for t, _, _ in f}) == len(f)
+
+
+def test_length_penalty_formula():
+    # the length counts <|endoftext|>: 2 text tokens + eot
+    assert length_normalised(-6.0, 2, None) == -2.0
+    assert math.isclose(length_normalised(-6.0, 2, 1.0), -6.0 / (8 / 6))
+    assert length_normalised(-6.0, 2, 0.0) == -6.0
+    assert length_normalised(-0.5, 0, None) == -0.5  # an empty transcript is not infinitely bad
+
+
+def test_never_generates_special_tokens_and_respects_limits(clips):
+    batch, lens, _ = clips
+    m = tiny_model(seed=1, n_text_ctx=24, eot_scale=0.0)
+    with torch.no_grad():  # make every special token's logit huge: the raw argmax is special
+        m.decoder.token_embedding.weight[TOK.n_text + 1:] *= 200
+        logits = m(batch, lens, torch.tensor([TOK.sot_sequence()] * len(lens)))[:, -1]
+    assert (logits.argmax(-1) > TOK.eot).all()
+    for options in (DecodingOptions(), DecodingOptions(beam_size=3), DecodingOptions(temperature=1.0, best_of=2)):
+        for r in decode(m, batch, lens, TOK, options):
+            assert all(0 <= t < TOK.n_text for t in r.tokens)
+            assert len(r.tokens) <= 24 // 2  # default cap: n_text_ctx // 2
+    # a prompt is cut to n_text_ctx // 2 - 1 tokens and the search stops at the context limit
+    prompt = tuple(TOK.encode("a long previous text that does not fit"))
+    tokens = initial_tokens(TOK, DecodingOptions(prompt=prompt), 24)
+    assert tokens[0] == TOK.startofprev and tokens[1:12] == list(prompt[-11:]) and tokens[12:] == list(TOK.sot_sequence())
+    r = decode(m, batch[:1], lens[:1], TOK, DecodingOptions(prompt=prompt, max_new_tokens=100))[0]
+    assert len(r.tokens) <= 24 - len(tokens)
+    with pytest.raises(ValueError, match="text tokens"):
+        initial_tokens(TOK, DecodingOptions(prompt=(TOK.sot,)), 24)
+
+
+def test_decode_does_not_touch_train_mode(model, clips):
+    batch, lens, _ = clips
+    model.train()
+    try:
+        a = decode(model, batch[:2], lens[:2], TOK, DecodingOptions(max_new_tokens=MAX))
+        assert model.training
+    finally:
+        model.eval()
+    b = decode(model, batch[:2], lens[:2], TOK, DecodingOptions(max_new_tokens=MAX))
+    assert all(same(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="mel must be"):
+        decode(model, batch[0], lens[:1], TOK)
+
+
+# -- CTC ---------------------------------------------------------------------------------------
+
+def collapse(path, blank):
+    out = [k for k, _ in itertools.groupby(path)]
+    return tuple(k for k in out if k != blank)
+
+
+def test_ctc_prefix_scores_match_brute_force():
+    torch.manual_seed(0)
+    T, V, blank, eot = 5, 4, 3, 2
+    lp = F.log_softmax(torch.randn(1, T, V), -1)
+    paths = {}
+    for path in itertools.product(range(V), repeat=T):
+        seq = collapse(path, blank)
+        paths[seq] = paths.get(seq, 0.0) + math.exp(sum(lp[0, t, k].item() for t, k in enumerate(path)))
+    scorer = CtcPrefixScorer(lp, torch.tensor([T]), blank, eot)
+    prefix = ()
+    for label in (0, 1, 1):
+        psi, r = scorer.score(torch.tensor([[0, 1, eot]]))
+        for j, c in enumerate((0, 1)):
+            want = sum(p for s, p in paths.items() if s[:len(prefix) + 1] == prefix + (c,))
+            assert math.isclose(psi[0, j].exp().item(), want, rel_tol=1e-4)
+        assert math.isclose(psi[0, 2].exp().item(), paths.get(prefix, 0.0), rel_tol=1e-4, abs_tol=1e-12)
+        scorer.advance(torch.tensor([0]), torch.tensor([label]), psi, r, torch.tensor([label]))
+        prefix += (label,)
+
+
+def test_ctc_prefix_end_score_equals_ctc_loss_with_padding():
+    torch.manual_seed(1)
+    T, V, blank, eot = 40, 9, 8, 7
+    lp = F.log_softmax(torch.randn(2, T, V), -1)
+    lens = torch.tensor([40, 23])
+    target = [2, 5, 5, 1]
+    scorer = CtcPrefixScorer(lp, lens, blank, eot)
+    for c in target:
+        psi, r = scorer.score(torch.tensor([[c, eot]] * 2))
+        scorer.advance(torch.arange(2), torch.tensor([0, 0]), psi, r, torch.tensor([c, c]))
+    psi, _ = scorer.score(torch.tensor([[eot]] * 2))
+    want = -F.ctc_loss(lp.transpose(0, 1), torch.tensor([target] * 2), lens, torch.tensor([4, 4]),
+                       blank=blank, reduction="none")
+    assert torch.allclose(psi[:, 0], want, atol=1e-4)
+
+
+def test_joint_ctc_beam_search(clips):
+    batch, lens, _ = clips
+    m = tiny_model(seed=2, eot_scale=3.0)
+    plain = decode(m, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=3))
+    zero = decode(m, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=3, ctc_weight=0.0))
+    assert all(same(a, b) and a.score == b.score for a, b in zip(plain, zero))
+    half = decode(m, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=3, ctc_weight=0.5))
+    assert all(all(0 <= t < TOK.n_text for t in r.tokens) for r in half)
+    assert [r.tokens for r in half] != [r.tokens for r in plain]  # the CTC head has a say
+    with pytest.raises(ValueError, match="CTC head"):
+        decode(tiny_model(ctc=False), batch[:1], lens[:1], TOK, DecodingOptions(beam_size=2, ctc_weight=0.3))
+
+
+def test_ctc_alone_decodes_what_the_ctc_head_spells(clips):
+    """A CTC head that spells one word per clip (peaky, with blanks between letters): with
+    ctc_weight 1 beam search must output exactly that word, scored log P_ctc(word)."""
+    batch, lens, _ = clips
+    batch, lens = batch[3:], lens[3:]  # digits: 0.4-0.7 s, padded to the longest
+    words = ["cab", "", "hid"]
+    S = int(m_out_len := (int(lens.max()) + 1) // 2)
+    xa_lens = (lens + 1) // 2
+    logits = torch.zeros(len(words), S, TOK.vocab_size)
+    logits[..., TOK.pad] = 6.0  # blank everywhere ...
+    for i, w in enumerate(words):  # ... except one frame per letter, two frames apart
+        for j, t in enumerate(TOK.encode(w)):
+            logits[i, 2 + 2 * j, TOK.pad], logits[i, 2 + 2 * j, t] = 0.0, 6.0
+    m = tiny_model(seed=4)
+    m.ctc_logits = lambda xa: logits[:, : xa.shape[1]]
+    out = decode(m, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=3, ctc_weight=1.0))
+    assert [r.text for r in out] == words
+    lp = F.log_softmax(logits, -1).transpose(0, 1)
+    for i, r in enumerate(out):
+        want = -F.ctc_loss(lp[:, i:i + 1], torch.tensor([r.tokens + [0]]), xa_lens[i:i + 1],
+                           torch.tensor([len(r.tokens)]), blank=TOK.pad, reduction="sum")
+        assert math.isclose(r.score, want.item(), rel_tol=1e-4, abs_tol=1e-4), (r.score, want.item())
+    assert S == m_out_len
+
+
+# -- temperature fallback ----------------------------------------------------------------------
+
+def test_compression_ratio_and_fallback_rule():
+    assert compression_ratio("") == 0.0
+    assert compression_ratio("ab " * 50) > 2.4 > compression_ratio("the quick brown fox jumps over the lazy dog")
+    r = DecodingResult("x", [1], -3.0, -1.5, 1.0, 0.0, -3.0)
+    assert needs_fallback(r, FallbackOptions())
+    assert not needs_fallback(r, FallbackOptions(logprob_threshold=-2.0))
+    assert not needs_fallback(r, FallbackOptions(compression_ratio_threshold=None, logprob_threshold=None))
+    assert needs_fallback(replace(r, avg_logprob=-0.1, compression_ratio=3.0), FallbackOptions())
+
+
+def test_fallback_redecodes_only_failing_utterances(model, clips):
+    batch, lens, mels = clips
+    options = DecodingOptions(max_new_tokens=MAX)
+    first = decode(model, batch, lens, TOK, options)
+    cut = sorted(r.avg_logprob for r in first)[len(first) // 2]  # half pass, half fail
+    fb = FallbackOptions(temperatures=(0.0, 0.5, 1.0), compression_ratio_threshold=None, logprob_threshold=cut)
+    out = decode_with_fallback(model, batch, lens, TOK, options, fb)
+    for r0, r in zip(first, out):
+        if r0.avg_logprob >= cut:
+            assert r.temperature == 0.0 and same(r, r0)
+        else:
+            assert r.temperature > 0.0 and (r.avg_logprob >= cut or r.temperature == 1.0)
+    # sampling depends only on the utterance: alone or batched, run after run, the same text
+    again = decode_with_fallback(model, batch, lens, TOK, options, fb)
+    alone = [decode_with_fallback(model, m[None], torch.tensor([m.shape[-1]]), TOK, options, fb)[0] for m in mels]
+    assert [r.tokens for r in out] == [r.tokens for r in again] == [r.tokens for r in alone]
+    none = decode_with_fallback(model, batch, lens, TOK, options, FallbackOptions(temperatures=(0.0,)))
+    assert all(same(a, b) for a, b in zip(none, first))

@@ -1,0 +1,339 @@
+"""Long-form transcription, output formats and transcribe.py's four modes.
+
+The long-form test needs a model whose output depends on the audio: a tiny model (2 s encoder
+context, so 2 s long-form windows) is overfitted in a few seconds on three FSDD clips, "zero",
+"one", "two", each placed at a random offset in a 2 s window, with and without a previous-text
+prompt. A 70 s file of 35 such windows must then come out word for word, in order.
+"""
+import importlib.util
+import json
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from whisper_scratch import decoding
+from whisper_scratch.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram
+from whisper_scratch.checkpoint import save_checkpoint
+from whisper_scratch.decoding import (DecodingOptions, format_timestamp, to_srt, to_tsv, to_vtt,
+                                      transcribe, write_result)
+from whisper_scratch.model import ModelDimensions, Whisper
+from whisper_scratch.tokenizer import CharTokenizer
+from conftest import DATA, REPO
+
+# transcribe.py is a script at the repository root, not part of the installed package
+_spec = importlib.util.spec_from_file_location("transcribe_cli", REPO / "transcribe.py")
+cli = sys.modules.setdefault("transcribe_cli", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(cli)
+
+WORDS = ["zero", "one", "two"]
+TOK = CharTokenizer("zerontw")
+WINDOW = 2 * SAMPLE_RATE
+FAST = ["--max_new_tokens", "8", "--no-progress"]
+
+
+def in_window(clip: np.ndarray, rng) -> np.ndarray:
+    w = np.zeros(WINDOW, np.float32)
+    off = rng.integers(0, WINDOW - len(clip))
+    w[off:off + len(clip)] = clip
+    return w
+
+
+@pytest.fixture(scope="module")
+def digit_clips():
+    clips = [load_audio(DATA / f"fsdd/recordings/{d}_george_5.wav") for d in range(3)]
+    return [0.5 * c / np.abs(c).max() for c in clips]  # same peak: similar log-mel floors
+
+
+@pytest.fixture(scope="module")
+def digit_model(digit_clips):
+    """Overfit a tiny model (n_audio_ctx 100 = 2 s) on 3 clips: ~120 AdamW steps, a few seconds."""
+    torch.manual_seed(0)
+    rng, prng = np.random.default_rng(0), random.Random(0)
+    model = Whisper(ModelDimensions(80, 100, 64, 4, 2, TOK.vocab_size, 40, 64, 4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sot = list(TOK.sot_sequence())
+    for step in range(120):
+        mels, seqs, starts = [], [], []
+        for clip, word in zip(digit_clips, WORDS):
+            for with_prompt in (False, True):  # long-form windows come with the text so far
+                mels.append(log_mel_spectrogram(in_window(clip, rng)))
+                prev = " ".join(prng.choice(WORDS) for _ in range(prng.randint(1, 4)))
+                prompt = [TOK.startofprev] + TOK.encode(prev) if with_prompt else []
+                seqs.append(prompt + sot + TOK.encode(word) + [TOK.eot])
+                starts.append(len(prompt) + len(sot))
+        L = max(map(len, seqs))
+        tokens = torch.full((len(seqs), L), TOK.pad)
+        targets = torch.full((len(seqs), L), TOK.pad)
+        for i, (s, st) in enumerate(zip(seqs, starts)):
+            tokens[i, :len(s)] = torch.tensor(s)
+            targets[i, st - 1:len(s) - 1] = torch.tensor(s[st:])
+        loss = F.cross_entropy(model(torch.stack(mels), None, tokens).flatten(0, 1), targets.flatten(),
+                               ignore_index=TOK.pad)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"the tiny model did not fit its 3 clips (loss {loss.item():.3f})"
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def long_audio(digit_clips):
+    """70 s: 35 digit clips, one per 2 s window at a random offset, in a random order."""
+    rng = np.random.default_rng(1)
+    order = [int(d) for d in rng.integers(0, 3, 35)]
+    return np.concatenate([in_window(digit_clips[d], rng) for d in order]), [WORDS[d] for d in order]
+
+
+def test_70s_file_is_transcribed_in_order_with_increasing_timestamps(digit_model, long_audio, monkeypatch):
+    audio, words = long_audio
+    assert len(audio) == 70 * SAMPLE_RATE
+    prompts = []
+    real = decoding.decode_with_fallback
+
+    def spy(model, mel, mel_lens, tokenizer, options, fallback):
+        prompts.append(TOK.decode(options.prompt))
+        return real(model, mel, mel_lens, tokenizer, options, fallback)
+
+    monkeypatch.setattr(decoding, "decode_with_fallback", spy)
+    result = transcribe(digit_model, audio, TOK, DecodingOptions(max_new_tokens=8))
+    assert result["text"] == " ".join(words)
+    segs = result["segments"]
+    assert [s["text"] for s in segs] == words
+    assert [(s["start"], s["end"]) for s in segs] == [(2.0 * i, 2.0 * i + 2) for i in range(35)]
+    assert result["duration"] == 70.0
+    # each window was prompted with the end of the text before it (<|startofprev|> ...)
+    assert prompts[0] == ""
+    for k in range(1, 35):
+        assert prompts[k] and " ".join(words[:k]).endswith(prompts[k])
+    unprompted = transcribe(digit_model, audio, TOK, DecodingOptions(max_new_tokens=8),
+                            condition_on_previous_text=False)
+    assert unprompted["text"] == result["text"]
+
+
+def test_30s_windows_and_a_shorter_tail():
+    """A model with the full 30 s context: 65 s -> windows [0, 30), [30, 60), [60, 65]."""
+    torch.manual_seed(0)
+    model = Whisper(ModelDimensions(80, 1500, 32, 4, 1, TOK.vocab_size, 16, 32, 4, 1)).eval()
+    speech = load_audio(DATA / "samples/jfk/jfk.wav")
+    audio = np.concatenate([speech] * 6)[: 65 * SAMPLE_RATE]
+    calls = []
+    real = decoding.decode_with_fallback
+
+    def spy(model, mel, mel_lens, tokenizer, options, fallback):
+        calls.append((mel.shape[-1], int(mel_lens[0])))
+        return real(model, mel, mel_lens, tokenizer, options, fallback)
+
+    decoding.decode_with_fallback = spy
+    try:
+        result = transcribe(model, audio, TOK, DecodingOptions(max_new_tokens=4), decoding.NO_FALLBACK)
+    finally:
+        decoding.decode_with_fallback = real
+    assert calls == [(3000, 3000), (3000, 3000), (500, 500)]  # the tail at its own length
+    assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
+
+
+SRT_CUE = re.compile(r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)\n(.+)\n")
+VTT_CUE = re.compile(r"(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)\n(.+)\n")
+
+
+def seconds(h, m, s, ms) -> float:
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def parse_srt(text: str) -> list:
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    cues = []
+    for i, block in enumerate(blocks, start=1):
+        m = SRT_CUE.fullmatch(block + "\n")
+        assert m, f"not an SRT cue: {block!r}"
+        assert int(m.group(1)) == i
+        cues.append((seconds(*m.group(2, 3, 4, 5)), seconds(*m.group(6, 7, 8, 9)), m.group(10)))
+    return cues
+
+
+def parse_vtt(text: str) -> list:
+    assert text.startswith("WEBVTT\n\n")
+    blocks = [b for b in text[len("WEBVTT\n\n"):].split("\n\n") if b.strip()]
+    cues = []
+    for block in blocks:
+        m = VTT_CUE.fullmatch(block + "\n")
+        assert m, f"not a VTT cue: {block!r}"
+        cues.append((seconds(*m.group(1, 2, 3, 4)), seconds(*m.group(5, 6, 7, 8)), m.group(9)))
+    return cues
+
+
+def test_srt_vtt_tsv_json_parse(tmp_path):
+    segs = [{"start": 0.0, "end": 30.0, "text": "first window"}, {"start": 30.0, "end": 60.0, "text": ""},
+            {"start": 60.0, "end": 3725.5, "text": "after an hour"}]
+    result = {"text": "first window after an hour", "segments": segs, "language": "mn", "duration": 3725.5}
+    want = [(0.0, 30.0, "first window"), (60.0, 3725.5, "after an hour")]  # empty segments are no cues
+    assert parse_srt(to_srt(result)) == want
+    assert parse_vtt(to_vtt(result)) == want
+    assert to_tsv(result).splitlines() == ["start\tend\ttext", "0\t30000\tfirst window", "60000\t3725500\tafter an hour"]
+    assert format_timestamp(3725.5, ",") == "01:02:05,500" and format_timestamp(61.0, always_include_hours=False) == "01:01.000"
+    written = write_result(result, tmp_path / "sub" / "clip", ["all"])
+    assert sorted(p.suffix for p in written) == [".json", ".srt", ".tsv", ".txt", ".vtt"]
+    assert json.loads((tmp_path / "sub" / "clip.json").read_text()) == result
+    with pytest.raises(ValueError, match="'doc'"):
+        write_result(result, tmp_path / "x", ["doc"])
+
+
+# -- the command line --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(digit_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "best_model.pt"
+    save_checkpoint(path, digit_model, TOK)
+    return path
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory, digit_clips, long_audio):
+    """wav/flac/mp3/ogg files in nested folders, a 70 s file, and two unreadable files."""
+    d = tmp_path_factory.mktemp("audio")
+    (d / "nested" / "deeper").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i, (clip, word) in enumerate(zip(digit_clips, WORDS)):
+        sf.write(d / f"{word}.wav", in_window(clip, rng), SAMPLE_RATE)
+    sf.write(d / "nested" / "two.flac", in_window(digit_clips[2], rng), SAMPLE_RATE)
+    sf.write(d / "nested" / "deeper" / "one.ogg", in_window(digit_clips[1], rng), SAMPLE_RATE,
+             format="OGG", subtype="VORBIS")
+    shutil.copy(DATA / "samples/jfk/jfk.mp3", d / "nested" / "jfk.mp3")
+    sf.write(d / "long.wav", long_audio[0], SAMPLE_RATE)
+    (d / "nested" / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    (d / "empty.flac").write_bytes(b"")
+    (d / "notes.txt").write_text("not audio")
+    return d
+
+
+def read_tsv(path: Path) -> dict:
+    return dict(line.split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines())
+
+
+def test_directory_mode_reports_bad_files_and_goes_on(checkpoint, audio_dir, long_audio, tmp_path, capsys):
+    out = tmp_path / "out.txt"
+    rc = cli.main(["--model_path", str(checkpoint), "--mode", "directory", "--audio_dir", str(audio_dir),
+                   "--output_file", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "broken.wav" in err and "empty.flac" in err and "2 of 9 files failed" in err
+    got = read_tsv(out)
+    assert sorted(got) == ["long.wav", "nested/deeper/one.ogg", "nested/jfk.mp3", "nested/two.flac",
+                           "one.wav", "two.wav", "zero.wav"]
+    assert got["zero.wav"] == "zero" and got["nested/two.flac"] == "two" and got["nested/deeper/one.ogg"] == "one"
+    assert got["long.wav"] == " ".join(long_audio[1])
+
+
+def test_batch_mode_equals_directory_mode(checkpoint, audio_dir, tmp_path):
+    outs = {}
+    for mode in ("directory", "batch"):
+        outs[mode] = tmp_path / f"{mode}.txt"
+        cli.main(["--model-path", str(checkpoint), "--mode", mode, "--audio-dir", str(audio_dir), "--batch-size", "3",
+                  "--output-file", str(outs[mode]), "--output_format", "all", "--output_dir", str(tmp_path / mode),
+                  *FAST])
+    assert read_tsv(outs["batch"]) == read_tsv(outs["directory"])
+    for name in ("zero.srt", "nested/jfk.vtt", "long.json", "nested/deeper/one.tsv"):
+        assert (tmp_path / "batch" / name).read_text() == (tmp_path / "directory" / name).read_text()
+    long_srt = parse_srt((tmp_path / "batch" / "long.srt").read_text())
+    assert len(long_srt) == 35 and all(a[1] <= b[0] for a, b in zip(long_srt, long_srt[1:]))
+
+
+def test_single_mode(checkpoint, audio_dir, tmp_path, capsys):
+    rc = cli.main(["--model_path", str(checkpoint), "--mode", "single", "--audio_path", str(audio_dir / "two.wav"),
+                   "--output_format", "srt", "--output_dir", str(tmp_path), "--beam_size", "3", *FAST])
+    assert rc == 0 and capsys.readouterr().out.strip() == "two"
+    assert parse_srt((tmp_path / "two.srt").read_text()) == [(0.0, 2.0, "two")]
+    assert cli.main(["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav"),
+                     "--dtype", "bfloat16", "--device", "cpu", *FAST]) == 0
+    assert capsys.readouterr().out.strip()  # some text under bf16 autocast
+
+
+def test_every_decoding_flag_reaches_the_decoder(checkpoint, audio_dir):
+    opts = cli.parse_options(cli.TranscribeOptions, [
+        "--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav"), "--beam_size", "4",
+        "--patience", "1.5", "--length-penalty", "0.6", "--temperature", "0.4", "--best_of", "3",
+        "--max_new_tokens", "9", "--ctc_weight", "0.2", "--language", "mn",
+        "--temperature_increment_on_fallback", "0.3", "--logprob_threshold", "none"])
+    d, f = opts.decoding_options(), opts.fallback_options()
+    assert (d.beam_size, d.patience, d.length_penalty, d.temperature, d.best_of, d.max_new_tokens, d.ctc_weight,
+            d.language) == (4, 1.5, 0.6, 0.4, 3, 9, 0.2, "mn")
+    assert f.temperatures == (0.4, 0.7, 1.0) and f.logprob_threshold is None and f.compression_ratio_threshold == 2.4
+
+
+def test_evaluate_mode(checkpoint, audio_dir, tmp_path, capsys):
+    refs = tmp_path / "refs" / "manifest.tsv"  # a manifest: paths relative to its own folder
+    refs.parent.mkdir()
+    rel = Path("..") / ".." / audio_dir.name
+    rows = [("zero.wav", "Zero!"), ("one.wav", "one"), ("two.wav", "two two"), ("nested/two.flac", "TWO"),
+            ("nested/deeper/one.ogg", "zero"), ("missing.wav", "one"), ("nested/broken.wav", "two")]
+    refs.write_text("path\tduration\ttext\n" + "".join(f"{p}\t1.0\t{t}\n" for p, t in rows), encoding="utf-8")
+    report_dir = tmp_path / "report"
+    rc = cli.main(["--model_path", str(checkpoint), "--mode", "evaluate", "--audio_dir", str(audio_dir),
+                   "--reference_file", str(refs), "--output_dir", str(report_dir), *FAST])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "WER" in printed and "CER" in printed and "worst utterances" in printed
+    summary = json.loads((report_dir / "evaluation.json").read_text())
+    assert summary["reference_format"] == "manifest" and summary["n_scored"] == 5
+    assert summary["missing_audio"] == ["missing.wav"] and summary["failed"] == ["nested/broken.wav"]
+    assert sorted(summary["missing_reference"]) == ["empty.flac", "long.wav", "nested/jfk.mp3"]
+    lines = (report_dir / "evaluation.tsv").read_text(encoding="utf-8").splitlines()
+    header, table = lines[0].split("\t"), [dict(zip(lines[0].split("\t"), l.split("\t"))) for l in lines[1:]]
+    assert len(table) == 5 and header[0] == "path"
+    refs_norm, hyps = [r["reference"] for r in table], [r["hypothesis"] for r in table]
+    assert refs_norm[0] == "zero"  # normalised with the tokenizer's rule
+    assert summary["wer"] == pytest.approx(jiwer.wer(refs_norm, hyps), abs=1e-12)
+    assert summary["cer"] == pytest.approx(jiwer.cer(refs_norm, hyps), abs=1e-12)
+    o = jiwer.process_words(refs_norm, hyps)
+    assert (summary["substitutions"], summary["insertions"], summary["deletions"]) == (o.substitutions, o.insertions, o.deletions)
+    assert summary["wer"] > 0 and summary["worst"][0]["path"] == "nested/deeper/one.ogg"  # says "one", ref "zero"
+
+
+def test_evaluate_reads_common_voice_tsv(checkpoint, audio_dir, tmp_path, capsys):
+    clips = tmp_path / "cv" / "clips"
+    clips.mkdir(parents=True)
+    shutil.copy(audio_dir / "one.wav", clips / "common_voice_mn_1.wav")
+    shutil.copy(audio_dir / "zero.wav", clips / "common_voice_mn_2.wav")
+    (tmp_path / "cv" / "test.tsv").write_text(
+        "client_id\tpath\tsentence\tup_votes\n"
+        "a1\tcommon_voice_mn_1.wav\t\"One\" he said\t2\n"  # a quote that would break csv quoting
+        "b2\tcommon_voice_mn_2.wav\tzero\t3\n", encoding="utf-8")
+    rc = cli.main(["--model_path", str(checkpoint), "--mode", "evaluate", "--audio_dir", str(tmp_path / "cv"),
+                   "--reference_file", str(tmp_path / "cv" / "test.tsv"), "--output_dir", str(tmp_path), *FAST])
+    assert rc == 0
+    summary = json.loads((tmp_path / "evaluation.json").read_text())
+    assert summary["reference_format"] == "common_voice" and summary["n_scored"] == 2
+    assert summary["n_ref_words"] == 4 and summary["deletions"] == 2 and summary["wer"] == pytest.approx(0.5)
+
+
+def test_bad_command_lines_are_clear(checkpoint, audio_dir, tmp_path, capsys):
+    cases = [
+        (["--mode", "single"], "--mode single needs --audio_path"),
+        (["--mode", "batch", "--audio_dir", str(audio_dir), "--batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--mode", "evaluate", "--audio_dir", str(audio_dir)], "--mode evaluate needs --reference_file"),
+        (["--mode", "directory", "--audio_dir", str(tmp_path / "nope")], "nope: no such folder"),
+        (["--mode", "single", "--audio_path", str(audio_dir / "zero.wav"), "--beam_size", "0"], "beam_size must be >= 1"),
+        (["--mode", "single", "--audio_path", str(audio_dir / "zero.wav"), "--output_format", "doc"], "invalid choice"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--model_path", str(checkpoint), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--model_path", str(tmp_path / "missing.pt"), "--mode", "single", "--audio_path", str(audio_dir / "zero.wav")])
+    assert "missing.pt: no such file" in capsys.readouterr().err
+    for argv, message in [(["--ctc_weight", "0.3"], "needs a model with a CTC head"),
+                          (["--language", "xx"], "'xx' is not one of the model's languages")]:
+        assert cli.main(["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "zero.wav"), *argv]) == 2
+        assert message in capsys.readouterr().err
+    opts = cli.TranscribeOptions(model_path=str(checkpoint), audio_path=str(audio_dir / "zero.wav"))
+    assert opts.fallback_options().temperatures == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert cli.TranscribeOptions(model_path=str(checkpoint), audio_path=str(audio_dir / "zero.wav"),
+                                 temperature_increment_on_fallback=None).fallback_options().temperatures == (0.0,)

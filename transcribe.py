@@ -1,0 +1,326 @@
+"""Transcribe audio with a whisper_scratch checkpoint, in four modes:
+
+  python transcribe.py --model_path OUT/best_model.pt --mode single    --audio_path clip.mp3
+  python transcribe.py --model_path ... --mode directory --audio_dir DIR --output_file out.txt
+  python transcribe.py --model_path ... --mode batch     --audio_dir DIR --batch_size 16 --output_file out.txt
+  python transcribe.py --model_path ... --mode evaluate  --audio_dir DIR --reference_file refs.tsv
+
+directory: every audio file under DIR (recursive), one at a time, written as it goes.
+batch: the same files decoded in batches sorted by duration (same results, much faster).
+evaluate: batch-decodes the files a reference TSV names and prints WER/CER (see --help).
+Every flag is also accepted with dashes (--model-path). The decoding lives in
+whisper_scratch/decoding.py; this script only parses options and reads/writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
+from whisper_scratch.checkpoint import load_model
+from whisper_scratch.config import parse_options
+from whisper_scratch.decoding import (OUTPUT_FORMATS, DecodingOptions, FallbackOptions, transcribe,
+                                      transcribe_files, write_result)
+from whisper_scratch.metrics import error_rates, read_references, utterance_errors, worst
+
+MODES = ("single", "directory", "batch", "evaluate")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _opt(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """Transcribe audio files with a trained whisper_scratch model."""
+
+    model_path: str = _opt("", "checkpoint written by train.py, e.g. OUT/best_model.pt (required)")
+    mode: str = _opt("single", "single | directory | batch | evaluate", choices=MODES)
+    audio_path: Optional[str] = _opt(None, "the audio file (--mode single)")
+    audio_dir: Optional[str] = _opt(None, "folder searched recursively for wav/flac/mp3/ogg files")
+    output_file: Optional[str] = _opt(None, "write one 'path<TAB>text' line per file here")
+    batch_size: int = _opt(16, "files decoded together (--mode batch/evaluate)")
+    reference_file: Optional[str] = _opt(None, "references for --mode evaluate: path<TAB>text, a Common "
+                                               "Voice TSV (path, sentence) or a manifest (path, text)")
+    beam_size: int = _opt(1, "1 = greedy; >1 = beam search")
+    patience: float = _opt(1.0, "beam search ends after beam_size * patience finished hypotheses")
+    length_penalty: Optional[float] = _opt(None, "None: rank by logprob/length; a: GNMT ((5+L)/6)^a")
+    temperature: float = _opt(0.0, "first decoding temperature (0 = greedy/beam)")
+    temperature_increment_on_fallback: Optional[float] = _opt(
+        0.2, "raise the temperature by this up to 1.0 while decoding fails the thresholds; none = no fallback")
+    compression_ratio_threshold: Optional[float] = _opt(2.4, "fall back when the text's zlib ratio is above")
+    logprob_threshold: Optional[float] = _opt(-1.0, "fall back when the average token logprob is below")
+    best_of: int = _opt(5, "samples per utterance at temperature > 0")
+    condition_on_previous_text: bool = _opt(True, "long audio: prompt each 30 s window with the text so far")
+    max_new_tokens: Optional[int] = _opt(None, "tokens per 30 s window (default n_text_ctx // 2)")
+    ctc_weight: float = _opt(0.0, "weight of the CTC prefix score in beam search (needs a CTC head; 0 = off)")
+    language: Optional[str] = _opt(None, "language token (default: the tokenizer's first language)")
+    device: Optional[str] = _opt(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
+    dtype: Optional[str] = _opt(None, "float32 | float16 | bfloat16 (default: float16 on cuda, else float32)",
+                                choices=tuple(DTYPES))
+    output_format: Optional[str] = _opt(None, "also write per-file transcripts: txt|json|srt|vtt|tsv|all",
+                                        choices=OUTPUT_FORMATS + ("all",))
+    output_dir: str = _opt(".", "folder for --output_format files and the evaluate report")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        _require(bool(self.model_path), "--model_path is required")
+        _require(Path(self.model_path).is_file(), f"--model_path {self.model_path}: no such file")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        if self.mode == "single":
+            _require(self.audio_path is not None, "--mode single needs --audio_path")
+            _require(Path(self.audio_path).is_file(), f"--audio_path {self.audio_path}: no such file")
+        if self.mode in ("directory", "batch"):
+            _require(self.audio_dir is not None, f"--mode {self.mode} needs --audio_dir")
+        if self.audio_dir is not None:
+            _require(Path(self.audio_dir).is_dir(), f"--audio_dir {self.audio_dir}: no such folder")
+        if self.mode == "evaluate":
+            _require(self.reference_file is not None, "--mode evaluate needs --reference_file")
+            _require(Path(self.reference_file).is_file(), f"--reference_file {self.reference_file}: no such file")
+        inc = self.temperature_increment_on_fallback
+        _require(inc is None or inc > 0, f"temperature_increment_on_fallback must be > 0 or none, got {inc}")
+        self.decoding_options()  # DecodingOptions validates the search settings
+        self.fallback_options()
+
+    def decoding_options(self) -> DecodingOptions:
+        return DecodingOptions(beam_size=self.beam_size, patience=self.patience, length_penalty=self.length_penalty,
+                               temperature=self.temperature, best_of=self.best_of, language=self.language,
+                               max_new_tokens=self.max_new_tokens, ctc_weight=self.ctc_weight)
+
+    def fallback_options(self) -> FallbackOptions:
+        inc = self.temperature_increment_on_fallback
+        temps = np.arange(self.temperature, 1.0 + 1e-6, inc) if inc else [self.temperature]
+        return FallbackOptions(tuple(round(float(t), 6) for t in temps) or (self.temperature,),
+                               self.compression_ratio_threshold, self.logprob_threshold)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def list_audio(folder) -> list:
+    """Every audio file under `folder`, recursively, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+def display_name(path: Path, roots: list) -> str:
+    """The path relative to the first root that contains it (for output lines and file names)."""
+    for root in roots:
+        try:
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            continue
+    return str(path)
+
+
+class ResultWriter:
+    """Writes each result as soon as it exists: a line in --output_file, --output_format files."""
+
+    def __init__(self, opts: TranscribeOptions, roots: list):
+        self.opts, self.roots, self.failed = opts, roots, []
+        self.file = open(opts.output_file, "w", encoding="utf-8") if opts.output_file else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+
+    def write(self, path, result) -> None:
+        name = display_name(Path(path), self.roots)
+        if isinstance(result, Exception):  # reported, and the run goes on
+            self.failed.append((name, str(result)))
+            tqdm.write(f"failed: {result}" if isinstance(result, AudioError) else f"failed: {name}: {result}",
+                       file=sys.stderr)
+            return
+        if self.file:
+            self.file.write(f"{name}\t{result['text']}\n")
+            self.file.flush()
+        if self.opts.output_format:
+            write_result(result, Path(self.opts.output_dir) / Path(name).with_suffix(""), [self.opts.output_format])
+
+    def status(self, n: int) -> int:
+        if self.failed:
+            print(f"{len(self.failed)} of {n} files failed: {', '.join(n for n, _ in self.failed)}", file=sys.stderr)
+        return 1 if self.failed else 0
+
+
+# -- modes -------------------------------------------------------------------------------------
+
+def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
+    with ResultWriter(opts, [Path(opts.audio_path).parent]) as out:
+        try:
+            result = transcribe(model, opts.audio_path, tokenizer, opts.decoding_options(),
+                                opts.fallback_options(), opts.condition_on_previous_text)
+        except (AudioError, ValueError) as e:
+            out.write(opts.audio_path, e)
+            return out.status(1)
+        out.write(opts.audio_path, result)
+    print(result["text"])
+    return 0
+
+
+def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
+    paths = list_audio(opts.audio_dir)
+    with ResultWriter(opts, [opts.audio_dir]) as out:
+        for path in tqdm(paths, desc="transcribing", unit="file", disable=not opts.progress):
+            try:
+                result = transcribe(model, path, tokenizer, opts.decoding_options(), opts.fallback_options(),
+                                    opts.condition_on_previous_text)
+            except (AudioError, ValueError, RuntimeError) as e:
+                result = e
+            out.write(path, result)
+        return out.status(len(paths))
+
+
+def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
+    """transcribe_files with a progress bar."""
+    bar = tqdm(total=len(paths), desc="transcribing", unit="file", disable=not opts.progress)
+    for path, result in transcribe_files(model, paths, tokenizer, opts.decoding_options(), opts.fallback_options(),
+                                         opts.batch_size, opts.condition_on_previous_text):
+        bar.update(1)
+        yield path, result
+    bar.close()
+
+
+def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
+    paths = list_audio(opts.audio_dir)
+    with ResultWriter(opts, [opts.audio_dir]) as out:
+        for path, result in _batched(model, tokenizer, opts, paths):
+            out.write(path, result)
+        return out.status(len(paths))
+
+
+def resolve_references(opts: TranscribeOptions) -> tuple:
+    """{absolute audio path: reference} and the format name. A relative path is looked up under
+    --audio_dir (and its clips/ folder, Common Voice's layout), then next to the reference file."""
+    pairs, kind = read_references(opts.reference_file)
+    bases = [Path(opts.audio_dir), Path(opts.audio_dir) / "clips"] if opts.audio_dir else []
+    bases.append(Path(opts.reference_file).parent)
+    refs = {}
+    for p, text in pairs:
+        options = [Path(p)] if Path(p).is_absolute() else [b / p for b in bases]
+        refs[str(next((c for c in options if c.is_file()), options[0]).resolve())] = text
+    return refs, kind
+
+
+def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
+    refs, kind = resolve_references(opts)
+    roots = [opts.audio_dir] if opts.audio_dir else []
+    roots.append(Path(opts.reference_file).parent)
+    on_disk = [str(p.resolve()) for p in list_audio(opts.audio_dir)] if opts.audio_dir else []
+    missing_audio = [p for p in refs if not Path(p).is_file()]
+    missing_ref = [p for p in on_disk if p not in refs]
+    hyps = {}
+    with ResultWriter(opts, roots) as out:
+        for path, result in _batched(model, tokenizer, opts, [p for p in refs if Path(p).is_file()]):
+            out.write(path, result)
+            if not isinstance(result, Exception):
+                hyps[path] = result["text"]
+    names = {p: display_name(Path(p), roots) for p in list(refs) + missing_ref}
+    report = {"reference_file": opts.reference_file, "reference_format": kind, "model_path": opts.model_path,
+              "options": asdict(opts), "n_references": len(refs), "n_scored": len(hyps),
+              "missing_audio": [names[p] for p in missing_audio], "missing_reference": [names[p] for p in missing_ref],
+              "failed": [n for n, _ in out.failed]}
+    if hyps:
+        scored = [p for p in refs if p in hyps]
+        ref_text, hyp_text = [refs[p] for p in scored], [hyps[p] for p in scored]
+        report.update(error_rates(ref_text, hyp_text, normalize=tokenizer.normalize))
+        rows = [{"path": names[p], **r} for p, r in zip(scored, utterance_errors(ref_text, hyp_text, tokenizer.normalize))]
+        report["worst"] = worst(rows, 10)
+        _write_evaluation(rows, report, Path(opts.output_dir))
+    _print_evaluation(report)
+    return 0 if hyps else 1
+
+
+def _write_evaluation(rows: list, report: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = ("path", "wer", "errors", "substitutions", "insertions", "deletions", "n_ref_words", "reference", "hypothesis")
+    with open(folder / "evaluation.tsv", "w", encoding="utf-8") as f:
+        f.write("\t".join(cols) + "\n")
+        for r in rows:
+            f.write("\t".join(f"{r[c]:.4f}" if c == "wer" else str(r[c]) for c in cols) + "\n")
+    (folder / "evaluation.json").write_text(json.dumps(_json_safe(report), ensure_ascii=False, indent=1) + "\n",
+                                            encoding="utf-8")
+    report["written"] = [str(folder / "evaluation.tsv"), str(folder / "evaluation.json")]
+
+
+def _json_safe(obj):
+    """inf (the WER of an empty reference with insertions) is not JSON: write null."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def _print_evaluation(report: dict) -> None:
+    for key, what in (("missing_audio", "references without audio"), ("missing_reference", "audio without reference"),
+                      ("failed", "files that failed to decode")):
+        if report[key]:
+            shown = ", ".join(report[key][:10]) + (" ..." if len(report[key]) > 10 else "")
+            print(f"{len(report[key])} {what}: {shown}")
+    if "wer" not in report:
+        print("nothing was scored: no reference had a decodable audio file")
+        return
+    print(f"scored {report['n_scored']} of {report['n_references']} references ({report['reference_format']})")
+    print(f"WER {100 * report['wer']:.2f} %  CER {100 * report['cer']:.2f} %  (S {report['substitutions']}, "
+          f"I {report['insertions']}, D {report['deletions']}, {report['n_ref_words']} reference words)")
+    if report["worst"]:
+        print("worst utterances:")
+        for r in report["worst"]:
+            wer = "inf" if math.isinf(r["wer"]) else f"{100 * r['wer']:.0f} %"
+            print(f"  {wer:>6}  {r['path']}\n          ref: {r['reference']}\n          hyp: {r['hypothesis']}")
+    print("report: " + ", ".join(report["written"]))
+
+
+RUNNERS = {"single": run_single, "directory": run_directory, "batch": run_batch, "evaluate": run_evaluate}
+
+
+def precision(dtype: Optional[str], device: str):
+    """Autocast for float16/bfloat16 (LayerNorm and the logits stay fp32); nothing for float32."""
+    name = dtype or ("float16" if device.startswith("cuda") else "float32")
+    if name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[name])
+
+
+def check_model(opts: TranscribeOptions, model, tokenizer) -> Optional[str]:
+    """Options that only the checkpoint can validate; the problem, or None."""
+    if opts.ctc_weight > 0 and not model.dims.ctc:
+        return f"--ctc_weight {opts.ctc_weight} needs a model with a CTC head; {opts.model_path} has none"
+    if opts.language is not None and opts.language not in tokenizer.languages:
+        return f"--language {opts.language!r} is not one of the model's languages {tokenizer.languages}"
+    return None
+
+
+def main(argv=None) -> int:
+    opts = parse_options(TranscribeOptions, argv)
+    torch.manual_seed(0)  # fallback sampling gives the same text run to run
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_model(opts.model_path, device)
+    problem = check_model(opts, model, tokenizer)
+    if problem:  # fail before the first file rather than once per file
+        print(f"transcribe.py: error: {problem}", file=sys.stderr)
+        return 2
+    with precision(opts.dtype, device):
+        return RUNNERS[opts.mode](model, tokenizer, opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

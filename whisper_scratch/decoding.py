@@ -1,0 +1,654 @@
+"""Features -> text: greedy, sampling and beam search on the explicit KV cache, batched over
+utterances and beams; temperature fallback; optional joint CTC prefix scoring; long-form audio
+transcribed window by window; batched transcription of many files; output formats.
+
+`decode` handles a batch of mels of at most one window (30 s); `transcribe` handles one file of
+any length; `transcribe_files` decodes many files in duration-sorted batches. The search follows
+openai-whisper's decoding.py (same scores, ranking, fallback rule), vectorised over the batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .audio import (FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, AudioError, audio_duration, load_audio,
+                    log_mel_spectrogram)
+from .model import Whisper
+from .tokenizer import Tokenizer
+
+NEG_INF = float("-inf")
+
+
+# -- options and results -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to decode one window. temperature 0: greedy (beam_size 1) or beam search; temperature
+    > 0: sampling, best_of samples per utterance (beam_size and ctc_weight are then unused)."""
+
+    beam_size: int = 1
+    patience: float = 1.0  # beam search stops once beam_size * patience hypotheses have ended
+    length_penalty: Optional[float] = None  # None: rank by logprob / length; else GNMT's ((5+L)/6)^a
+    temperature: float = 0.0
+    best_of: int = 1
+    max_new_tokens: Optional[int] = None  # None: n_text_ctx // 2 (always capped by the context)
+    language: Optional[str] = None  # None: the tokenizer's first language
+    prompt: Tuple[int, ...] = ()  # previous text's token ids, sent after <|startofprev|>
+    ctc_weight: float = 0.0  # joint CTC prefix score in beam search; 0 = off
+    use_cache: bool = True  # False re-runs the decoder on the whole prefix (for tests)
+
+    def __post_init__(self):
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if self.best_of < 1:
+            raise ValueError(f"best_of must be >= 1, got {self.best_of}")
+        if not self.patience > 0:
+            raise ValueError(f"patience must be > 0, got {self.patience}")
+        if self.length_penalty is not None and not self.length_penalty >= 0:
+            raise ValueError(f"length_penalty must be None or >= 0, got {self.length_penalty}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
+
+
+@dataclass(frozen=True)
+class FallbackOptions:
+    """openai-whisper's temperature fallback: decode again at the next temperature while the text
+    is too repetitive (compression ratio above the threshold) or too unlikely (avg logprob below)."""
+
+    temperatures: Tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: Optional[float] = 2.4
+    logprob_threshold: Optional[float] = -1.0
+
+    def __post_init__(self):
+        temps = tuple(float(t) for t in self.temperatures)
+        if not temps or any(not t >= 0 for t in temps):
+            raise ValueError(f"temperatures must be a non-empty sequence of values >= 0, got {self.temperatures}")
+        object.__setattr__(self, "temperatures", temps)
+
+
+NO_FALLBACK = FallbackOptions(temperatures=(0.0,))
+
+
+@dataclass
+class DecodingResult:
+    text: str
+    tokens: List[int]  # text tokens, without the prompt and <|endoftext|>
+    sum_logprob: float  # decoder log-probability of tokens + <|endoftext|> (when reached)
+    avg_logprob: float  # sum_logprob / (len(tokens) + 1), as openai-whisper
+    compression_ratio: float
+    temperature: float
+    score: float  # the ranking score (with CTC: the joint score)
+
+
+def compression_ratio(text: str) -> float:
+    """len(utf-8) / len(zlib): repetitive (hallucinated) text compresses well, above ~2.4."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def needs_fallback(result: DecodingResult, fallback: FallbackOptions) -> bool:
+    too_repetitive = (fallback.compression_ratio_threshold is not None
+                      and result.compression_ratio > fallback.compression_ratio_threshold)
+    too_unlikely = fallback.logprob_threshold is not None and result.avg_logprob < fallback.logprob_threshold
+    return too_repetitive or too_unlikely
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+def suppress_mask(tokenizer: Tokenizer, n_vocab: int, device=None) -> Tensor:
+    """(n_vocab,) bool, True for ids never to generate: every special token except <|endoftext|>
+    (and any id the model has beyond the tokenizer)."""
+    mask = torch.ones(n_vocab, dtype=torch.bool, device=device)
+    mask[: tokenizer.n_text] = False
+    mask[tokenizer.eot] = False
+    return mask
+
+
+def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions, n_text_ctx: int) -> List[int]:
+    """[<|startofprev|> prompt[-(n_text_ctx//2 - 1):]] + sot_sequence, as openai-whisper."""
+    bad = [t for t in options.prompt if not 0 <= t < tokenizer.n_text]
+    if bad:
+        raise ValueError(f"prompt must hold text tokens (< {tokenizer.n_text}), got {bad[:5]}")
+    sot = list(tokenizer.sot_sequence(options.language))
+    keep = n_text_ctx // 2 - 1
+    prev = [tokenizer.startofprev] + list(options.prompt[-keep:]) if options.prompt and keep > 0 else []
+    return prev + sot
+
+
+def _max_new_tokens(options: DecodingOptions, n_text_ctx: int, n_prompt: int) -> int:
+    n_new = min(options.max_new_tokens or n_text_ctx // 2, n_text_ctx - n_prompt)
+    if n_new < 1:
+        raise ValueError(f"a prompt of {n_prompt} tokens leaves no room in the decoder context of {n_text_ctx}")
+    return n_new
+
+
+def length_normalised(score: float, length: int, length_penalty: Optional[float]) -> float:
+    """openai-whisper's MaximumLikelihoodRanker: divide by the length or by GNMT's penalty.
+    The length counts <|endoftext|> (the score includes its logprob), so an empty transcript,
+    the right answer for silence, has length 1 rather than dividing by zero."""
+    length += 1
+    penalty = length if length_penalty is None else ((5 + length) / 6) ** length_penalty
+    return score / penalty
+
+
+# -- the decoder, one step at a time -----------------------------------------------------------
+
+class Inference:
+    """Runs the decoder on a growing prefix. With the KV cache only the new tokens are fed and
+    cross-attention K/V are computed once; without it the whole prefix is re-run (reference).
+    `group` rows of tokens share one row of xa (beam search: the hypotheses of one utterance)."""
+
+    def __init__(self, model: Whisper, xa: Tensor, xa_lens: Tensor, use_cache: bool = True, group: int = 1):
+        self.model, self.xa, self.xa_lens, self.group = model, xa, xa_lens, group
+        self.cache = model.new_cache() if use_cache else None
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        """tokens (R, L), the whole prefix -> logits (R, n_vocab) for the next token, fp32."""
+        if self.cache is not None:
+            tokens = tokens[:, self.cache.offset:]
+        return self.model.decoder(tokens, self.xa, self.xa_lens, cache=self.cache)[:, -1]
+
+    def reorder(self, index: Tensor, same_audio: bool = False) -> None:
+        """Keep token rows `index`. same_audio: every row keeps the utterance it had (beams
+        permuted within an utterance), so the audio side is unchanged and need not be copied.
+        Otherwise, with groups, `index` must keep whole groups (drop finished utterances)."""
+        if self.cache is not None:
+            self.cache.reorder(index, cross=False)
+        if same_audio:
+            return
+        audio = index[:: self.group] // self.group if self.group > 1 else index
+        self.xa, self.xa_lens = self.xa[audio], self.xa_lens[audio]
+        if self.cache is not None:
+            self.cache.reorder_cross(audio)
+
+
+def utterance_seeds(mel: Tensor, mel_lens: Optional[Tensor]) -> List[int]:
+    """A sampling seed per utterance from its features, so that temperature fallback gives the
+    same text for a file whether it is decoded alone or in any batch (and run to run)."""
+    lens = mel_lens.tolist() if mel_lens is not None else [mel.shape[-1]] * mel.shape[0]
+    return [int.from_bytes(hashlib.blake2b(m[:, :n].float().cpu().contiguous().numpy().tobytes(),
+                                           digest_size=7).digest(), "little") for m, n in zip(mel, lens)]
+
+
+def _logprobs(logits: Tensor, suppress: Tensor) -> Tensor:
+    return F.log_softmax(logits.float().masked_fill(suppress, NEG_INF), dim=-1)
+
+
+# -- greedy and sampling -----------------------------------------------------------------------
+
+def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tensor, eot: int,
+                  temperature: float = 0.0, seeds: Optional[Sequence[int]] = None) -> list:
+    """Greedy (temperature 0) or sampling, every row independent. tokens (R, P): the prompt.
+    Sampling draws each row's noise from its own generator seeded by `seeds[row]`, so a row's
+    text does not depend on which other rows share its batch. Returns per row (new tokens
+    without eot, sum of logprobs including eot's)."""
+    R, P = tokens.shape
+    rows = torch.arange(R, device=tokens.device)  # original row of each live row
+    gens = [torch.Generator(tokens.device).manual_seed(int(s)) for s in seeds] if temperature > 0 else []
+    sum_lp = torch.zeros(R, device=tokens.device)
+    out: list = [None] * R
+    for step in range(n_new):
+        logits = inference.logits(tokens).float().masked_fill(suppress, NEG_INF)
+        logprobs = F.log_softmax(logits, dim=-1)
+        if temperature == 0:
+            nxt = logprobs.argmax(-1)
+        else:  # Gumbel-max sample of softmax(logits / T); scored with the untempered logprobs (openai)
+            u = torch.stack([torch.rand(logits.shape[-1], generator=gens[r], device=logits.device) for r in rows])
+            nxt = (logits / temperature - (-u.clamp(1e-12, 1 - 1e-7).log()).log()).argmax(-1)
+        sum_lp = sum_lp + logprobs.gather(1, nxt[:, None]).squeeze(1)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done = (nxt == eot) | (step == n_new - 1)
+        for i in done.nonzero().squeeze(1).tolist():
+            seq = tokens[i, P:].tolist()
+            out[int(rows[i])] = (seq[:-1] if seq[-1] == eot else seq, sum_lp[i].item())
+        if done.all():
+            break
+        if done.any():  # drop finished rows so later steps cost only what is still running
+            keep = (~done).nonzero().squeeze(1)
+            tokens, rows, sum_lp = tokens[keep], rows[keep], sum_lp[keep]
+            inference.reorder(keep)
+    return out
+
+
+# -- CTC prefix scoring ------------------------------------------------------------------------
+
+class CtcPrefixScorer:
+    """CTC prefix scores for joint attention/CTC decoding (Watanabe et al. 2017; ESPnet's
+    CTCPrefixScore), vectorised over hypotheses and candidate tokens.
+
+    For a prefix g it keeps r[t] = (log P(x_1..t, g, last frame non-blank), ... blank) and psi(g),
+    the log-probability of all label sequences that start with g. Extending g by c gives psi(g+c);
+    extending by <|endoftext|> gives log P(exactly g). logprobs (R, T, V) with blank = `blank`.
+    """
+
+    def __init__(self, logprobs: Tensor, lens: Tensor, blank: int, eot: int):
+        self.x = logprobs.transpose(0, 1).float()  # (T, R, V)
+        T, R, _ = self.x.shape
+        self.lens, self.blank, self.eot = lens, blank, eot
+        self.t_mask = torch.arange(T, device=lens.device)[:, None] < lens[None, :]  # (T, R)
+        blank_lp = self.x[:, :, blank].masked_fill(~self.t_mask, 0.0)
+        # empty prefix: only blanks so far (held constant past each utterance's end)
+        self.r = torch.stack([torch.full_like(blank_lp, NEG_INF), blank_lp.cumsum(0)], dim=-1)  # (T, R, 2)
+        self.psi = torch.zeros(R, device=lens.device)
+        self.last = torch.full((R,), -1, dtype=torch.long, device=lens.device)
+        self.empty = True
+
+    def score(self, cand: Tensor) -> Tuple[Tensor, Tensor]:
+        """cand (R, C) token ids -> (psi of each extension (R, C), its r (T, R, C, 2))."""
+        T, R = self.x.shape[:2]
+        xc = self.x.gather(2, cand[None].expand(T, -1, -1))  # (T, R, C)
+        r_n_g, r_b_g = self.r[..., 0, None], self.r[..., 1, None]  # (T, R, 1)
+        # a repeated label needs a blank in between: only paths ending in blank may extend
+        same = (cand == self.last[:, None])[None]
+        phi = torch.logaddexp(r_b_g, torch.where(same, NEG_INF, r_n_g))  # (T, R, C)
+        r_n = torch.full_like(xc, NEG_INF)  # (T, R, C): paths of g+c ending in c / in blank
+        r_b = torch.full_like(xc, NEG_INF)
+        if self.empty:
+            r_n[0] = xc[0]
+        blank_lp = self.x[:, :, self.blank, None]
+        for t in range(1, T):  # the recursion is sequential in time; vectorised over R and C
+            m = self.t_mask[t][:, None]  # past an utterance's end its r stays as at its last frame
+            r_n[t] = torch.where(m, torch.logaddexp(r_n[t - 1], phi[t - 1]) + xc[t], r_n[t - 1])
+            r_b[t] = torch.where(m, torch.logaddexp(r_n[t - 1], r_b[t - 1]) + blank_lp[t], r_b[t - 1])
+        r = torch.stack([r_n, r_b], dim=-1)
+        # psi(g+c) = sum over the first frame emitting c: r_n at t=0 plus phi[t-1] + x_t(c)
+        starts = torch.cat([r_n[:1], phi[:-1] + xc[1:]], dim=0)
+        psi = starts.masked_fill(~self.t_mask[..., None], NEG_INF).logsumexp(0)
+        end = self.r[self.lens - 1, torch.arange(R, device=xc.device)].logsumexp(-1)  # (R,)
+        psi = torch.where(cand == self.eot, end[:, None], psi)
+        return psi, r
+
+    def advance(self, rows: Tensor, cols: Tensor, psi: Tensor, r: Tensor, tokens: Tensor) -> None:
+        """Hypothesis i becomes row rows[i] extended by its candidate cols[i] (= tokens[i])."""
+        self.r, self.psi, self.last = r[:, rows, cols], psi[rows, cols], tokens
+        self.x, self.lens, self.t_mask = self.x[:, rows], self.lens[rows], self.t_mask[:, rows]
+        self.empty = False
+
+    def reorder(self, index: Tensor) -> None:
+        self.r, self.psi, self.last = self.r[:, index], self.psi[index], self.last[index]
+        self.x, self.lens, self.t_mask = self.x[:, index], self.lens[index], self.t_mask[:, index]
+
+
+# -- beam search -------------------------------------------------------------------------------
+
+@dataclass
+class _Beams:
+    """Live hypotheses of the utterances still searching: rows are audio-major, K per audio."""
+
+    tokens: Tensor  # (b*K, L)
+    scores: Tensor  # (b, K) ranking score (joint with CTC)
+    att: Tensor  # (b, K) decoder logprob sum
+    audios: list  # original utterance index of each live audio
+    finished: list = field(default_factory=list)  # per utterance: [(tokens, score, att)]
+
+
+def _candidates(logprobs: Tensor, beams: _Beams, K: int, ctc: Optional[CtcPrefixScorer], ctc_weight: float):
+    """Scores of every extension: (token ids, decoder sums, ranking scores), each (b, K, C)."""
+    b, V = beams.scores.shape[0], logprobs.shape[-1]
+    if ctc is None:
+        att = beams.att[..., None] + logprobs.view(b, K, V)
+        return None, att, att, None
+    # Pre-beam on the decoder's scores (ESPnet: 1.5 x beam) keeps the CTC forward pass small;
+    # with CTC alone (weight 1) the decoder has no say, so every token is scored (as ESPnet).
+    n_pre = V if ctc_weight == 1.0 else min(V, max(K + 1, int(1.5 * K)))
+    lp, cand = logprobs.topk(n_pre, dim=-1)  # (b*K, C)
+    psi, r = ctc.score(cand)
+    # a prefix CTC finds impossible (psi -inf) cannot be extended: avoid -inf - -inf = nan
+    # (and 0 * -inf = nan for suppressed tokens when the weight is 1)
+    ok = torch.isfinite(lp) & torch.isfinite(ctc.psi)[:, None]
+    gain = torch.where(ok, (1 - ctc_weight) * lp + ctc_weight * (psi - ctc.psi[:, None]), NEG_INF)
+    score = beams.scores[..., None] + gain.view(b, K, -1)
+    return cand.view(b, K, -1), beams.att[..., None] + lp.view(b, K, -1), score, (psi, r)
+
+
+def _beam_step(beams: _Beams, logprobs: Tensor, K: int, eot: int, max_cand: int, P: int,
+               ctc: Optional[CtcPrefixScorer], ctc_weight: float) -> Tensor:
+    """Extend every live hypothesis; record ended ones; return the source row of each new one."""
+    cand, att, score, ctc_out = _candidates(logprobs, beams, K, ctc, ctc_weight)
+    b, C = score.shape[0], score.shape[-1]
+    top, idx = score.view(b, -1).topk(2 * K, dim=-1)
+    src, col = idx // C, idx % C
+    tok = col if cand is None else cand.view(b, -1).gather(1, idx)
+    att_top = att.view(b, -1).gather(1, idx)
+    is_eot = tok == eot
+    rank = (~is_eot).cumsum(1)  # continuing hypotheses ranked up to here
+    keep = ~is_eot & (rank <= K)  # exactly K per audio: at most K of the 2K candidates are eot
+    ended = is_eot & (rank < K) & torch.isfinite(top)  # eot ranked above the K-th continuing one
+    for i, j in ended.nonzero().tolist():
+        done = beams.finished[beams.audios[i]]
+        if len(done) < max_cand:
+            done.append((beams.tokens[i * K + src[i, j], P:].tolist(), top[i, j].item(), att_top[i, j].item()))
+    rows = (torch.arange(b, device=src.device)[:, None] * K + src[keep].view(b, K)).flatten()
+    new_tok = tok[keep].view(-1)
+    if ctc is not None:
+        ctc.advance(rows, col[keep].view(-1), *ctc_out, new_tok)
+    beams.tokens = torch.cat([beams.tokens[rows], new_tok[:, None]], dim=1)
+    beams.scores, beams.att = top[keep].view(b, K), att_top[keep].view(b, K)
+    return rows
+
+
+def _drop_done(beams: _Beams, inference: Inference, ctc: Optional[CtcPrefixScorer], K: int, max_cand: int) -> bool:
+    """Remove utterances with enough ended hypotheses; True when none is left."""
+    live = [i for i, a in enumerate(beams.audios) if len(beams.finished[a]) < max_cand]
+    if len(live) == len(beams.audios):
+        return False
+    if not live:
+        return True
+    live_t = torch.tensor(live, device=beams.tokens.device)
+    rows = (live_t[:, None] * K + torch.arange(K, device=live_t.device)).flatten()
+    beams.tokens, beams.scores, beams.att = beams.tokens[rows], beams.scores[live_t], beams.att[live_t]
+    beams.audios = [beams.audios[i] for i in live]
+    inference.reorder(rows)
+    if ctc is not None:
+        ctc.reorder(rows)
+    return False
+
+
+def beam_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tensor, eot: int, K: int,
+                patience: float = 1.0, ctc: Optional[CtcPrefixScorer] = None, ctc_weight: float = 0.0) -> list:
+    """openai-whisper's beam search, batched: tokens (B*K, P) holds each utterance's prompt K
+    times. Stops an utterance once round(K * patience) hypotheses ended; returns per utterance a
+    list of (tokens, score, decoder logprob sum)."""
+    n_audio, P = tokens.shape[0] // K, tokens.shape[1]
+    max_cand = max(1, round(K * patience))
+    scores = torch.full((n_audio, K), NEG_INF, device=tokens.device)
+    scores[:, 0] = 0.0  # the K copies of the prompt are one hypothesis: start only the first
+    beams = _Beams(tokens, scores, scores.clone(), list(range(n_audio)), [[] for _ in range(n_audio)])
+    for step in range(n_new):
+        logprobs = _logprobs(inference.logits(beams.tokens), suppress)
+        rows = _beam_step(beams, logprobs, K, eot, max_cand, P, ctc, ctc_weight)
+        if step == n_new - 1:
+            break
+        inference.reorder(rows, same_audio=True)
+        if _drop_done(beams, inference, ctc, K, max_cand):
+            break
+    # utterances that hit the length limit: fill up with the best unfinished hypotheses (even
+    # a -inf one when nothing else exists, so every utterance gets a result)
+    for i, a in enumerate(beams.audios):
+        done = beams.finished[a]
+        for j in beams.scores[i].argsort(descending=True).tolist():
+            if len(done) >= max_cand or (done and not np.isfinite(beams.scores[i, j].item())):
+                break
+            done.append((beams.tokens[i * K + j, P:].tolist(), beams.scores[i, j].item(), beams.att[i, j].item()))
+    return beams.finished
+
+
+# -- decode: a batch of windows ----------------------------------------------------------------
+
+def encode(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """mel (B, n_mels, T) -> (xa (B, S, C), xa_lens (B,)) on the model's device and dtype."""
+    p = model.encoder.conv1.weight
+    if mel.ndim != 3 or mel.shape[1] != model.dims.n_mels:
+        raise ValueError(f"mel must be (batch, {model.dims.n_mels}, frames), got {tuple(mel.shape)}")
+    if mel_lens is None:
+        mel_lens = torch.full((mel.shape[0],), mel.shape[-1], dtype=torch.long)
+    mel_lens = mel_lens.to(p.device)
+    if (mel_lens < 1).any() or (mel_lens > mel.shape[-1]).any():
+        raise ValueError(f"mel_lens must be in [1, {mel.shape[-1]}], got {mel_lens.tolist()}")
+    xa = model.encoder(mel.to(device=p.device, dtype=p.dtype), mel_lens)
+    return xa, model.encoder.output_lengths(mel_lens)
+
+
+def decode(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor], tokenizer: Tokenizer,
+           options: DecodingOptions = DecodingOptions()) -> List[DecodingResult]:
+    """Decode a batch of windows of at most 2 * n_audio_ctx frames (30 s): one result each.
+
+    mel (B, n_mels, T) padded, mel_lens (B,) real frames (None: all T). Runs under inference
+    mode and does not change the model's train/eval mode (the model has no dropout).
+    """
+    with torch.inference_mode():
+        xa, xa_lens = encode(model, mel, mel_lens)
+        seeds = utterance_seeds(mel, mel_lens) if options.temperature > 0 else None
+        return decode_features(model, xa, xa_lens, tokenizer, options, seeds)
+
+
+def decode_features(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
+                    options: DecodingOptions, seeds: Optional[Sequence[int]] = None) -> List[DecodingResult]:
+    """The search on encoder output xa (B, S, C); see `decode`. seeds: one per utterance for
+    sampling (default: drawn from torch's global generator)."""
+    with torch.inference_mode():
+        B, n_ctx = xa.shape[0], model.dims.n_text_ctx
+        prompt = initial_tokens(tokenizer, options, n_ctx)
+        n_new = _max_new_tokens(options, n_ctx, len(prompt))
+        suppress = suppress_mask(tokenizer, model.dims.n_vocab, xa.device)
+        use_beam = options.temperature == 0 and (options.beam_size > 1 or options.ctc_weight > 0)
+        n = options.beam_size if use_beam else (options.best_of if options.temperature > 0 else 1)
+        rows = torch.arange(B, device=xa.device).repeat_interleave(n)
+        if use_beam:  # the beams of an utterance share its audio (read once per step)
+            inference = Inference(model, xa, xa_lens, options.use_cache, group=n)
+        else:
+            inference = Inference(model, xa[rows], xa_lens[rows], options.use_cache)
+        tokens = torch.tensor(prompt, device=xa.device).repeat(B * n, 1)
+        if use_beam:
+            ctc = _ctc_scorer(model, xa, xa_lens, rows, tokenizer) if options.ctc_weight > 0 else None
+            cands = beam_search(inference, tokens, n_new, suppress, tokenizer.eot, n, options.patience,
+                                ctc, options.ctc_weight)
+        else:
+            if seeds is None:
+                seeds = torch.randint(0, 2**62, (B,)).tolist()
+            # sample k of utterance i: its own stream, different for every temperature
+            row_seeds = [hash((int(s), k, options.temperature)) & (2**63 - 1) for s in seeds for k in range(n)]
+            found = sample_search(inference, tokens, n_new, suppress, tokenizer.eot, options.temperature, row_seeds)
+            cands = [[(t, s, s) for t, s in found[i * n:(i + 1) * n]] for i in range(B)]
+        return [_best(c, tokenizer, options) for c in cands]
+
+
+def _ctc_scorer(model: Whisper, xa: Tensor, xa_lens: Tensor, rows: Tensor, tokenizer: Tokenizer) -> CtcPrefixScorer:
+    """CTC log-probs of each utterance (blank = <|pad|>), one copy per beam row."""
+    if not model.dims.ctc:
+        raise ValueError("ctc_weight > 0 needs a model with a CTC head (dims.ctc is False)")
+    logprobs = F.log_softmax(model.ctc_logits(xa).float(), dim=-1)
+    return CtcPrefixScorer(logprobs[rows], xa_lens[rows], blank=tokenizer.pad, eot=tokenizer.eot)
+
+
+def _best(cands: list, tokenizer: Tokenizer, options: DecodingOptions) -> DecodingResult:
+    """Rank one utterance's candidates by length-normalised score (openai's ranker)."""
+    tokens, score, att = max(cands, key=lambda c: length_normalised(c[1], len(c[0]), options.length_penalty))
+    text = tokenizer.decode(tokens)
+    return DecodingResult(text=text, tokens=tokens, sum_logprob=att, avg_logprob=att / (len(tokens) + 1),
+                          compression_ratio=compression_ratio(text), temperature=options.temperature, score=score)
+
+
+def decode_with_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor], tokenizer: Tokenizer,
+                         options: DecodingOptions = DecodingOptions(),
+                         fallback: FallbackOptions = FallbackOptions()) -> List[DecodingResult]:
+    """`decode` at each temperature in turn, re-decoding only the utterances that still need it
+    (the last temperature's result is kept whatever it is, as openai-whisper). Encodes once."""
+    with torch.inference_mode():
+        xa, xa_lens = encode(model, mel, mel_lens)
+        seeds = utterance_seeds(mel, mel_lens) if max(fallback.temperatures) > 0 else [0] * xa.shape[0]
+        results: list = [None] * xa.shape[0]
+        todo = list(range(xa.shape[0]))
+        for t in fallback.temperatures:
+            idx = torch.tensor(todo, device=xa.device)
+            found = decode_features(model, xa[idx], xa_lens[idx], tokenizer, replace(options, temperature=t),
+                                    [seeds[i] for i in todo])
+            for i, r in zip(todo, found):
+                results[i] = r
+            todo = [i for i in todo if needs_fallback(results[i], fallback)]
+            if not todo:
+                break
+        return results
+
+
+# -- long-form: one file of any length ---------------------------------------------------------
+
+def window_frames(model: Whisper) -> int:
+    """Frames per long-form window: 30 s, or less for a model with a shorter encoder context."""
+    return min(N_FRAMES, 2 * model.dims.n_audio_ctx)
+
+
+def transcribe(model: Whisper, audio: Union[str, Path, np.ndarray, Tensor], tokenizer: Tokenizer,
+               options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
+               condition_on_previous_text: bool = True) -> dict:
+    """Transcribe a file or 16 kHz waveform of any length, window by window.
+
+    Windows are fixed (30 s) since this vocabulary has no timestamp tokens; each is decoded with
+    the previous windows' text as prompt (<|startofprev|> ...), reset after a window decoded at a
+    temperature above 0.5 (likely garbage, as openai-whisper). The last window is shorter and
+    decoded at its own length. Returns {text, segments: [{id, seek, start, end, text, ...}], ...}.
+    """
+    if isinstance(audio, (str, Path)):
+        audio = load_audio(audio)
+    n_samples = audio.shape[-1]
+    mel = log_mel_spectrogram(audio, model.dims.n_mels)  # whole file: one dynamic-range floor
+    duration, window = n_samples / SAMPLE_RATE, window_frames(model)
+    segments: list = []
+    history: list = []  # texts since the last prompt reset
+    for seek in range(0, mel.shape[-1], window):
+        chunk = mel[None, :, seek:seek + window]
+        prompt = tokenizer.encode(" ".join(history)) if condition_on_previous_text and history else []
+        opts = replace(options, prompt=tuple(prompt))
+        r = decode_with_fallback(model, chunk, torch.tensor([chunk.shape[-1]]), tokenizer, opts, fallback)[0]
+        end = min((seek + window) / FRAMES_PER_SECOND, duration)
+        segments.append(_segment(len(segments), seek, seek / FRAMES_PER_SECOND, end, r))
+        history = [] if r.temperature > 0.5 else (history + [r.text] if r.text else history)
+    return _transcript(segments, tokenizer, options, duration)
+
+
+def _segment(i: int, seek: int, start: float, end: float, r: DecodingResult) -> dict:
+    return {"id": i, "seek": seek, "start": round(start, 3), "end": round(end, 3), "text": r.text,
+            "tokens": r.tokens, "temperature": r.temperature, "avg_logprob": r.avg_logprob,
+            "compression_ratio": r.compression_ratio}
+
+
+def _transcript(segments: list, tokenizer: Tokenizer, options: DecodingOptions, duration: float) -> dict:
+    text = " ".join(s["text"] for s in segments if s["text"])
+    return {"text": text, "segments": segments, "language": options.language or tokenizer.languages[0],
+            "duration": round(duration, 3)}
+
+
+# -- many files: batched across files ----------------------------------------------------------
+
+def transcribe_files(model: Whisper, paths: Sequence[Union[str, Path]], tokenizer: Tokenizer,
+                     options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
+                     batch_size: int = 16, condition_on_previous_text: bool = True
+                     ) -> Iterator[Tuple[str, Union[dict, Exception]]]:
+    """Yield (path, transcript or the error) for every file, decoding files of at most one window
+    in batches sorted by duration (longest first, so memory limits show at once), each batch
+    padded to its longest file. Longer files go through `transcribe` one by one afterwards.
+    A result equals `transcribe(model, path, ...)` of that file alone (up to float rounding)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    window_s = window_frames(model) / FRAMES_PER_SECOND
+    timed, long = [], []
+    for p in paths:
+        try:
+            d = audio_duration(p)
+        except AudioError as e:
+            yield str(p), e
+            continue
+        if d <= window_s:
+            timed.append((d, str(p)))
+        else:
+            long.append(str(p))
+    timed.sort(key=lambda x: -x[0])
+    for start in range(0, len(timed), batch_size):
+        batch = [p for _, p in timed[start:start + batch_size]]
+        yield from _transcribe_batch(model, batch, tokenizer, options, fallback, long)
+    for p in long:
+        try:
+            yield p, transcribe(model, p, tokenizer, options, fallback, condition_on_previous_text)
+        except (AudioError, ValueError) as e:
+            yield p, e
+
+
+def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list):
+    """Load, featurise (each file alone, so features match `transcribe`), pad, decode one batch."""
+    mels, ok, durations = [], [], []
+    for p in paths:
+        try:
+            audio = load_audio(p)
+            mel = log_mel_spectrogram(audio, model.dims.n_mels)
+        except (AudioError, ValueError) as e:
+            yield p, e
+            continue
+        if mel.shape[-1] > window_frames(model):  # header said shorter than the decoded audio
+            long.append(p)
+            continue
+        mels.append(mel)
+        ok.append(p)
+        durations.append(len(audio) / SAMPLE_RATE)
+    if not ok:
+        return
+    lens = torch.tensor([m.shape[-1] for m in mels])
+    batch = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
+    results = decode_with_fallback(model, batch, lens, tokenizer, options, fallback)
+    for p, duration, r in zip(ok, durations, results):
+        yield p, _transcript([_segment(0, 0, 0.0, duration, r)], tokenizer, options, duration)
+
+
+# -- output formats ----------------------------------------------------------------------------
+
+OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+
+
+def format_timestamp(seconds: float, decimal_marker: str = ".", always_include_hours: bool = True) -> str:
+    """Seconds -> [HH:]MM:SS.mmm (SRT uses ',' as the decimal marker)."""
+    if seconds < 0:
+        raise ValueError(f"timestamp must be >= 0, got {seconds}")
+    ms = int(round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    hours = f"{h:02d}:" if always_include_hours or h else ""
+    return f"{hours}{m:02d}:{s:02d}{decimal_marker}{ms:03d}"
+
+
+def _cues(result: dict) -> Iterable[dict]:
+    return (s for s in result["segments"] if s["text"].strip())
+
+
+def to_srt(result: dict) -> str:
+    return "".join(f"{i}\n{format_timestamp(s['start'], ',')} --> {format_timestamp(s['end'], ',')}\n"
+                   f"{s['text'].strip()}\n\n" for i, s in enumerate(_cues(result), start=1))
+
+
+def to_vtt(result: dict) -> str:
+    return "WEBVTT\n\n" + "".join(f"{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}\n"
+                                  f"{s['text'].strip()}\n\n" for s in _cues(result))
+
+
+def to_tsv(result: dict) -> str:
+    """openai-whisper's tsv: start and end in integer milliseconds."""
+    rows = (f"{round(1000 * s['start'])}\t{round(1000 * s['end'])}\t{s['text'].strip()}\n" for s in _cues(result))
+    return "start\tend\ttext\n" + "".join(rows)
+
+
+def to_txt(result: dict) -> str:
+    return result["text"] + "\n"
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, ensure_ascii=False, indent=1) + "\n"
+
+
+WRITERS = {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv}
+
+
+def write_result(result: dict, stem: Union[str, Path], formats: Sequence[str]) -> List[Path]:
+    """Write `result` as stem.<format> for each format ("all" = every one); returns the paths."""
+    formats = OUTPUT_FORMATS if "all" in formats else formats
+    written = []
+    for fmt in formats:
+        if fmt not in WRITERS:
+            raise ValueError(f"output format must be one of {OUTPUT_FORMATS} or 'all', got {fmt!r}")
+        path = Path(f"{stem}.{fmt}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(WRITERS[fmt](result), encoding="utf-8")
+        written.append(path)
+    return written
