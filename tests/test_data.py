@@ -275,3 +275,15 @@ def test_augmentations(small_corpus, tmp_path):
     assert not (a[0]["mel"].shape == b[0]["mel"].shape and torch.equal(a[0]["mel"], b[0]["mel"]))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         AsrDataset(utts, tok, augment=AugmentOptions(noise_dir=str(tmp_path / "none")))
+
+
+def test_summary_prints_hours_of_every_split(tmp_path, data_dir, capsys):
+    from whisper_scratch.data import main
+    write_cv(tmp_path)
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    for split in ("train 2 clips", "dev 1 clips", "test 1 clips", "validated 3 clips"):
+        assert split in out
+    assert "missing.mp3" in out and " h" in out
+    main([str(data_dir / "fsdd/manifest.tsv")])
+    assert "test 250 clips 0.03 h | train 2,250 clips 0.26 h" in capsys.readouterr().out

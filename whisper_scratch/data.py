@@ -122,9 +122,13 @@ def read_common_voice(local_data_dir, split: str, language: str = "mn",
     if split == "validated":
         held = [r for s in ("dev", "test") if (lang_dir / f"{s}.tsv").is_file() for r in _cv_rows(lang_dir, s)]
         clips, sents, spks = ({r[k] for r in held} for k in ("path", "sentence", "client_id"))
-        before = len(rows)
-        rows = [r for r in rows if r["path"] not in clips and r["sentence"] not in sents and r["client_id"] not in spks]
-        report.skip("validated clip overlaps dev/test by clip, sentence or speaker", f"{before - len(rows)} rows")
+        kept = []
+        for r in rows:
+            if r["path"] in clips or r["sentence"] in sents or r["client_id"] in spks:
+                report.skip("validated clip shares its clip, sentence or speaker with dev/test", r["path"])
+            else:
+                kept.append(r)
+        rows = kept
     durations = _cv_durations(lang_dir)
     utts = []
     for i, r in enumerate(rows):
@@ -498,6 +502,35 @@ def padded_seconds(durations: Sequence[float]) -> float:
 
 def num_padded_frames(mel_lens: torch.Tensor) -> int:
     return int(mel_lens.numel() * int(mel_lens.max())) if mel_lens.numel() else 0
+
+
+def summarise_source(source, language: str = "mn") -> str:
+    """Clips and hours of every split of a Common Voice folder or manifest, plus what was skipped."""
+    report = DataReport()
+    if Path(source).is_file():
+        rows = _read_jsonl(Path(source), report) if Path(source).suffix in (".jsonl", ".json") else _read_tsv(Path(source))
+        names = sorted({r.get("split") for r in rows if r.get("split")}) or [None]
+    else:
+        names = list(CV_SPLITS)
+    splits = {str(n or "all"): load_split(source, n, language, report) if n else read_manifest(source, None, report)
+              for n in names}
+    return f"{source}\n{describe_splits(splits)}\n{report.summary()}"
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description="Print the clips and hours of each split of a data source.")
+    ap.add_argument("source", help="Common Voice folder (corpus root or language folder) or manifest")
+    ap.add_argument("--language", default="mn")
+    args = ap.parse_args(argv)
+    try:
+        print(summarise_source(args.source, args.language))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
 
 
 __all__ = [
