@@ -61,6 +61,8 @@ class TrainOptions:
     train_batch_size: Optional[int] = _opt(None, "at most this many clips per batch (the seed's flag)")
     max_batch_seconds: Optional[float] = _opt(240.0, "padded-seconds budget per batch: clips × longest clip")
     eval_batch_size: int = _opt(16, "clips per batch when decoding the dev set")
+    eval_beam_size: int = _opt(1, "beam size when decoding the dev set (1 = greedy)")
+    eval_ctc_weight: float = _opt(0.0, "joint CTC prefix score weight when decoding the dev set (needs --ctc-weight > 0 and beam > 1)")
     max_eval_utts: Optional[int] = _opt(None, "decode at most this many dev clips per evaluation")
     num_epochs: int = _opt(10, "epochs (ignored when --max-steps is set)")
     max_steps: Optional[int] = _opt(None, "optimizer steps in all; sets the LR schedule's length")
@@ -93,7 +95,7 @@ class TrainOptions:
     progress: bool = _opt(True, "show tqdm progress bars")
 
     def __post_init__(self):
-        positive = ["eval_batch_size", "num_epochs", "grad_accum", "eval_every", "log_every", "bpe_vocab_size",
+        positive = ["eval_batch_size", "eval_beam_size", "num_epochs", "grad_accum", "eval_every", "log_every", "bpe_vocab_size",
                     "num_buckets", "max_nan_steps"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -111,6 +113,10 @@ class TrainOptions:
             v = getattr(self, name)
             if not lo <= v <= hi or (name == "learning_rate" and v == 0) or (name == "ctc_weight" and v == 1):
                 raise ValueError(f"--{name.replace('_', '-')} out of range, got {v}")
+        if not 0 <= self.eval_ctc_weight <= 1:
+            raise ValueError(f"--eval-ctc-weight must be in [0, 1], got {self.eval_ctc_weight}")
+        if self.eval_ctc_weight > 0 and self.ctc_weight == 0:
+            raise ValueError("--eval-ctc-weight needs a CTC head: set --ctc-weight > 0")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.num_workers < 0:
             raise ValueError("--warmup-steps, --grad-clip and --num-workers must be >= 0")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -280,7 +286,8 @@ class LossModule(torch.nn.Module):
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, device, amp_ctx) -> dict:
-    """Real greedy decoding of the dev clips (not teacher forcing), scored with jiwer."""
+    """Real decoding of the dev clips (greedy unless --eval-beam-size; never teacher-forced), scored
+    with jiwer."""
     if opts.max_eval_utts:
         utts = utts[: opts.max_eval_utts]
     if not utts:
@@ -293,8 +300,8 @@ def evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, device, 
     collate = D.Collator(tokenizer)
     # an untrained model never emits <|endoftext|>: stop a little past the longest reference
     longest = max(len(t) for t in dataset.tokens) - len(dataset.prompt)
-    options = DecodingOptions(language=opts.language, max_new_tokens=min(model.dims.n_text_ctx // 2,
-                                                                         int(1.25 * longest) + 8))
+    options = DecodingOptions(language=opts.language, beam_size=opts.eval_beam_size, ctc_weight=opts.eval_ctc_weight,
+                              max_new_tokens=min(model.dims.n_text_ctx // 2, int(1.25 * longest) + 8))
     for start in range(0, len(order), opts.eval_batch_size):
         batch = collate([dataset[i] for i in order[start:start + opts.eval_batch_size]])
         if batch["size"] == 0:
