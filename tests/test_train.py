@@ -184,3 +184,20 @@ def test_seed_flags_parse_exactly():
             o.learning_rate, o.output_dir) == ("D", "tiny", "абв", 8, 4, 10, 1e-5, "OUT")
     o = parse_options(TrainOptions, ["--max_batch_seconds", "60", "--no-lowercase", "--ctc-weight", "0.3"])
     assert o.max_batch_seconds == 60 and o.lowercase is False and o.ctc_weight == 0.3
+
+
+def test_init_from_openai_checkpoint_copies_the_encoder(tmp_path, digits):
+    from whisper_scratch.model import Whisper, preset_dims
+    torch.manual_seed(123)
+    donor = Whisper(preset_dims("mini", n_vocab=99))  # another vocabulary: only the encoder fits
+    path = tmp_path / "openai.pt"
+    dims = {k: v for k, v in donor.dims.to_dict().items() if k != "ctc"}
+    torch.save({"dims": dims, "model_state_dict": donor.state_dict()}, path)
+    t = Trainer(opts(tmp_path, digits, init_from=str(path), max_steps=1))
+    ours = t.model.state_dict()
+    for k, v in donor.state_dict().items():
+        if k.startswith("encoder."):
+            assert torch.equal(ours[k], v), k
+    assert not torch.equal(ours["decoder.blocks.0.mlp.0.weight"], donor.state_dict()["decoder.blocks.0.mlp.0.weight"])
+    with pytest.raises(SystemExit, match="--init-from"):
+        Trainer(opts(tmp_path / "x", digits, init_from=str(tmp_path / "missing.pt")))

@@ -81,6 +81,9 @@ class TrainOptions:
     eval_every: int = _opt(500, "evaluate and save every N steps (and at the end)")
     log_every: int = _opt(10, "write a metrics.csv row every N steps")
     resume: bool = _opt(False, "continue from OUTPUT_DIR/last.pt exactly where it stopped")
+    init_from: Optional[str] = _opt(None, "warm-start from an openai-whisper .pt ({dims, model_state_dict}): its encoder "
+                                          "is copied, the decoder keeps our vocabulary and is trained anew")
+    init_decoder: bool = _opt(False, "with --init-from, also copy the decoder (all but the token embedding)")
     seed: int = _opt(0, "random seed (init, batch order, augmentation)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     num_workers: int = _opt(2, "DataLoader worker processes decoding audio")
@@ -477,6 +480,13 @@ class Trainer:
         model = Whisper(dims)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
+        elif o.init_from:  # not on --resume: the checkpoint already holds the warm-started weights
+            from .export import init_from_openai
+            try:
+                copied = init_from_openai(model, o.init_from, transfer_decoder=o.init_decoder)
+            except (FileNotFoundError, ValueError) as e:
+                raise SystemExit(f"error: --init-from: {e}") from None
+            print(f"warm start: copied {len(copied)} tensors from {o.init_from}", flush=True)
         if o.ctc_weight > 0 and not dims.ctc:
             raise SystemExit("error: --ctc-weight > 0 but the checkpoint's model has no CTC head")
         model.set_grad_checkpointing(o.grad_checkpointing)

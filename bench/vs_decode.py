@@ -1,0 +1,175 @@
+"""Decoding speed against other Whisper implementations on this CPU: same weights, same clips,
+same number of generated tokens, same threads.
+
+A randomly initialised model (default the `tiny` preset: d 384, 4+4 layers, Mongolian character
+vocabulary) is exported with whisper_scratch.export to openai-whisper, Hugging Face transformers
+and CTranslate2 (fp32 and int8). 16 clips of 4.5-5.5 s (cut from shared/data/samples, as
+bench/decode.py) are decoded in one batch, greedy and beam 5, by:
+
+- ours: `decoding.decode`, batched, each clip at its own length (mel_lens), no 30 s padding;
+- ours, 30 s: the same code on mels padded to 30 s (what the others must do), to separate the
+  variable-length gain from the implementation's own speed;
+- HF: `WhisperForConditionalGeneration.generate` on 30 s mels;
+- CTranslate2 fp32 and int8: `ctranslate2.models.Whisper.generate` on 30 s mels;
+- openai-whisper: `whisper.decode` on 30 s mels (beam search one clip at a time: its batched beam
+  search fails in 20250625, openai/whisper#2197).
+
+The log-mels are computed once, outside the timings. A random model has no reason to stop, and
+the implementations would stop at different places, so <|endoftext|> is made unreachable (its
+embedding points against the final LayerNorm's bias: logit ≈ -30 while others are within ±1) and
+every clip decodes exactly --max_new_tokens tokens; the script prints the counts and how many
+transcripts equal ours (the 30 s implementations: equal to "ours, padded to 30 s", which
+computes their function; beam searches differ in details, so only greedy must match). Prints seconds (best of --repeats) and our
+speed ratio (their time / ours; > 1: we are faster).
+
+    python bench/vs_decode.py [--threads 2] [--size tiny] [--max_new_tokens 64] [--beam_size 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import MN_LETTERS, make_clips  # noqa: E402  (bench/decode.py: same clips)
+from whisper_scratch import export as E  # noqa: E402
+from whisper_scratch.audio import load_audio, log_mel_spectrogram  # noqa: E402
+from whisper_scratch.decoding import DecodingOptions, decode  # noqa: E402
+from whisper_scratch.model import Whisper, preset_dims  # noqa: E402
+from whisper_scratch.tokenizer import CharTokenizer  # noqa: E402
+
+
+def never_stop(model: Whisper, eot: int) -> None:
+    """Make <|endoftext|> unreachable: logit = (g * norm(x) + b) · e_eot ≈ -30 ± 10 with |b| = 3
+    and e_eot = -10 b / |b|; other logits stay O(1). Every implementation sees these weights."""
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(model.dims.n_text_state, generator=g)
+    u /= u.norm()
+    with torch.no_grad():
+        model.decoder.ln.bias.copy_(3 * u)
+        model.decoder.token_embedding.weight[eot] = -10 * u
+
+
+def load_mels(paths: list, n_mels: int) -> list:
+    return [log_mel_spectrogram(load_audio(p), n_mels) for p in paths]
+
+
+def batch_padded(mels: list, frames=None):
+    """(B, n_mels, frames or the longest) zero-padded, and the real lengths."""
+    lens = torch.tensor([m.shape[-1] for m in mels])
+    T = frames or int(lens.max())
+    return torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]).contiguous(), lens
+
+
+class Runner:
+    """One implementation: run(beam) -> token lists (text tokens only, prompt and eot removed)."""
+
+    def __init__(self, name: str, run):
+        self.name, self.run = name, run
+
+
+def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int) -> list:
+    import ctranslate2
+    from transformers import WhisperForConditionalGeneration
+
+    var, lens = batch_padded(mels)
+    full, _ = batch_padded(mels, 2 * model.dims.n_audio_ctx)
+    E.export_openai(model, folder / "openai.pt")
+    E.export_hf(model, tok, folder / "hf")
+    for q in ("float32", "int8"):
+        E.export_ct2(model, tok, folder / f"ct2_{q}", q)
+    om = E.load_openai_model(folder / "openai.pt")
+    hf = WhisperForConditionalGeneration.from_pretrained(folder / "hf").eval()
+    features = ctranslate2.StorageView.from_array(np.ascontiguousarray(full.numpy()))
+    prompt = [list(tok.sot_sequence())] * len(mels)
+
+    def ours(x, x_lens):
+        return lambda beam: [r.tokens for r in decode(model, x, x_lens, tok, DecodingOptions(
+            beam_size=beam, max_new_tokens=n_new))]
+
+    def hf_run(beam):
+        with torch.inference_mode():
+            out = hf.generate(input_features=full, max_new_tokens=n_new, num_beams=beam, do_sample=False)
+        return [[t for t in row.tolist() if t < tok.n_text] for row in out]
+
+    def ct2_run(ct):
+        # CTranslate2's Whisper max_length: it generates up to max_length // 2 new tokens (measured)
+        return lambda beam: [r.sequences_ids[0] for r in ct.generate(
+            features, prompt, beam_size=beam, max_length=2 * n_new, suppress_blank=False)]
+
+    runners = [Runner("ours (variable length)", ours(var, lens)), Runner("ours, padded to 30 s", ours(full, None)),
+               Runner("HF transformers generate", hf_run)]
+    for q, ctype in (("float32", "float32"), ("int8", "int8")):
+        ct = ctranslate2.models.Whisper(str(folder / f"ct2_{q}"), device="cpu", compute_type=ctype,
+                                        intra_threads=threads, inter_threads=1)
+        runners.append(Runner(f"CTranslate2 {q}", ct2_run(ct)))
+    runners.append(Runner("openai-whisper decode", lambda beam: [r.tokens for r in E.openai_decode(
+        om, full, tok, beam_size=beam, max_new_tokens=n_new)]))
+    return runners
+
+
+def timed(fn, repeats: int) -> tuple:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--size", default="tiny", help="model preset (mini tiny base ...)")
+    ap.add_argument("--clips", type=int, default=16)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--beam_size", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per setting")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tok = CharTokenizer(MN_LETTERS)
+    model = Whisper(preset_dims(args.size, n_vocab=tok.vocab_size)).eval()
+    never_stop(model, tok.eot)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_clips(Path(tmp), args.clips)
+        mels = load_mels(paths, model.dims.n_mels)
+        audio_s = sum(m.shape[-1] for m in mels) / 100
+        runners = make_runners(model, tok, mels, Path(tmp), args.threads, args.max_new_tokens)
+        import ctranslate2
+        import transformers
+        transformers.logging.set_verbosity_error()  # generate's notes on max_length vs max_new_tokens
+        print(f"{len(mels)} clips, {audio_s:.1f} s of audio; model {args.size} ({model.num_parameters() / 1e6:.1f} M "
+              f"params, vocab {tok.vocab_size}); {args.max_new_tokens} tokens per clip; {args.threads} threads; "
+              f"torch {torch.__version__}, transformers {transformers.__version__}, ctranslate2 {ctranslate2.__version__}")
+        for name, beam in (("greedy", 1), (f"beam {args.beam_size}", args.beam_size)):
+            report(runners, name, beam, args, audio_s)
+
+
+def report(runners: list, name: str, beam: int, args, audio_s: float) -> None:
+    for r in runners:  # warm-up (first-call allocations, lazy init), not timed
+        r.run(1)
+    print(f"\n{name}: {'implementation':<26} {'seconds':>8} {'RTF':>7} {'tokens/clip':>12} {'same text':>10} "
+          f"{'ours is':>9}")
+    t_ours, refs = None, []
+    for i, r in enumerate(runners):
+        seconds, out = timed(lambda: r.run(beam), args.repeats)
+        t_ours = t_ours or seconds
+        refs.append(out)
+        ref = refs[min(i, 1)]  # the 30 s implementations compute "ours, padded to 30 s"'s function
+        counts = sorted({len(t) for t in out})
+        same = sum(a == b for a, b in zip(out, ref))
+        print(f"{'':<{len(name) + 1}} {r.name:<26} {seconds:>8.2f} {seconds / audio_s:>7.4f} "
+              f"{'/'.join(map(str, counts)):>12} {f'{same}/{len(out)}':>10} {seconds / t_ours:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Export to openai-whisper / Hugging Face / CTranslate2 and warm start from openai-whisper.
+
+Each export is loaded by the other library's own code and must give our logits (fp32, ≤ 1e-4)
+and our greedy transcript. The model is tiny (d 64, 2+2 layers, 3 s encoder window: the other
+implementations need exactly 2 * n_audio_ctx frames, like 3000 for the real 30 s models) with
+weights drawn wide enough that greedy decoding emits varied tokens, so equal transcripts mean
+something.
+"""
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from whisper_scratch import export as E
+from whisper_scratch.checkpoint import save_checkpoint
+from whisper_scratch.decoding import DecodingOptions, decode
+from whisper_scratch.model import ModelDimensions, Whisper
+from whisper_scratch.tokenizer import CharTokenizer, TextNormalizer, train_bpe
+
+MN = "абвгдеёжзийклмнопрстуфхцчшщъыьэюяөү"
+N_CTX = 150  # encoder positions: 300 mel frames (3 s)
+N_NEW = 16  # greedy tokens per utterance
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CharTokenizer(MN)
+
+
+def tiny_model(tok, ctc: bool = False, seed: int = 0) -> Whisper:
+    dims = ModelDimensions(80, N_CTX, 64, 4, 2, tok.vocab_size, 48, 64, 4, 2, ctc=ctc)
+    torch.manual_seed(seed)
+    model = Whisper(dims).eval()
+    with torch.no_grad():  # wide weights: a peaked, audio-dependent output distribution
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok, ctc=True)
+
+
+@pytest.fixture(scope="module")
+def mel(data_dir):
+    """Two real 3 s log-mel windows (JFK), the second reversed in time."""
+    m = torch.from_numpy(np.load(data_dir / "reference" / "jfk_logmel80.npy"))[:, 200:200 + 2 * N_CTX]
+    return torch.stack([m, m.flip(-1)]).float().contiguous()
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(model, tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, model, tok)
+    return path
+
+
+def teacher_forced(model, mel, tok, text_tokens) -> torch.Tensor:
+    tokens = torch.tensor([list(tok.sot_sequence()) + list(text_tokens)])
+    with torch.no_grad():
+        return model(mel, None, tokens)
+
+
+def ours_greedy(model, mel, tok) -> list:
+    results = decode(model, mel, None, tok, DecodingOptions(max_new_tokens=N_NEW))
+    return [r.tokens for r in results]
+
+
+def test_greedy_output_is_not_trivial(model, mel, tok):
+    seqs = ours_greedy(model, mel, tok)
+    assert seqs[0] != seqs[1]
+    assert all(len(set(s)) >= 3 for s in seqs), seqs
+
+
+# -- openai-whisper ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openai_model(ckpt_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("openai") / "model.pt"
+    E.main(["--checkpoint", str(ckpt_path), "--to", "openai", "--output", str(out)])
+    return E.load_openai_model(out), torch.load(out, weights_only=True)
+
+
+def test_openai_file_has_dims_and_weights_without_ctc(openai_model, model):
+    _, saved = openai_model
+    assert set(saved) == {"dims", "model_state_dict"}
+    assert saved["dims"] == {k: getattr(model.dims, k) for k in E.OPENAI_DIMS}
+    assert not any(k.startswith("ctc_head") for k in saved["model_state_dict"])
+    assert len(saved["model_state_dict"]) == len(model.state_dict()) - 2  # ctc_head weight + bias
+
+
+def test_openai_logits_equal(openai_model, model, mel, tok):
+    om, _ = openai_model
+    tokens = torch.tensor([list(tok.sot_sequence()) + [5, 9, 36, 14]] * 2)
+    with torch.no_grad():
+        ours, theirs = model(mel, None, tokens), om(mel, tokens)
+    assert (ours - theirs).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_openai_decode_gives_our_transcript(openai_model, model, mel, tok, beam_size):
+    om, _ = openai_model
+    theirs = E.openai_decode(om, mel, tok, beam_size=beam_size, max_new_tokens=N_NEW)
+    ours = decode(model, mel, None, tok, DecodingOptions(beam_size=beam_size, max_new_tokens=N_NEW))
+    assert [r.tokens for r in theirs] == [r.tokens for r in ours]
+    assert [r.text for r in theirs] == [r.text.strip() for r in ours]  # openai strips the text
+
+
+def test_export_refuses_to_overwrite(ckpt_path, tmp_path, capsys):
+    out = tmp_path / "x.pt"
+    out.write_bytes(b"keep me")
+    with pytest.raises(SystemExit, match="already exists"):
+        E.main(["--checkpoint", str(ckpt_path), "--to", "openai", "--output", str(out)])
+    assert out.read_bytes() == b"keep me"
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="does not look like an export"):
+        E.main(["--checkpoint", str(ckpt_path), "--to", "hf", "--output", str(folder), "--overwrite"])
+    assert (folder / "mine.txt").is_file()
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        E.main(["--checkpoint", str(tmp_path / "nope.pt"), "--to", "openai", "--output", str(tmp_path / "y.pt")])
+
+
+# -- Hugging Face transformers -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_dir(ckpt_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "model"
+    E.main(["--checkpoint", str(ckpt_path), "--to", "hf", "--output", str(out)])
+    return out
+
+
+def test_hf_folder_loads_and_logits_equal(hf_dir, model, mel, tok):
+    from transformers import WhisperForConditionalGeneration
+
+    hf = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
+    assert (hf_dir / "model.safetensors").is_file()
+    tokens = torch.tensor([list(tok.sot_sequence()) + [5, 9, 36, 14]] * 2)
+    with torch.no_grad():
+        ours, theirs = model(mel, None, tokens), hf(input_features=mel, decoder_input_ids=tokens).logits
+    assert (ours - theirs).abs().max().item() <= TOL
+
+
+def test_hf_generate_gives_our_transcript(hf_dir, model, mel, tok):
+    from transformers import AutoTokenizer, WhisperForConditionalGeneration
+
+    hf = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
+    g = hf.generation_config
+    assert (g.decoder_start_token_id, g.eos_token_id, g.pad_token_id) == (tok.sot, tok.eot, tok.pad)
+    assert g.lang_to_id == {"<|mn|>": tok.language_ids["mn"]} and g.no_timestamps_token_id == tok.no_timestamps
+    with torch.no_grad():
+        out = hf.generate(input_features=mel, max_new_tokens=N_NEW, do_sample=False, num_beams=1)
+    theirs = [[t for t in row.tolist() if t < tok.n_text] for row in out]  # drop prompt, eot, padding
+    assert theirs == ours_greedy(model, mel, tok)
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    assert hf_tok.batch_decode(out, skip_special_tokens=True) == [tok.decode(t) for t in theirs]
+
+
+def test_hf_char_tokenizer_round_trips(hf_dir, tok, mn_sentences):
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    assert len(hf_tok) == tok.vocab_size
+    assert [hf_tok.convert_ids_to_tokens(i) for i in sorted(tok.special_tokens)] == \
+        [tok.special_tokens[i] for i in sorted(tok.special_tokens)]
+    for s in mn_sentences[:300] + ["Сайн, байна уу?  OK ёо"]:
+        ids = tok.encode(s)
+        assert hf_tok.encode(s, add_special_tokens=False) == ids, s
+        assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids), s
+
+
+@pytest.mark.parametrize("normalizer", [TextNormalizer(), TextNormalizer(lowercase=False, punctuation="keep")])
+def test_hf_bpe_tokenizer_round_trips(mn_sentences, normalizer):
+    bpe = train_bpe(mn_sentences[:1000], 200, normalizer)
+    hf_tok = E.hf_tokenizer(bpe)
+    assert len(hf_tok) == bpe.vocab_size
+    checked = 0
+    for s in mn_sentences[:1000]:
+        ids = bpe.encode(s)
+        if 0 in ids:  # an unknown character inside a word decodes as "a⁇b", ours "a ⁇ b"
+            continue
+        assert hf_tok.encode(s, add_special_tokens=False) == ids, s
+        assert hf_tok.decode(ids, skip_special_tokens=True) == bpe.decode(ids), s
+        checked += 1
+    assert checked > 900
+
+
+# -- CTranslate2 -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ct2_dir(ckpt_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ct2") / "model"
+    E.main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--output", str(out)])
+    return out
+
+
+def ct2_greedy(ct2_dir, mel, tok, compute_type="default"):
+    import ctranslate2
+
+    ct = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type=compute_type, intra_threads=1)
+    features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy()))
+    # CTranslate2's Whisper generates at most max_length // 2 new tokens (openai's sample_len
+    # rule, measured); suppress_tokens=[-1], the default, means the config's list (our specials);
+    # suppress_blank off as in our decoding
+    results = ct.generate(features, [list(tok.sot_sequence())] * mel.shape[0], beam_size=1,
+                          max_length=2 * N_NEW, suppress_blank=False, return_logits_vocab=True)
+    return ct, features, results
+
+
+def test_ct2_folder_has_tokenizer_and_our_config(ct2_dir, tok):
+    import json
+
+    config = json.loads((ct2_dir / "config.json").read_text())
+    assert config["suppress_ids"] == E.suppress_ids(tok) and config["suppress_ids_begin"] == []
+    vocab = json.loads((ct2_dir / "vocabulary.json").read_text())
+    assert len(vocab) == tok.vocab_size and vocab[tok.sot] == "<|startoftranscript|>"
+    assert (ct2_dir / "tokenizer.json").is_file() and (ct2_dir / "preprocessor_config.json").is_file()
+
+
+def test_ct2_encoder_and_logits_equal(ct2_dir, model, mel, tok):
+    ct, features, results = ct2_greedy(ct2_dir, mel, tok)
+    with torch.no_grad():
+        xa = model.encoder(mel)
+    assert np.abs(np.array(ct.encode(features)) - xa.numpy()).max() <= TOL
+    for i, r in enumerate(results):
+        seq = r.sequences_ids[0]
+        theirs = np.array([np.array(step) for step in r.logits[0]])  # (new tokens, vocab), suppressed = -max
+        ours = teacher_forced(model, mel[i:i + 1], tok, seq)[0, 3:3 + len(theirs)].numpy()
+        keep = np.ones(tok.vocab_size, bool)
+        keep[E.suppress_ids(tok)] = False
+        assert np.abs(theirs[:, keep] - ours[:, keep]).max() <= TOL
+
+
+def test_ct2_generate_gives_our_transcript(ct2_dir, model, mel, tok):
+    _, _, results = ct2_greedy(ct2_dir, mel, tok)
+    ours = ours_greedy(model, mel, tok)
+    assert [r.sequences_ids[0] for r in results] == ours
+
+
+def test_ct2_int8_export_runs(ckpt_path, tmp_path, mel, tok):
+    out = tmp_path / "int8"
+    E.main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--quantization", "int8", "--output", str(out)])
+    _, _, results = ct2_greedy(out, mel, tok, compute_type="int8")
+    assert all(len(r.sequences_ids[0]) > 0 for r in results)
+
+
+# -- warm start from openai-whisper ------------------------------------------------------------
+
+def save_openai_random(tmp_path, dims: dict):
+    """A random model built and saved the way openai-whisper checkpoints are: its own Whisper
+    class, {"dims": asdict(ModelDimensions), "model_state_dict": ...}."""
+    import whisper.model as W
+
+    torch.manual_seed(1)
+    model = W.Whisper(W.ModelDimensions(**dims))
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(0, 0.02)  # openai leaves it uninitialised
+    path = tmp_path / "openai_tiny.pt"
+    torch.save({"dims": asdict(model.dims), "model_state_dict": model.state_dict()}, path)
+    return model.eval(), path
+
+
+OPENAI_DIMS = dict(n_mels=80, n_audio_ctx=N_CTX, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
+                   n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=4, n_text_layer=2)
+
+
+def test_init_from_openai_encoder_only(tmp_path, tok, mel):
+    theirs, path = save_openai_random(tmp_path, OPENAI_DIMS)
+    ours = tiny_model(tok, ctc=True, seed=3)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    copied = E.init_from_openai(ours, path)
+    assert copied and all(k.startswith("encoder.") for k in copied)
+    assert len(copied) == sum(k.startswith("encoder.") for k in before)
+    with torch.no_grad():
+        assert (ours.encoder(mel) - theirs.encoder(mel)).abs().max().item() <= TOL
+    after = ours.state_dict()
+    for k, v in before.items():  # decoder and CTC head untouched: a new vocabulary is trained
+        if not k.startswith("encoder."):
+            assert torch.equal(after[k], v), k
+
+
+def test_init_from_openai_with_decoder(tmp_path, tok):
+    theirs, path = save_openai_random(tmp_path, OPENAI_DIMS)
+    ours = tiny_model(tok)  # n_text_ctx 48 < 64: the positional table is cut
+    token_embedding = ours.decoder.token_embedding.weight.clone()
+    copied = E.init_from_openai(ours, path, transfer_decoder=True)
+    assert "decoder.blocks.1.cross_attn.key.weight" in copied and "decoder.token_embedding.weight" not in copied
+    assert torch.equal(ours.decoder.token_embedding.weight, token_embedding)
+    assert torch.equal(ours.decoder.positional_embedding, theirs.decoder.positional_embedding[:48])
+    assert torch.equal(ours.decoder.blocks[1].mlp[2].weight, theirs.decoder.blocks[1].mlp[2].weight)
+
+
+def test_init_from_openai_errors(tmp_path, tok):
+    ours = tiny_model(tok)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        E.init_from_openai(ours, tmp_path / "missing.pt")
+    _, path = save_openai_random(tmp_path, {**OPENAI_DIMS, "n_audio_state": 32, "n_text_state": 32})
+    with pytest.raises(ValueError, match="n_audio_state 32"):
+        E.init_from_openai(ours, path)
+    bad = tmp_path / "ours.pt"
+    save_checkpoint(bad, ours, tok)
+    with pytest.raises(ValueError, match="not an openai-whisper checkpoint"):
+        E.init_from_openai(ours, bad)
