@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -496,14 +495,6 @@ def describe_splits(splits: dict) -> str:
     return " | ".join(f"{name} {len(u):,} clips {hours(u):.2f} h" for name, u in splits.items())
 
 
-def padded_seconds(durations: Sequence[float]) -> float:
-    return len(durations) * max(durations) if durations else 0.0
-
-
-def num_padded_frames(mel_lens: torch.Tensor) -> int:
-    return int(mel_lens.numel() * int(mel_lens.max())) if mel_lens.numel() else 0
-
-
 def summarise_source(source, language: str = "mn") -> str:
     """Clips and hours of every split of a Common Voice folder or manifest, plus what was skipped."""
     report = DataReport()
@@ -536,5 +527,5 @@ if __name__ == "__main__":
 __all__ = [
     "Utterance", "DataReport", "find_cv_language_dir", "read_common_voice", "read_manifest", "load_split",
     "filter_for_model", "DurationBucketSampler", "FeatureCache", "AsrDataset", "collate", "Collator",
-    "make_loader", "describe_splits", "hours", "math",
+    "make_loader", "describe_splits", "hours", "summarise_source",
 ]
