@@ -10,7 +10,9 @@ bench/decode.py) are decoded in one batch, greedy and beam 5, by:
 - ours, 30 s: the same code on mels padded to 30 s (what the others must do), to separate the
   variable-length gain from the implementation's own speed;
 - HF: `WhisperForConditionalGeneration.generate` on 30 s mels;
-- CTranslate2 fp32 and int8: `ctranslate2.models.Whisper.generate` on 30 s mels;
+- CTranslate2 fp32 and int8: `ctranslate2.models.Whisper.generate` on 30 s mels, exported with
+  our vocabulary size (`--compact`), and fp32 in faster-whisper's padded 51,865-token layout (the
+  default export), whose output layer is that much wider;
 - openai-whisper: `whisper.decode` on 30 s mels (beam search one clip at a time: its batched beam
   search fails in 20250625, openai/whisper#2197).
 
@@ -84,8 +86,9 @@ def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int) -> li
     full, _ = batch_padded(mels, 2 * model.dims.n_audio_ctx)
     E.export_openai(model, folder / "openai.pt")
     E.export_hf(model, tok, folder / "hf")
-    for q in ("float32", "int8"):
-        E.export_ct2(model, tok, folder / f"ct2_{q}", q)
+    for q in ("float32", "int8"):  # our vocabulary size, as the other implementations here
+        E.export_ct2(model, tok, folder / f"ct2_{q}", q, compact=True)
+    E.export_ct2(model, tok, folder / "ct2_fw", "float32")  # faster-whisper's 51,865-token layout
     om = E.load_openai_model(folder / "openai.pt")
     hf = WhisperForConditionalGeneration.from_pretrained(folder / "hf").eval()
     features = ctranslate2.StorageView.from_array(np.ascontiguousarray(full.numpy()))
@@ -107,10 +110,12 @@ def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int) -> li
 
     runners = [Runner("ours (variable length)", ours(var, lens)), Runner("ours, padded to 30 s", ours(full, None)),
                Runner("HF transformers generate", hf_run)]
-    for q, ctype in (("float32", "float32"), ("int8", "int8")):
-        ct = ctranslate2.models.Whisper(str(folder / f"ct2_{q}"), device="cpu", compute_type=ctype,
+    for name, q in (("CTranslate2 float32", "float32"), ("CTranslate2 int8", "int8"),
+                    ("CTranslate2 fp32, fw vocab", "fw")):
+        ct = ctranslate2.models.Whisper(str(folder / f"ct2_{q}"), device="cpu",
+                                        compute_type="int8" if q == "int8" else "float32",
                                         intra_threads=threads, inter_threads=1)
-        runners.append(Runner(f"CTranslate2 {q}", ct2_run(ct)))
+        runners.append(Runner(name, ct2_run(ct)))
     runners.append(Runner("openai-whisper decode", lambda beam: [r.tokens for r in E.openai_decode(
         om, full, tok, beam_size=beam, max_new_tokens=n_new)]))
     return runners

@@ -37,6 +37,8 @@ def tiny_model(tok, ctc: bool = False, seed: int = 0) -> Whisper:
         for name, p in model.named_parameters():
             if "ln" not in name:
                 p.normal_(0, 0.3)
+            elif name.endswith("bias"):  # trained LayerNorms have biases (the CT2 export needs one)
+                p.normal_(0, 0.3)
     return model
 
 
@@ -215,11 +217,33 @@ def ct2_greedy(ct2_dir, mel, tok, compute_type="default"):
 def test_ct2_folder_has_tokenizer_and_our_config(ct2_dir, tok):
     import json
 
+    import ctranslate2
+
     config = json.loads((ct2_dir / "config.json").read_text())
     assert config["suppress_ids"] == E.suppress_ids(tok) and config["suppress_ids_begin"] == []
     vocab = json.loads((ct2_dir / "vocabulary.json").read_text())
-    assert len(vocab) == tok.vocab_size and vocab[tok.sot] == "<|startoftranscript|>"
-    assert (ct2_dir / "tokenizer.json").is_file() and (ct2_dir / "preprocessor_config.json").is_file()
+    # faster-whisper's layout: 51,865 tokens, <|nospeech|> right after ours, "" last (multilingual)
+    assert len(vocab) == E.FW_VOCAB and vocab[:tok.vocab_size] == [
+        tok.special_tokens.get(i) or tok.decode([i]) if i else "<|unk|>" for i in range(tok.vocab_size)]
+    assert vocab[tok.vocab_size] == "<|nospeech|>" and vocab[-1] == ""
+    ct = ctranslate2.models.Whisper(str(ct2_dir), device="cpu")
+    assert ct.is_multilingual and ct.num_languages == len(tok.languages)
+    for name in ("tokenizer.json", "preprocessor_config.json", "whisper_scratch.json"):
+        assert (ct2_dir / name).is_file()
+
+
+def test_pinned_row_gives_one_logit_for_every_state():
+    torch.manual_seed(3)
+    ln = torch.nn.LayerNorm(64)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_(0, 0.1)
+    row, logit = E.pinned_row(ln.weight, ln.bias)
+    x = torch.randn(1000, 64) * torch.rand(1000, 1) * 10 + torch.randn(1000, 1)
+    with torch.no_grad():
+        logits = ln(x) @ row
+    assert logit <= -1000 and (logits - logit).abs().max() <= 1e-3 * abs(logit)  # fp32 rounding only
+    assert E.pinned_row(torch.ones(64), torch.zeros(64))[1] == 0.0  # no bias: no such row
 
 
 def test_ct2_encoder_and_logits_equal(ct2_dir, model, mel, tok):
@@ -227,13 +251,17 @@ def test_ct2_encoder_and_logits_equal(ct2_dir, model, mel, tok):
     with torch.no_grad():
         xa = model.encoder(mel)
     assert np.abs(np.array(ct.encode(features)) - xa.numpy()).max() <= TOL
+    _, pinned = E.pinned_row(model.decoder.ln.weight.detach(), model.decoder.ln.bias.detach())
     for i, r in enumerate(results):
         seq = r.sequences_ids[0]
-        theirs = np.array([np.array(step) for step in r.logits[0]])  # (new tokens, vocab), suppressed = -max
+        theirs = np.array([np.array(step) for step in r.logits[0]])  # (new tokens, 51865), suppressed = -max
         ours = teacher_forced(model, mel[i:i + 1], tok, seq)[0, 3:3 + len(theirs)].numpy()
         keep = np.ones(tok.vocab_size, bool)
         keep[E.suppress_ids(tok)] = False
-        assert np.abs(theirs[:, keep] - ours[:, keep]).max() <= TOL
+        assert np.abs(theirs[:, :tok.vocab_size][:, keep] - ours[:, keep]).max() <= TOL
+        # every added id has the pinned logit, far below any of ours
+        assert np.abs(theirs[:, tok.vocab_size:] - pinned).max() <= 1e-3 * abs(pinned)
+        assert pinned < ours.min() - 100
 
 
 def test_ct2_generate_gives_our_transcript(ct2_dir, model, mel, tok):
@@ -247,6 +275,78 @@ def test_ct2_int8_export_runs(ckpt_path, tmp_path, mel, tok):
     E.main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--quantization", "int8", "--output", str(out)])
     _, _, results = ct2_greedy(out, mel, tok, compute_type="int8")
     assert all(len(r.sequences_ids[0]) > 0 for r in results)
+
+
+def test_ct2_compact_export_keeps_our_vocabulary(ckpt_path, tmp_path, model, mel, tok):
+    import json
+
+    out = tmp_path / "compact"
+    E.main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--compact", "--output", str(out)])
+    assert len(json.loads((out / "vocabulary.json").read_text())) == tok.vocab_size
+    _, _, results = ct2_greedy(out, mel, tok)
+    assert [r.sequences_ids[0] for r in results] == ours_greedy(model, mel, tok)
+
+
+# -- faster-whisper -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fw_setup(tok, tmp_path_factory):
+    """A 30 s model (faster-whisper always pads to 3000 frames) exported to CTranslate2, loaded by
+    faster-whisper. Seed and scale give varied output that ends with <|endoftext|>."""
+    from faster_whisper import WhisperModel
+
+    dims = ModelDimensions(80, 1500, 64, 4, 2, tok.vocab_size, 448, 64, 4, 2)
+    torch.manual_seed(2)
+    model = Whisper(dims).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.normal_(0, 1.0)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("fw") / "model"
+    E.export_ct2(model, tok, out)
+    return model, WhisperModel(str(out), device="cpu", compute_type="float32", cpu_threads=1)
+
+
+def test_faster_whisper_tokenizer_speaks_our_layout(fw_setup, tok):
+    from faster_whisper.tokenizer import Tokenizer as FWTokenizer
+
+    _, fw = fw_setup
+    t = FWTokenizer(fw.hf_tokenizer, multilingual=True, task="transcribe", language="mn")
+    assert t.sot_sequence == list(tok.sot_sequence()[:3]) and t.no_timestamps == tok.no_timestamps
+    assert t.eot == tok.eot and t.sot_prev == tok.startofprev
+    # its non-speech list (suppressed by default) touches none of our tokens, and does not crash
+    assert min(t.non_speech_tokens) >= tok.vocab_size
+    # a prompt with a symbol it matches before normalising: the added token embeds as our space
+    names, symbols = E.fw_extra_tokens(tok)
+    stand_in = {tok.vocab_size + names.index(c): E._stand_in(tok, c) for c in symbols}
+    text = "Шинэ жил, сайхан-сайхан өдөр"
+    ids = t.encode(text)
+    assert any(i in stand_in for i in ids)
+    assert [stand_in.get(i, i) for i in ids] == tok.encode(text)
+    assert t.decode(tok.encode(text)) == tok.normalize(text)
+
+
+def test_faster_whisper_transcribe_gives_our_transcript(fw_setup, tok, data_dir):
+    from faster_whisper.audio import pad_or_trim as fw_pad
+
+    from whisper_scratch.audio import load_audio
+
+    model, fw = fw_setup
+    audio = load_audio(data_dir / "samples" / "jfk" / "jfk.flac")
+    for clip in (audio, audio[::-1].copy()):
+        segments, info = fw.transcribe(clip, language="mn", without_timestamps=True, beam_size=1,
+                                       temperature=0.0, condition_on_previous_text=False)
+        segments = list(segments)
+        assert info.language == "mn" and len(segments) == 1  # one 30 s window
+        # ours on the features faster-whisper computed (its own front end, zero-padded to 30 s)
+        features = fw.feature_extractor(clip)[..., :-1]
+        mel = torch.from_numpy(fw_pad(features)).float()[None]
+        ours = decode(model, mel, None, tok, DecodingOptions(max_new_tokens=224))[0]
+        assert segments[0].tokens == ours.tokens
+        assert segments[0].text == ours.text
+        assert len(set(ours.tokens)) >= 5
 
 
 # -- warm start from openai-whisper ------------------------------------------------------------

@@ -127,6 +127,45 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, digits):
     assert losses[1] == pytest.approx(single["history"][1][1], rel=1e-4)
 
 
+def _ddp_position_worker(rank, world, port, o, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    t = Trainer(o)
+    t.run()
+    queue.put((rank, t.state.step, t.state.epoch, t.state.batches_done, t.state.data_errors))
+
+
+def test_ddp_rank_with_only_unreadable_clips_stays_in_step(tmp_path):
+    """A batch whose every clip fails to load on one rank: that rank runs a zero-weight placeholder
+    step, so both ranks consume the same batches per step (else they drift apart, or hang)."""
+    rec = DATA / "fsdd" / "recordings"
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF" + os.urandom(2000))  # passes the manifest's cheap check, fails to decode
+    clips = [(rec / "0_jackson_5.wav", "zero"), (rec / "1_jackson_6.wav", "one"), (rec / "2_jackson_7.wav", "two"),
+             (bad, "three")]
+    rows = "".join(f"{p}\t{t}\t0.5\t{s}\n" for p, t in clips for s in ("train", "dev") if s == "train" or p != bad)
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("path\ttext\tduration\tsplit\n" + rows)
+    o = opts(tmp_path, str(manifest), max_steps=2, train_batch_size=1, num_buckets=1)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_position_worker, args=(r, 2, port, o, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    if any(p.is_alive() for p in procs):
+        for p in procs:
+            p.kill()
+        pytest.fail("DDP workers did not finish")
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = sorted(queue.get(timeout=10) for _ in range(2))
+    assert sum(r[4] for r in results) == 1  # the broken clip, counted once
+    assert results[0][1:4] == results[1][1:4] == (2, 0, 2)  # step 2 of epoch 0 on both ranks
+
+
 def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, digits):
     t = Trainer(opts(tmp_path, digits, max_steps=50, max_nan_steps=3))
     before = copy.deepcopy(t.model.state_dict())

@@ -5,7 +5,7 @@ embedding: our vocabulary is not Whisper's).
 
     python -m whisper_scratch.export --checkpoint best_model.pt --to openai --output model.pt
     python -m whisper_scratch.export --checkpoint best_model.pt --to hf     --output hf_model/
-    python -m whisper_scratch.export --checkpoint best_model.pt --to ct2    --output ct2_model/ [--quantization int8]
+    python -m whisper_scratch.export --checkpoint best_model.pt --to ct2    --output ct2_model/ [--quantization int8] [--compact]
 
 Our state-dict keys are openai-whisper's, so `--to openai` is the weights plus the 10 dims. The
 auxiliary CTC head (`ctc_head.*`, present when the model was trained with --ctc-weight) has no
@@ -15,8 +15,10 @@ Our vocabulary is not Whisper's tiktoken one (see tokenizer.py): the HF and CT2 
 tokenizer built from it (tokenizer.json) and a generation config naming our special-token ids
 (decoder start = <|startoftranscript|>, prompt <|lang|> <|transcribe|> <|notimestamps|>, eos =
 <|endoftext|>, every other special suppressed), so their own `generate` decodes our models.
-The CTranslate2 folder also holds tokenizer.json and preprocessor_config.json, the files
-faster-whisper reads (faster-whisper itself is not tested here).
+The CTranslate2 folder is laid out for faster-whisper (vocabulary padded to openai's 51,865 ids,
+see "the padded layout" below) and holds tokenizer.json and preprocessor_config.json, the files
+faster-whisper reads: `WhisperModel(folder).transcribe(audio, language="mn",
+without_timestamps=True)` gives our greedy transcript (tested).
 transformers, tokenizers and ctranslate2 are imported only by the functions that need them
 (test dependencies, see requirements-dev.txt), never by the training path.
 """
@@ -26,7 +28,7 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -235,7 +237,7 @@ def suppress_ids(tokenizer: Tokenizer) -> list:
     return [i for i in sorted(tokenizer.special_tokens) if i != tokenizer.eot]
 
 
-def hf_config(dims: ModelDimensions, tokenizer: Tokenizer):
+def hf_config(dims: ModelDimensions, tokenizer: Tokenizer, tied: bool = True):
     from transformers import WhisperConfig
 
     _check_hf_dims(dims)
@@ -247,7 +249,7 @@ def hf_config(dims: ModelDimensions, tokenizer: Tokenizer):
         max_source_positions=dims.n_audio_ctx, max_target_positions=dims.n_text_ctx,
         decoder_start_token_id=tokenizer.sot, pad_token_id=tokenizer.pad, bos_token_id=tokenizer.eot,
         eos_token_id=tokenizer.eot, suppress_tokens=None, begin_suppress_tokens=None,  # generation config's
-        activation_function="gelu", scale_embedding=False, tie_word_embeddings=True,
+        activation_function="gelu", scale_embedding=False, tie_word_embeddings=tied,
     )
 
 
@@ -270,17 +272,113 @@ def hf_generation_config(dims: ModelDimensions, tokenizer: Tokenizer):
     )
 
 
-def hf_model(model: Whisper, tokenizer: Tokenizer):
-    """A transformers WhisperForConditionalGeneration holding our weights (fp32, eval mode)."""
+def hf_model(model: Whisper, tokenizer: Tokenizer, faster_whisper: bool = False):
+    """A transformers WhisperForConditionalGeneration holding our weights (fp32, eval mode);
+    with `faster_whisper`, in the padded, untied layout of fw_weights (for CTranslate2)."""
     from transformers import WhisperForConditionalGeneration
 
-    hf = WhisperForConditionalGeneration(hf_config(model.dims, tokenizer))
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
-    if unexpected or set(missing) - {"proj_out.weight"}:
+    dims, state = model.dims, hf_state_dict(model)
+    if faster_whisper:
+        dims = replace(dims, n_vocab=FW_VOCAB)
+        state["model.decoder.embed_tokens.weight"], state["proj_out.weight"] = fw_weights(model, tokenizer)
+    hf = WhisperForConditionalGeneration(hf_config(dims, tokenizer, tied=not faster_whisper))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or missing:
         raise RuntimeError(f"weight mapping to transformers is incomplete: missing {missing}, unexpected {unexpected}")
-    hf.tie_weights()
-    hf.generation_config = hf_generation_config(model.dims, tokenizer)
+    if not faster_whisper:
+        hf.tie_weights()
+    hf.generation_config = hf_generation_config(dims, tokenizer)
     return hf.eval()
+
+
+# -- the padded layout that faster-whisper needs ----------------------------------------------
+#
+# faster-whisper and CTranslate2 read a Whisper model through openai's vocabulary layout:
+#  1. CTranslate2 calls a model multilingual when its vocabulary has 51,865 tokens (before 4.6) or
+#     holds the empty-string token (4.6 and later; measured on 4.8.5). Otherwise faster-whisper
+#     ignores `language` and builds the English-only prompt <|startoftranscript|><|notimestamps|>.
+#  2. The number of languages is taken as id(<|nospeech|>) - id(<|startoftranscript|>) - 5.
+#  3. faster-whisper's tokenizer must know <|translate|>, <|startoflm|> and <|nospeech|> (it
+#     suppresses them) and encode " -" and " '" to at least one token (its non-speech list takes
+#     the first).
+#  4. It suppresses its own list of ids, not ours: our languages, <|notimestamps|> and <|pad|>,
+#     and the ids added for 1-3, would be free to win.
+# So the CTranslate2 export appends <|nospeech|> right after <|pad|> (which makes 2 come out as our
+# number of languages), the other tokens of 3, fillers up to 51,865 (the last one named "" in
+# CTranslate2's vocabulary), and unties the output projection: every id that we never generate
+# (every special but <|endoftext|>, and all the added ones) gets a projection row whose logit is
+# the same large negative constant whatever the decoder state (pinned_row). The input embeddings
+# of our own tokens are unchanged. The model then decodes as ours does, whichever suppress list
+# the caller passes.
+FW_VOCAB = 51865
+FW_SPECIALS = ("<|nospeech|>", "<|translate|>", "<|startoflm|>")
+# the single characters that faster-whisper's non_speech_tokens encodes, " -" and " '" included
+FW_SYMBOLS = tuple('"#()*+/:;<=>@[\\]^_`{|}~「」『』' + "-'" + "♩♪♫♬♭♮♯")
+PINNED_LOGIT = -1e4
+
+
+def pinned_row(gain: torch.Tensor, bias: torch.Tensor, target: float = PINNED_LOGIT,
+               max_abs: float = 6e4) -> tuple:
+    """A projection row r whose logit r . LayerNorm(x) is one constant for every x.
+
+    LayerNorm(x) = gain * n + bias with sum(n) = 0 (n is x centred and scaled), so r = c / gain
+    gives r . (gain * n + bias) = c * sum(bias / gain): no n left. c makes that `target`, as far as
+    |r| <= max_abs allows (fp16's range). Returns (row, logit); logit 0 when the LayerNorm bias is
+    zero (an untrained model), where no such row exists."""
+    g, b = gain.detach().double(), bias.detach().double()
+    s = (b / g).sum()
+    if g.abs().min() < 1e-6 or s.abs() < 1e-9:
+        return torch.zeros_like(gain), 0.0
+    c = target / s
+    c = c * min(1.0, max_abs * float(g.abs().min()) / abs(float(c)))
+    return (c / g).to(gain.dtype), float(c * s)
+
+
+def fw_extra_tokens(tokenizer: Tokenizer) -> tuple:
+    """(names, symbols): the tokens appended to our vocabulary up to FW_VOCAB, in order
+    FW_SPECIALS, the characters of FW_SYMBOLS that our tokenizer has no token of its own for
+    (`symbols`), fillers."""
+    def own_token(ch):
+        ids = tokenizer._encode(tokenizer.normalize(ch))
+        return len(ids) == 1 and ids[0] != 0  # 0 = <|unk|>
+    symbols = [c for c in FW_SYMBOLS if not own_token(c)]
+    names = list(FW_SPECIALS) + symbols
+    n_fill = FW_VOCAB - tokenizer.vocab_size - len(names)
+    if n_fill < 1:
+        raise ValueError(f"faster-whisper needs a vocabulary of exactly {FW_VOCAB} tokens; this model has "
+                         f"{tokenizer.vocab_size}, +{len(names) + 1} that faster-whisper needs: too many")
+    return names + [f"<|unused_{i}|>" for i in range(n_fill)], symbols
+
+
+def _stand_in(tokenizer: Tokenizer, ch: str) -> int:
+    """Our id for symbol `ch` inside a prompt: what our normaliser makes of it between two
+    letters (punctuation -> the space token), else <|unk|>. faster-whisper's tokenizer matches the
+    added symbol before normalising, so embedding it as this keeps prompts close to ours."""
+    mid = tokenizer.normalize(f"x{ch}x")[1:-1]
+    ids = tokenizer._encode(mid) if mid else []
+    return ids[0] if len(ids) == 1 else 0
+
+
+def fw_weights(model: Whisper, tokenizer: Tokenizer) -> tuple:
+    """(embedding, projection), both (FW_VOCAB, d): our rows first. Added symbols embed as their
+    _stand_in, the other added tokens as zeros (never input).
+    Projection: our text tokens and <|endoftext|> keep their rows, all other ids get pinned_row."""
+    emb = model.decoder.token_embedding.weight.detach()
+    names, symbols = fw_extra_tokens(tokenizer)
+    v, d = emb.shape
+    embedding = torch.zeros(FW_VOCAB, d, dtype=emb.dtype)
+    embedding[:v] = emb
+    first = v + len(FW_SPECIALS)
+    embedding[first:first + len(symbols)] = emb[[_stand_in(tokenizer, c) for c in symbols]]
+    row, logit = pinned_row(model.decoder.ln.weight.detach(), model.decoder.ln.bias.detach())
+    if logit > -30:
+        print(f"warning: the decoder's final LayerNorm bias is (almost) zero (an untrained model?), so the "
+              f"tokens we never generate cannot be pinned (logit {logit:.3g}); faster-whisper may emit them",
+              file=sys.stderr)
+    projection = row.expand(FW_VOCAB, d).clone()
+    projection[:tokenizer.n_text] = emb[:tokenizer.n_text]
+    projection[tokenizer.eot] = emb[tokenizer.eot]
+    return embedding, projection
 
 
 # -- a tokenizers (HF) tokenizer for our vocabulary -----------------------------------------
@@ -334,8 +432,10 @@ def _text_model(tokenizer: Tokenizer):
     raise ValueError(f"no Hugging Face tokenizer for a {type(tokenizer).__name__}")
 
 
-def hf_tokenizer(tokenizer: Tokenizer):
-    """A transformers fast tokenizer with our ids: text pieces, then our special tokens."""
+def hf_tokenizer(tokenizer: Tokenizer, faster_whisper: bool = False):
+    """A transformers fast tokenizer with our ids: text pieces, then our special tokens; with
+    `faster_whisper`, then fw_extra_tokens (symbols as plain tokens, matched before normalisation,
+    the rest special)."""
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, normalizers as N
     from transformers import PreTrainedTokenizerFast
 
@@ -345,8 +445,13 @@ def hf_tokenizer(tokenizer: Tokenizer):
     tok.pre_tokenizer, tok.decoder = pre, decoder
     specials = [name for _, name in sorted(tokenizer.special_tokens.items())]
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    if tok.get_vocab_size() != tokenizer.vocab_size:
-        raise RuntimeError(f"HF tokenizer has {tok.get_vocab_size()} tokens, ours {tokenizer.vocab_size}")
+    size = tokenizer.vocab_size
+    if faster_whisper:
+        names, symbols = fw_extra_tokens(tokenizer)
+        tok.add_tokens([AddedToken(n, special=n not in symbols, normalized=False) for n in names])
+        size = FW_VOCAB
+    if tok.get_vocab_size() != size:
+        raise RuntimeError(f"HF tokenizer has {tok.get_vocab_size()} tokens, expected {size}")
     # no unk_token here: transformers would treat it as special and drop it in decode(...,
     # skip_special_tokens=True); the tokenizer model maps unknown text to id 0 by itself
     return PreTrainedTokenizerFast(
@@ -356,15 +461,15 @@ def hf_tokenizer(tokenizer: Tokenizer):
     )
 
 
-def export_hf(model: Whisper, tokenizer: Tokenizer, folder: Union[str, Path]) -> Path:
+def export_hf(model: Whisper, tokenizer: Tokenizer, folder: Union[str, Path], faster_whisper: bool = False) -> Path:
     """config.json, generation_config.json, model.safetensors, tokenizer files and the feature
-    extractor's preprocessor_config.json (n_mels)."""
+    extractor's preprocessor_config.json (n_mels). `faster_whisper`: the padded layout (export_ct2)."""
     from transformers import WhisperFeatureExtractor
 
     folder = Path(folder)
-    hf = hf_model(model, tokenizer)
+    hf = hf_model(model, tokenizer, faster_whisper)
     hf.save_pretrained(folder, safe_serialization=True)
-    hf_tokenizer(tokenizer).save_pretrained(folder)
+    hf_tokenizer(tokenizer, faster_whisper).save_pretrained(folder)
     WhisperFeatureExtractor(feature_size=model.dims.n_mels).save_pretrained(folder)
     # the layout in words, for people and tools that do not read generation_config.json
     (folder / "whisper_scratch.json").write_text(json.dumps(
@@ -375,18 +480,30 @@ def export_hf(model: Whisper, tokenizer: Tokenizer, folder: Union[str, Path]) ->
 # -- CTranslate2 -----------------------------------------------------------------------------
 
 def export_ct2(model: Whisper, tokenizer: Tokenizer, folder: Union[str, Path],
-               quantization: str = "float32") -> Path:
-    """Through the HF export and CTranslate2's own converter; tokenizer.json and
-    preprocessor_config.json are copied along so faster-whisper finds them."""
+               quantization: str = "float32", compact: bool = False) -> Path:
+    """Through the HF export and CTranslate2's own converter; tokenizer.json,
+    preprocessor_config.json and whisper_scratch.json are copied along, so faster-whisper's
+    WhisperModel(folder) finds everything it reads. The default is faster-whisper's padded layout
+    (above); `compact` keeps our vocabulary size: ctranslate2.models.Whisper with our own prompt
+    only, but its output layer is 51,865 / vocab_size times smaller."""
     from ctranslate2.converters import TransformersConverter
 
     if quantization not in CT2_QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {CT2_QUANTIZATIONS}, got {quantization!r}")
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, tokenizer, tmp)
-        converter = TransformersConverter(tmp, copy_files=["tokenizer.json", "preprocessor_config.json"])
+        export_hf(model, tokenizer, tmp, faster_whisper=not compact)
+        converter = TransformersConverter(
+            tmp, copy_files=["tokenizer.json", "preprocessor_config.json", "whisper_scratch.json"])
         converter.convert(str(folder), quantization=quantization, force=True)
+    if compact:
+        return folder
+    vocab_file = folder / "vocabulary.json"
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    if len(vocab) != FW_VOCAB or not vocab[-1].startswith("<|unused_"):
+        raise RuntimeError(f"{vocab_file}: expected {FW_VOCAB} tokens ending in fillers, got {len(vocab)}")
+    vocab[-1] = ""  # CTranslate2 >= 4.6 calls a model multilingual when "" is a token (see above)
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     return folder
 
 
@@ -404,6 +521,8 @@ class ExportOptions:
     to: str = _opt("openai", "target: openai (.pt file), hf (folder), ct2 (folder)", choices=TARGETS)
     output: Optional[str] = _opt(None, "output file (openai) or folder (hf, ct2)")
     quantization: str = _opt("float32", "CTranslate2 weight type", choices=CT2_QUANTIZATIONS)
+    compact: bool = _opt(False, "ct2 only: keep our vocabulary size instead of faster-whisper's 51,865 "
+                                "(smaller and faster; for ctranslate2.models.Whisper, not faster-whisper)")
     overwrite: bool = _opt(False, "replace an existing output")
 
     def __post_init__(self):
@@ -439,7 +558,7 @@ def export(opts: ExportOptions) -> Path:
         return export_openai(model, out)
     if opts.to == "hf":
         return export_hf(model, tokenizer, out)
-    return export_ct2(model, tokenizer, out, opts.quantization)
+    return export_ct2(model, tokenizer, out, opts.quantization, opts.compact)
 
 
 def main(argv=None) -> None:

@@ -534,6 +534,13 @@ class Trainer:
                         sampler=sampler_state, state=self.state.to_dict(), rng=rng_state())
 
     # -- one optimizer step ---------------------------------------------------------------------
+    def placeholder_batch(self) -> dict:
+        """One second of silence with no targets, run with loss weight 0 (see run_epoch)."""
+        prompt = list(self.tokenizer.sot_sequence(self.opts.language))
+        return {"mel": torch.zeros(1, self.model.dims.n_mels, 100), "mel_lens": torch.tensor([100]),
+                "tokens_in": torch.tensor([prompt]), "targets": torch.full((1, len(prompt)), self.tokenizer.pad),
+                "size": 0, "placeholder": True}
+
     def step(self, micro: list) -> dict:
         o, pad = self.opts, self.tokenizer.pad
         lr = get_lr(self.state.step, o, self.total_steps)
@@ -542,6 +549,7 @@ class Trainer:
         n_tok = torch.tensor(float(sum(int((b["targets"] != pad).sum()) for b in micro)), device=self.device)
         if self.ddp.world > 1:
             dist.all_reduce(n_tok)
+        n_tok = n_tok.clamp(min=1.0)  # a step of placeholders only (every rank's clips unreadable)
         sums = torch.zeros(2, device=self.device)
         for i, b in enumerate(micro):
             last = i == len(micro) - 1
@@ -551,9 +559,11 @@ class Trainer:
                     ce, ctc = self.wrapped(*(b[k].to(self.device, non_blocking=True)
                                              for k in ("mel", "mel_lens", "tokens_in", "targets")))
                 # DDP averages gradients over ranks, so scale by world to get the global sum / tokens
-                loss = ((1 - o.ctc_weight) * ce + o.ctc_weight * ctc) * self.ddp.world / n_tok
+                weight = 0.0 if b.get("placeholder") else self.ddp.world / n_tok
+                loss = ((1 - o.ctc_weight) * ce + o.ctc_weight * ctc) * weight
                 self.scaler.scale(loss).backward()
-            sums += torch.stack([ce.detach().float(), ctc.detach().float()])
+            if not b.get("placeholder"):
+                sums += torch.stack([ce.detach().float(), ctc.detach().float()])
         self.scaler.unscale_(self.optimizer)
         params = self.model.parameters()
         gnorm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
@@ -566,7 +576,7 @@ class Trainer:
         elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        audio_s = sum(float(b["mel_lens"].sum()) for b in micro) / 100 * self.ddp.world
+        audio_s = sum(float(b["mel_lens"].sum()) for b in micro if not b.get("placeholder")) / 100 * self.ddp.world
         return {"lr": lr, "ce": float(sums[0] / n_tok), "ctc": float(sums[1] / n_tok), "finite": finite,
                 "audio_s": audio_s, "tokens": int(n_tok), "gnorm": float(gnorm)}
 
@@ -636,6 +646,10 @@ class Trainer:
                 tqdm.write(f"skipped unreadable clip: {err}", file=sys.stderr)
             if batch["size"]:
                 micro.append(batch)
+            elif self.ddp.world > 1:
+                # every clip of this batch was unreadable on this rank alone: the others still run a
+                # forward/backward for it, so this rank must too or the gradient all-reduce hangs
+                micro.append(self.placeholder_batch())
             if len(micro) < o.grad_accum:
                 continue
             self.after_step(self.step_or_explain_oom(micro), consumed, bar, window, logger, start_time)
