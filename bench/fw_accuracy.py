@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,11 +60,15 @@ def main() -> None:
             fw_models[q] = WhisperModel(str(Path(tmp) / q), device="cpu", compute_type=q, cpu_threads=args.threads)
         opts = DecodingOptions(language=args.language)
         ours, padded = [], []
-        for audio in audios:
-            mel = log_mel_spectrogram(audio, model.dims.n_mels)[None]
-            ours.append(decode(model, mel, None, tok, opts)[0].text)
-            feats = fw_models["float32"].feature_extractor(audio)[..., :-1]
-            padded.append(decode(model, torch.from_numpy(fw_pad(feats)).float()[None], None, tok, opts)[0].text)
+        for i in range(0, len(audios), 16):  # batches of 16, as transcribe.py --mode batch
+            mels = [log_mel_spectrogram(a, model.dims.n_mels) for a in audios[i:i + 16]]
+            lens = torch.tensor([m.shape[-1] for m in mels])
+            var = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
+            ours += [r.text for r in decode(model, var, lens, tok, opts)]
+            fw_feats = [fw_models["float32"].feature_extractor(a)[..., :-1] for a in audios[i:i + 16]]
+            full = torch.stack([torch.from_numpy(fw_pad(f)).float() for f in fw_feats])
+            padded += [r.text for r in decode(model, full, None, tok, opts)]
+            print(f"ours: {len(ours)}/{len(audios)} clips", file=sys.stderr, flush=True)
         hyps["ours (own length)"], hyps["ours, 30 s"] = ours, padded
         for q, fw in fw_models.items():
             out = []

@@ -41,23 +41,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import MN_LETTERS, make_clips  # noqa: E402  (bench/decode.py: same clips)
+from decode import MN_LETTERS, make_clips, never_stop  # noqa: E402  (bench/decode.py: same clips)
 from whisper_scratch import export as E  # noqa: E402
 from whisper_scratch.audio import load_audio, log_mel_spectrogram  # noqa: E402
 from whisper_scratch.decoding import DecodingOptions, decode  # noqa: E402
 from whisper_scratch.model import Whisper, preset_dims  # noqa: E402
 from whisper_scratch.tokenizer import CharTokenizer  # noqa: E402
-
-
-def never_stop(model: Whisper, eot: int) -> None:
-    """Make <|endoftext|> unreachable: logit = (g * norm(x) + b) · e_eot ≈ -30 ± 10 with |b| = 3
-    and e_eot = -10 b / |b|; other logits stay O(1). Every implementation sees these weights."""
-    g = torch.Generator().manual_seed(1)
-    u = torch.randn(model.dims.n_text_state, generator=g)
-    u /= u.norm()
-    with torch.no_grad():
-        model.decoder.ln.bias.copy_(3 * u)
-        model.decoder.token_embedding.weight[eot] = -10 * u
 
 
 def load_mels(paths: list, n_mels: int) -> list:

@@ -89,6 +89,30 @@ def test_accumulation_normalises_by_the_tokens_of_the_whole_step(tmp_path, digit
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
+def test_pad_to_30s_prob_pads_like_the_30s_tools(tmp_path, digits):
+    t = Trainer(opts(tmp_path, digits, max_steps=2, pad_to_30s_prob=1.0))
+    batch = Collator(t.tokenizer)([t.dataset[i] for i in range(6)])
+    fills = set()
+    for step in range(4):
+        t.state.step = step
+        out = t.maybe_pad_to_window(batch, 0)
+        assert out["mel"].shape[-1] == 3000 and out["mel_lens"].tolist() == [3000] * 6
+        assert out["audio_frames"] == int(batch["mel_lens"].sum())
+        for b, n in enumerate(batch["mel_lens"].tolist()):
+            assert torch.equal(out["mel"][b, :, :n], batch["mel"][b, :, :n])
+            tail = out["mel"][b, :, n:]
+            assert torch.all(tail == tail[0, 0])  # one fill value per clip
+            floor = float(batch["mel"][b, :, :n].max()) - 2.0
+            assert float(tail[0, 0]) in (0.0, pytest.approx(floor))
+            fills.add(float(tail[0, 0]) == 0.0)
+    assert fills == {True, False}  # both kinds of padding occur
+    t0 = Trainer(opts(tmp_path / "z", digits, max_steps=2))
+    assert t0.maybe_pad_to_window(batch, 0) is batch
+    t.state.step = 0
+    result = t.run()  # trains through padded batches
+    assert result["step"] == 2 and all(torch.isfinite(torch.tensor(h[1])) for h in result["history"])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

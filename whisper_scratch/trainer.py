@@ -91,6 +91,10 @@ class TrainOptions:
     num_buckets: int = _opt(10, "duration buckets of the batch sampler")
     spec_augment: bool = _opt(False, "SpecAugment frequency and time masks")
     speed_perturb: bool = _opt(False, "speed perturbation 0.9 / 1.0 / 1.1")
+    pad_to_30s_prob: float = _opt(0.0, "fraction of micro-batches padded to the full 30 s window with no mask, half "
+                                       "with zero features (faster-whisper), half with silence (openai, HF): lets "
+                                       "the exported model work in tools that always pad to 30 s; such a batch "
+                                       "costs up to 30 s / clip length more")
     noise_dir: Optional[str] = _opt(None, "folder of noise clips mixed in at a random SNR")
     snr_low: float = _opt(5.0, "lowest SNR (dB) for --noise-dir")
     snr_high: float = _opt(20.0, "highest SNR (dB) for --noise-dir")
@@ -116,6 +120,8 @@ class TrainOptions:
             v = getattr(self, name)
             if not lo <= v <= hi or (name == "learning_rate" and v == 0) or (name == "ctc_weight" and v == 1):
                 raise ValueError(f"--{name.replace('_', '-')} out of range, got {v}")
+        if not 0 <= self.pad_to_30s_prob <= 1:
+            raise ValueError(f"--pad-to-30s-prob must be in [0, 1], got {self.pad_to_30s_prob}")
         if not 0 <= self.eval_ctc_weight <= 1:
             raise ValueError(f"--eval-ctc-weight must be in [0, 1], got {self.eval_ctc_weight}")
         if self.eval_ctc_weight > 0 and self.ctc_weight == 0:
@@ -534,6 +540,24 @@ class Trainer:
                         sampler=sampler_state, state=self.state.to_dict(), rng=rng_state())
 
     # -- one optimizer step ---------------------------------------------------------------------
+    def maybe_pad_to_window(self, batch: dict, index: int) -> dict:
+        """With probability --pad-to-30s-prob, the batch as openai-whisper, HF and faster-whisper
+        feed it: every clip padded to the encoder's full window, no mask. The padding is zero
+        features (faster-whisper pads the log-mel) or the clip's silence floor, max - 2 (openai
+        and HF pad the audio with zeros, which the log-mel clamps to max - 8 dB, i.e. max - 2
+        after scaling). Seeded by (seed, step, micro-batch): exact resume still holds."""
+        p = self.opts.pad_to_30s_prob
+        rng = np.random.default_rng([self.opts.seed, self.state.step, index, 30])
+        if p == 0 or rng.random() >= p:
+            return batch
+        mel, lens = batch["mel"], batch["mel_lens"]
+        full = torch.zeros(mel.shape[0], mel.shape[1], 2 * self.model.dims.n_audio_ctx)
+        for b, n in enumerate(lens.tolist()):
+            if rng.random() < 0.5:
+                full[b] = float(mel[b, :, :n].max()) - 2.0
+            full[b, :, :n] = mel[b, :, :n]
+        return {**batch, "mel": full, "mel_lens": torch.full_like(lens, full.shape[-1]), "audio_frames": int(lens.sum())}
+
     def placeholder_batch(self) -> dict:
         """One second of silence with no targets, run with loss weight 0 (see run_epoch)."""
         prompt = list(self.tokenizer.sot_sequence(self.opts.language))
@@ -576,7 +600,8 @@ class Trainer:
         elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        audio_s = sum(float(b["mel_lens"].sum()) for b in micro if not b.get("placeholder")) / 100 * self.ddp.world
+        audio_s = sum(float(b.get("audio_frames", b["mel_lens"].sum())) for b in micro
+                      if not b.get("placeholder")) / 100 * self.ddp.world
         return {"lr": lr, "ce": float(sums[0] / n_tok), "ctc": float(sums[1] / n_tok), "finite": finite,
                 "audio_s": audio_s, "tokens": int(n_tok), "gnorm": float(gnorm)}
 
@@ -645,7 +670,7 @@ class Trainer:
                 st.data_errors += 1
                 tqdm.write(f"skipped unreadable clip: {err}", file=sys.stderr)
             if batch["size"]:
-                micro.append(batch)
+                micro.append(self.maybe_pad_to_window(batch, len(micro)))
             elif self.ddp.world > 1:
                 # every clip of this batch was unreadable on this rank alone: the others still run a
                 # forward/backward for it, so this rank must too or the gradient all-reduce hangs
