@@ -119,6 +119,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def run_two_ranks(worker, o, n_results: int = 1) -> list:
+    """Run worker(rank, 2, port, o, queue) in 2 spawned processes (gloo); what they put in the queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, o, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    if any(p.is_alive() for p in procs):
+        for p in procs:
+            p.kill()
+        pytest.fail("DDP workers did not finish")
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [queue.get(timeout=10) for _ in range(n_results)]
+
+
 def _ddp_worker(rank, world, port, o, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -132,21 +150,8 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, digits):
     # global batch per step = 6 clips: 1 process × 2 micro-batches of 3 == 2 ranks × 1 batch of 3
     single = train(opts(tmp_path / "one", digits, max_steps=2, train_batch_size=3, grad_accum=2, num_buckets=1,
                         eval_every=1000))
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     o = opts(tmp_path / "two", digits, max_steps=2, train_batch_size=3, grad_accum=1, num_buckets=1)
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, o, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    if any(p.is_alive() for p in procs):
-        for p in procs:
-            p.kill()
-        pytest.fail("DDP workers did not finish")
-    assert [p.exitcode for p in procs] == [0, 0]
-    losses = queue.get(timeout=10)
+    losses = run_two_ranks(_ddp_worker, o)[0]
     assert losses[0] == pytest.approx(single["history"][0][1], rel=1e-5)
     assert losses[1] == pytest.approx(single["history"][1][1], rel=1e-4)
 
@@ -172,20 +177,7 @@ def test_ddp_rank_with_only_unreadable_clips_stays_in_step(tmp_path):
     manifest = tmp_path / "m.tsv"
     manifest.write_text("path\ttext\tduration\tsplit\n" + rows)
     o = opts(tmp_path, str(manifest), max_steps=2, train_batch_size=1, num_buckets=1)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_position_worker, args=(r, 2, port, o, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    if any(p.is_alive() for p in procs):
-        for p in procs:
-            p.kill()
-        pytest.fail("DDP workers did not finish")
-    assert [p.exitcode for p in procs] == [0, 0]
-    results = sorted(queue.get(timeout=10) for _ in range(2))
+    results = sorted(run_two_ranks(_ddp_position_worker, o, n_results=2))
     assert sum(r[4] for r in results) == 1  # the broken clip, counted once
     assert results[0][1:4] == results[1][1:4] == (2, 0, 2)  # step 2 of epoch 0 on both ranks
 
