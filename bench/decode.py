@@ -45,6 +45,17 @@ def never_stop(model: Whisper, eot: int) -> None:
         model.decoder.token_embedding.weight[eot] = -10 * u
 
 
+def random_model(size: str, threads: int) -> tuple:
+    """(tokenizer, model): a seeded random `size` model with a Mongolian character vocabulary
+    that never stops (never_stop), on `threads` CPU threads."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tok = CharTokenizer(MN_LETTERS)
+    model = Whisper(preset_dims(size, n_vocab=tok.vocab_size)).eval()
+    never_stop(model, tok.eot)
+    return tok, model
+
+
 def make_clips(folder: Path, n: int = 16, seed: int = 0) -> list:
     """Cut n clips of 4.5-5.5 s from the concatenated sample speech; write them as 16 kHz wav."""
     files = sorted((SHARED / "data" / "samples").rglob("*.wav"))
@@ -81,11 +92,7 @@ def main() -> None:
     ap.add_argument("--beam_size", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per setting")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tok = CharTokenizer(MN_LETTERS)
-    model = Whisper(preset_dims("mini", n_vocab=tok.vocab_size)).eval()
-    never_stop(model, tok.eot)
+    tok, model = random_model("mini", args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_clips(Path(tmp))
         audio_s = sum(sf.info(str(p)).duration for p in paths)

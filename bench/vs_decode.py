@@ -41,12 +41,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import MN_LETTERS, make_clips, never_stop  # noqa: E402  (bench/decode.py: same clips)
+from decode import make_clips, random_model  # noqa: E402  (bench/decode.py: same clips)
 from whisper_scratch import export as E  # noqa: E402
 from whisper_scratch.audio import load_audio, log_mel_spectrogram  # noqa: E402
 from whisper_scratch.decoding import DecodingOptions, decode  # noqa: E402
-from whisper_scratch.model import Whisper, preset_dims  # noqa: E402
-from whisper_scratch.tokenizer import CharTokenizer  # noqa: E402
 
 
 def load_mels(paths: list, n_mels: int) -> list:
@@ -128,11 +126,7 @@ def main() -> None:
     ap.add_argument("--beam_size", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per setting")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tok = CharTokenizer(MN_LETTERS)
-    model = Whisper(preset_dims(args.size, n_vocab=tok.vocab_size)).eval()
-    never_stop(model, tok.eot)
+    tok, model = random_model(args.size, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_clips(Path(tmp), args.clips)
         mels = load_mels(paths, model.dims.n_mels)

@@ -6,7 +6,7 @@ import torch
 
 from whisper_scratch import audio as A
 from whisper_scratch.checkpoint import load_checkpoint, load_model, save_checkpoint
-from whisper_scratch.model import PRESETS, KVCache, ModelDimensions, Whisper, preset_dims
+from whisper_scratch.model import PRESETS, ModelDimensions, Whisper, preset_dims
 from whisper_scratch.tokenizer import CharTokenizer
 from conftest import DATA, REFERENCE
 

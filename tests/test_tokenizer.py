@@ -4,7 +4,7 @@ import unicodedata
 import pytest
 import torch
 
-from whisper_scratch.tokenizer import (UNK_TEXT, BPETokenizer, CharTokenizer, TextNormalizer, build_tokenizer,
+from whisper_scratch.tokenizer import (UNK_TEXT, CharTokenizer, TextNormalizer, build_tokenizer,
                                        tokenizer_from_dict)
 
 MN_LETTERS = "абвгдеёжзийклмнопрстуфхцчшщъыьэюяөү"

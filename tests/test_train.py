@@ -4,7 +4,6 @@ import csv
 import os
 import signal
 import socket
-from dataclasses import replace
 
 import pytest
 import torch

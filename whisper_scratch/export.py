@@ -410,7 +410,7 @@ def _bpe_merges(pieces: list) -> list:
 
 
 def _text_model(tokenizer: Tokenizer):
-    from tokenizers import Regex, decoders as D, models as M, normalizers as N, pre_tokenizers as P
+    from tokenizers import Regex, decoders as D, models as M, pre_tokenizers as P
 
     if isinstance(tokenizer, CharTokenizer):
         vocab = {"<|unk|>": 0, **{c: i + 1 for i, c in enumerate(tokenizer.alphabet)}}

@@ -13,7 +13,6 @@ Text is normalised once, by one explicit `TextNormalizer`, for training targets 
 from __future__ import annotations
 
 import io
-import re
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass

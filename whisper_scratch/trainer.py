@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as D
-from .audio import N_FRAMES
 from .augment import AugmentOptions
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import load_checkpoint
 from .decoding import DecodingOptions, decode
 from .metrics import error_rates
 from .model import PRESETS, ModelDimensions, Whisper, preset_dims
