@@ -546,8 +546,10 @@ class Trainer:
         and HF pad the audio with zeros, which the log-mel clamps to max - 8 dB, i.e. max - 2
         after scaling). Seeded by (seed, step, micro-batch): exact resume still holds."""
         p = self.opts.pad_to_30s_prob
+        if p == 0:
+            return batch
         rng = np.random.default_rng([self.opts.seed, self.state.step, index, 30])
-        if p == 0 or rng.random() >= p:
+        if rng.random() >= p:
             return batch
         mel, lens = batch["mel"], batch["mel_lens"]
         full = torch.zeros(mel.shape[0], mel.shape[1], 2 * self.model.dims.n_audio_ctx)
