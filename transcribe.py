@@ -17,65 +17,49 @@ import contextlib
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
 from whisper_scratch.checkpoint import load_model
-from whisper_scratch.config import parse_options
+from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options
 from whisper_scratch.decoding import (OUTPUT_FORMATS, DecodingOptions, FallbackOptions, transcribe,
                                       transcribe_files, write_result)
 from whisper_scratch.metrics import error_rates, read_references, utterance_errors, worst
 
 MODES = ("single", "directory", "batch", "evaluate")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _opt(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(frozen=True)
 class TranscribeOptions:
     """Transcribe audio files with a trained whisper_scratch model."""
 
-    model_path: str = _opt("", "checkpoint written by train.py, e.g. OUT/best_model.pt (required)")
-    mode: str = _opt("single", "single | directory | batch | evaluate", choices=MODES)
-    audio_path: Optional[str] = _opt(None, "the audio file (--mode single)")
-    audio_dir: Optional[str] = _opt(None, "folder searched recursively for wav/flac/mp3/ogg files")
-    output_file: Optional[str] = _opt(None, "write one 'path<TAB>text' line per file here")
-    batch_size: int = _opt(16, "files decoded together (--mode batch/evaluate)")
-    reference_file: Optional[str] = _opt(None, "references for --mode evaluate: path<TAB>text, a Common "
-                                               "Voice TSV (path, sentence) or a manifest (path, text)")
-    beam_size: int = _opt(1, "1 = greedy; >1 = beam search")
-    patience: float = _opt(1.0, "beam search ends after beam_size * patience finished hypotheses")
-    length_penalty: Optional[float] = _opt(None, "None: rank by logprob/length; a: GNMT ((5+L)/6)^a")
-    temperature: float = _opt(0.0, "first decoding temperature (0 = greedy/beam)")
-    temperature_increment_on_fallback: Optional[float] = _opt(
-        0.2, "raise the temperature by this up to 1.0 while decoding fails the thresholds; none = no fallback")
-    compression_ratio_threshold: Optional[float] = _opt(2.4, "fall back when the text's zlib ratio is above")
-    logprob_threshold: Optional[float] = _opt(-1.0, "fall back when the average token logprob is below")
-    best_of: int = _opt(5, "samples per utterance at temperature > 0")
-    condition_on_previous_text: bool = _opt(True, "long audio: prompt each 30 s window with the text so far")
-    max_new_tokens: Optional[int] = _opt(None, "tokens per 30 s window (default n_text_ctx // 2)")
-    ctc_weight: float = _opt(0.0, "weight of the CTC prefix score in beam search (needs a CTC head; 0 = off)")
-    language: Optional[str] = _opt(None, "language token (default: the tokenizer's first language)")
-    device: Optional[str] = _opt(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
-    dtype: Optional[str] = _opt(None, "float32 | float16 | bfloat16 (default: float16 on cuda, else float32)",
-                                choices=tuple(DTYPES))
-    output_format: Optional[str] = _opt(None, "also write per-file transcripts: txt|json|srt|vtt|tsv|all",
-                                        choices=OUTPUT_FORMATS + ("all",))
-    output_dir: str = _opt(".", "folder for --output_format files and the evaluate report")
-    progress: bool = _opt(True, "show a progress bar")
+    model_path: str = option(help="checkpoint written by train.py, e.g. OUT/best_model.pt")
+    mode: str = option("single", "single | directory | batch | evaluate", choices=MODES)
+    audio_path: Optional[str] = option(None, "the audio file (--mode single)")
+    audio_dir: Optional[str] = option(None, "folder searched recursively for wav/flac/mp3/ogg files")
+    output_file: Optional[str] = option(None, "write one 'path<TAB>text' line per file here")
+    batch_size: int = option(16, "files decoded together (--mode batch/evaluate)")
+    reference_file: Optional[str] = option(None, "references for --mode evaluate: path<TAB>text, a Common "
+                                                 "Voice TSV (path, sentence) or a manifest (path, text)")
+    # every DecodingOptions / FallbackOptions field is a flag of its own (--beam_size, --temperature, ...)
+    decoding: DecodingOptions = option(help="search settings", factory=lambda: DecodingOptions(best_of=5))
+    fallback: FallbackOptions = option(help="temperature fallback", factory=FallbackOptions)
+    condition_on_previous_text: bool = option(True, "long audio: prompt each 30 s window with the text so far")
+    device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
+    dtype: Optional[str] = option(None, "float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: float16 "
+                                        "on cuda, else float32)", choices=tuple(DTYPE_ALIASES))
+    output_format: Optional[str] = option(None, "also write per-file transcripts: txt|json|srt|vtt|tsv|all",
+                                          choices=OUTPUT_FORMATS + ("all",))
+    output_dir: str = option(".", "folder for --output_format files and the evaluate report")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
         _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
-        _require(bool(self.model_path), "--model_path is required")
         _require(Path(self.model_path).is_file(), f"--model_path {self.model_path}: no such file")
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         if self.mode == "single":
@@ -88,21 +72,7 @@ class TranscribeOptions:
         if self.mode == "evaluate":
             _require(self.reference_file is not None, "--mode evaluate needs --reference_file")
             _require(Path(self.reference_file).is_file(), f"--reference_file {self.reference_file}: no such file")
-        inc = self.temperature_increment_on_fallback
-        _require(inc is None or inc > 0, f"temperature_increment_on_fallback must be > 0 or none, got {inc}")
-        self.decoding_options()  # DecodingOptions validates the search settings
-        self.fallback_options()
-
-    def decoding_options(self) -> DecodingOptions:
-        return DecodingOptions(beam_size=self.beam_size, patience=self.patience, length_penalty=self.length_penalty,
-                               temperature=self.temperature, best_of=self.best_of, language=self.language,
-                               max_new_tokens=self.max_new_tokens, ctc_weight=self.ctc_weight)
-
-    def fallback_options(self) -> FallbackOptions:
-        inc = self.temperature_increment_on_fallback
-        temps = np.arange(self.temperature, 1.0 + 1e-6, inc) if inc else [self.temperature]
-        return FallbackOptions(tuple(round(float(t), 6) for t in temps) or (self.temperature,),
-                               self.compression_ratio_threshold, self.logprob_threshold)
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -165,8 +135,8 @@ class ResultWriter:
 def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
     with ResultWriter(opts, [Path(opts.audio_path).parent]) as out:
         try:
-            result = transcribe(model, opts.audio_path, tokenizer, opts.decoding_options(),
-                                opts.fallback_options(), opts.condition_on_previous_text)
+            result = transcribe(model, opts.audio_path, tokenizer, opts.decoding, opts.fallback,
+                                opts.condition_on_previous_text)
         except (AudioError, ValueError) as e:
             out.write(opts.audio_path, e)
             return out.status(1)
@@ -180,7 +150,7 @@ def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
     with ResultWriter(opts, [opts.audio_dir]) as out:
         for path in tqdm(paths, desc="transcribing", unit="file", disable=not opts.progress):
             try:
-                result = transcribe(model, path, tokenizer, opts.decoding_options(), opts.fallback_options(),
+                result = transcribe(model, path, tokenizer, opts.decoding, opts.fallback,
                                     opts.condition_on_previous_text)
             except (AudioError, ValueError, RuntimeError) as e:
                 result = e
@@ -191,7 +161,7 @@ def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
 def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
     """transcribe_files with a progress bar."""
     bar = tqdm(total=len(paths), desc="transcribing", unit="file", disable=not opts.progress)
-    for path, result in transcribe_files(model, paths, tokenizer, opts.decoding_options(), opts.fallback_options(),
+    for path, result in transcribe_files(model, paths, tokenizer, opts.decoding, opts.fallback,
                                          opts.batch_size, opts.condition_on_previous_text):
         bar.update(1)
         yield path, result
@@ -297,21 +267,21 @@ def precision(dtype: Optional[str], device: str):
     name = dtype or ("float16" if device.startswith("cuda") else "float32")
     if name == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[name])
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, name))
 
 
 def check_model(opts: TranscribeOptions, model, tokenizer) -> Optional[str]:
     """Options that only the checkpoint can validate; the problem, or None."""
-    if opts.ctc_weight > 0 and not model.dims.ctc:
-        return f"--ctc_weight {opts.ctc_weight} needs a model with a CTC head; {opts.model_path} has none"
-    if opts.language is not None and opts.language not in tokenizer.languages:
-        return f"--language {opts.language!r} is not one of the model's languages {tokenizer.languages}"
+    if opts.decoding.ctc_weight > 0 and not model.dims.ctc:
+        return f"--ctc_weight {opts.decoding.ctc_weight} needs a model with a CTC head; {opts.model_path} has none"
+    language = opts.decoding.language
+    if language is not None and language not in tokenizer.languages:
+        return f"--language {language!r} is not one of the model's languages {tokenizer.languages}"
     return None
 
 
 def main(argv=None) -> int:
     opts = parse_options(TranscribeOptions, argv)
-    torch.manual_seed(0)  # fallback sampling gives the same text run to run
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_model(opts.model_path, device)
     problem = check_model(opts, model, tokenizer)

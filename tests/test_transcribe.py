@@ -257,15 +257,20 @@ def test_single_mode(checkpoint, audio_dir, tmp_path, capsys):
 
 
 def test_every_decoding_flag_reaches_the_decoder(checkpoint, audio_dir):
-    opts = cli.parse_options(cli.TranscribeOptions, [
-        "--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav"), "--beam_size", "4",
-        "--patience", "1.5", "--length-penalty", "0.6", "--temperature", "0.4", "--best_of", "3",
-        "--max_new_tokens", "9", "--ctc_weight", "0.2", "--language", "mn",
-        "--temperature_increment_on_fallback", "0.3", "--logprob_threshold", "none"])
-    d, f = opts.decoding_options(), opts.fallback_options()
-    assert (d.beam_size, d.patience, d.length_penalty, d.temperature, d.best_of, d.max_new_tokens, d.ctc_weight,
-            d.language) == (4, 1.5, 0.6, 0.4, 3, 9, 0.2, "mn")
-    assert f.temperatures == (0.4, 0.7, 1.0) and f.logprob_threshold is None and f.compression_ratio_threshold == 2.4
+    base = ["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav")]
+    opts = cli.parse_options(cli.TranscribeOptions, base + [
+        "--beam_size", "4", "--patience", "1.5", "--length-penalty", "0.6", "--max_new_tokens", "9",
+        "--ctc_weight", "0.2", "--language", "mn", "--temperature_increment_on_fallback", "0.3",
+        "--logprob_threshold", "none", "--dtype", "fp16"])
+    d, f = opts.decoding, opts.fallback
+    assert (d.beam_size, d.patience, d.length_penalty, d.max_new_tokens, d.ctc_weight, d.language, d.best_of) == (
+        4, 1.5, 0.6, 9, 0.2, "mn", 5)
+    assert f.temperatures(d.temperature) == (0.0, 0.3, 0.6, 0.9) and f.logprob_threshold is None
+    assert f.compression_ratio_threshold == 2.4 and opts.dtype == "float16"  # fp16 and float16 are one value
+    sampled = cli.parse_options(cli.TranscribeOptions, base + ["--temperature", "0.4", "--best_of", "3"]).decoding
+    assert (sampled.temperature, sampled.best_of) == (0.4, 3)
+    with pytest.raises(SystemExit):  # a combination that would be ignored is a usage error
+        cli.parse_options(cli.TranscribeOptions, base + ["--temperature", "0.4", "--beam_size", "4"])
 
 
 def test_evaluate_mode(checkpoint, audio_dir, tmp_path, capsys):
@@ -334,6 +339,4 @@ def test_bad_command_lines_are_clear(checkpoint, audio_dir, tmp_path, capsys):
         assert cli.main(["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "zero.wav"), *argv]) == 2
         assert message in capsys.readouterr().err
     opts = cli.TranscribeOptions(model_path=str(checkpoint), audio_path=str(audio_dir / "zero.wav"))
-    assert opts.fallback_options().temperatures == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    assert cli.TranscribeOptions(model_path=str(checkpoint), audio_path=str(audio_dir / "zero.wav"),
-                                 temperature_increment_on_fallback=None).fallback_options().temperatures == (0.0,)
+    assert opts.fallback.temperatures(opts.decoding.temperature) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)

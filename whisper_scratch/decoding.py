@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import option
 from .audio import (FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, AudioError, audio_duration, load_audio,
                     log_mel_spectrogram)
 from .model import Whisper
@@ -33,54 +34,82 @@ NEG_INF = float("-inf")
 @dataclass(frozen=True)
 class DecodingOptions:
     """How to decode one window. temperature 0: greedy (beam_size 1) or beam search; temperature
-    > 0: sampling, best_of samples per utterance (beam_size and ctc_weight are then unused)."""
+    > 0: sampling, best_of samples per utterance. Combinations that would be ignored are rejected,
+    as openai-whisper's _verify_options does."""
 
-    beam_size: int = 1
-    patience: float = 1.0  # beam search stops once beam_size * patience hypotheses have ended
-    length_penalty: Optional[float] = None  # None: rank by logprob / length; else GNMT's ((5+L)/6)^a
-    temperature: float = 0.0
-    best_of: int = 1
-    max_new_tokens: Optional[int] = None  # None: n_text_ctx // 2 (always capped by the context)
-    language: Optional[str] = None  # None: the tokenizer's first language
-    prompt: Tuple[int, ...] = ()  # previous text's token ids, sent after <|startofprev|>
-    ctc_weight: float = 0.0  # joint CTC prefix score in beam search; 0 = off
-    use_cache: bool = True  # False re-runs the decoder on the whole prefix (for tests)
+    beam_size: int = option(1, "1 = greedy; > 1 = beam search (temperature 0 only)")
+    patience: float = option(1.0, "beam search ends after beam_size * patience finished hypotheses")
+    length_penalty: Optional[float] = option(None, "none: rank by logprob / length; a: GNMT's ((5+L)/6)^a")
+    temperature: float = option(0.0, "first decoding temperature (0 = greedy/beam search, > 0 = sampling)")
+    best_of: int = option(1, "samples per utterance at temperature > 0")
+    max_new_tokens: Optional[int] = option(None, "tokens per window (default n_text_ctx // 2, always capped "
+                                                 "by the context)")
+    language: Optional[str] = option(None, "language token (default: the tokenizer's first language)")
+    ctc_weight: float = option(0.0, "weight of the joint CTC prefix score in beam search (needs a CTC head; "
+                                    "> 0 switches to beam search even at beam size 1)")
+    prompt: Tuple[int, ...] = option((), "previous text's token ids, sent after <|startofprev|>", cli=False)
+    use_cache: bool = option(True, "False re-runs the decoder on the whole prefix (for tests)", cli=False)
 
     def __post_init__(self):
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if self.best_of < 1:
-            raise ValueError(f"best_of must be >= 1, got {self.best_of}")
-        if not self.patience > 0:
-            raise ValueError(f"patience must be > 0, got {self.patience}")
-        if self.length_penalty is not None and not self.length_penalty >= 0:
-            raise ValueError(f"length_penalty must be None or >= 0, got {self.length_penalty}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
-        if not 0.0 <= self.ctc_weight <= 1.0:
-            raise ValueError(f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        _check(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
+        _check(self.best_of >= 1, f"best_of must be >= 1, got {self.best_of}")
+        _check(self.patience > 0, f"patience must be > 0, got {self.patience}")
+        _check(self.length_penalty is None or self.length_penalty >= 0,
+               f"length_penalty must be None or >= 0, got {self.length_penalty}")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1,
+               f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
+        _check(0.0 <= self.ctc_weight <= 1.0, f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if self.temperature > 0:  # sampling: the beam settings would be silently unused
+            _check(self.beam_size == 1, f"beam_size {self.beam_size} cannot be used with sampling "
+                                        f"(temperature {self.temperature}); use temperature 0 for beam search")
+            _check(self.ctc_weight == 0, f"ctc_weight {self.ctc_weight} needs beam search; it cannot be used "
+                                         f"with sampling (temperature {self.temperature})")
+        if self.patience != 1.0:
+            _check(self.uses_beam_search, f"patience {self.patience} only applies to beam search, not to "
+                   + (f"sampling (temperature {self.temperature})" if self.temperature > 0 else "greedy decoding "
+                      "(beam_size 1, ctc_weight 0)"))
         object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
+
+    @property
+    def uses_beam_search(self) -> bool:
+        return self.temperature == 0 and (self.beam_size > 1 or self.ctc_weight > 0)
+
+    def at_temperature(self, t: float) -> "DecodingOptions":
+        """These options for one fallback temperature: sampling drops the beam settings (they
+        apply to the temperature-0 pass only), as openai-whisper's fallback does."""
+        if t == 0:
+            return replace(self, temperature=0.0)
+        return replace(self, temperature=t, beam_size=1, patience=1.0, ctc_weight=0.0)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass(frozen=True)
 class FallbackOptions:
     """openai-whisper's temperature fallback: decode again at the next temperature while the text
-    is too repetitive (compression ratio above the threshold) or too unlikely (avg logprob below)."""
+    is too repetitive (compression ratio above the threshold) or too unlikely (avg logprob below).
+    The temperatures run from DecodingOptions.temperature up to 1.0 in steps of the increment."""
 
-    temperatures: Tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    compression_ratio_threshold: Optional[float] = 2.4
-    logprob_threshold: Optional[float] = -1.0
+    temperature_increment_on_fallback: Optional[float] = option(
+        0.2, "raise the temperature by this up to 1.0 while decoding fails the thresholds; none = no fallback")
+    compression_ratio_threshold: Optional[float] = option(2.4, "fall back when the text's zlib ratio is above")
+    logprob_threshold: Optional[float] = option(-1.0, "fall back when the average token logprob is below")
 
     def __post_init__(self):
-        temps = tuple(float(t) for t in self.temperatures)
-        if not temps or any(not t >= 0 for t in temps):
-            raise ValueError(f"temperatures must be a non-empty sequence of values >= 0, got {self.temperatures}")
-        object.__setattr__(self, "temperatures", temps)
+        inc = self.temperature_increment_on_fallback
+        _check(inc is None or inc > 0, f"temperature_increment_on_fallback must be > 0 or none, got {inc}")
+
+    def temperatures(self, first: float = 0.0) -> Tuple[float, ...]:
+        inc = self.temperature_increment_on_fallback
+        temps = np.arange(first, 1.0 + 1e-6, inc) if inc else [first]
+        return tuple(round(float(t), 6) for t in temps) or (first,)
 
 
-NO_FALLBACK = FallbackOptions(temperatures=(0.0,))
+NO_FALLBACK = FallbackOptions(temperature_increment_on_fallback=None)
 
 
 @dataclass
@@ -425,7 +454,7 @@ def decode_features(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Toke
         prompt = initial_tokens(tokenizer, options, n_ctx)
         n_new = _max_new_tokens(options, n_ctx, len(prompt))
         suppress = suppress_mask(tokenizer, model.dims.n_vocab, xa.device)
-        use_beam = options.temperature == 0 and (options.beam_size > 1 or options.ctc_weight > 0)
+        use_beam = options.uses_beam_search
         n = options.beam_size if use_beam else (options.best_of if options.temperature > 0 else 1)
         rows = torch.arange(B, device=xa.device).repeat_interleave(n)
         if use_beam:  # the beams of an utterance share its audio (read once per step)
@@ -470,12 +499,13 @@ def decode_with_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor]
     (the last temperature's result is kept whatever it is, as openai-whisper). Encodes once."""
     with torch.inference_mode():
         xa, xa_lens = encode(model, mel, mel_lens)
-        seeds = utterance_seeds(mel, mel_lens) if max(fallback.temperatures) > 0 else [0] * xa.shape[0]
+        temperatures = fallback.temperatures(options.temperature)
+        seeds = utterance_seeds(mel, mel_lens) if max(temperatures) > 0 else [0] * xa.shape[0]
         results: list = [None] * xa.shape[0]
         todo = list(range(xa.shape[0]))
-        for t in fallback.temperatures:
+        for t in temperatures:
             idx = torch.tensor(todo, device=xa.device)
-            found = decode_features(model, xa[idx], xa_lens[idx], tokenizer, replace(options, temperature=t),
+            found = decode_features(model, xa[idx], xa_lens[idx], tokenizer, options.at_temperature(t),
                                     [seeds[i] for i in todo])
             for i, r in zip(todo, found):
                 results[i] = r

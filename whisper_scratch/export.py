@@ -28,13 +28,14 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from .checkpoint import atomic_save, load_model
+from .config import option, parse_options
 from .model import ModelDimensions, Whisper
 from .tokenizer import UNK_TEXT, BPETokenizer, CharTokenizer, Tokenizer
 
@@ -509,29 +510,26 @@ def export_ct2(model: Whisper, tokenizer: Tokenizer, folder: Union[str, Path],
 
 # -- the command line ------------------------------------------------------------------------
 
-def _opt(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass(frozen=True)
 class ExportOptions:
     """Export a whisper_scratch checkpoint to openai-whisper, Hugging Face or CTranslate2."""
 
-    checkpoint: Optional[str] = _opt(None, "a whisper_scratch checkpoint (best_model.pt / last.pt)")
-    to: str = _opt("openai", "target: openai (.pt file), hf (folder), ct2 (folder)", choices=TARGETS)
-    output: Optional[str] = _opt(None, "output file (openai) or folder (hf, ct2)")
-    quantization: str = _opt("float32", "CTranslate2 weight type", choices=CT2_QUANTIZATIONS)
-    compact: bool = _opt(False, "ct2 only: keep our vocabulary size instead of faster-whisper's 51,865 "
-                                "(smaller and faster; for ctranslate2.models.Whisper, not faster-whisper)")
-    overwrite: bool = _opt(False, "replace an existing output")
+    checkpoint: str = option(help="a whisper_scratch checkpoint (best_model.pt / last.pt)")
+    output: str = option(help="output file (openai) or folder (hf, ct2)")
+    to: str = option("openai", "target: openai (.pt file), hf (folder), ct2 (folder)", choices=TARGETS)
+    quantization: Optional[str] = option(None, "ct2 only: CTranslate2 weight type (default float32)",
+                                         choices=CT2_QUANTIZATIONS)
+    compact: bool = option(False, "ct2 only: keep our vocabulary size instead of faster-whisper's 51,865 "
+                                  "(smaller and faster; for ctranslate2.models.Whisper, not faster-whisper)")
+    overwrite: bool = option(False, "replace an existing output")
 
     def __post_init__(self):
-        if not self.checkpoint:
-            raise ValueError("give --checkpoint PATH")
-        if not self.output:
-            raise ValueError("give --output PATH")
         if self.to not in TARGETS:
             raise ValueError(f"--to must be one of {TARGETS}, got {self.to!r}")
+        if self.to != "ct2" and self.quantization is not None:
+            raise ValueError(f"--quantization {self.quantization} applies to --to ct2 only, not --to {self.to}")
+        if self.to != "ct2" and self.compact:
+            raise ValueError(f"--compact applies to --to ct2 only, not --to {self.to}")
 
 
 def _clear_output(out: Path, overwrite: bool) -> None:
@@ -558,13 +556,11 @@ def export(opts: ExportOptions) -> Path:
         return export_openai(model, out)
     if opts.to == "hf":
         return export_hf(model, tokenizer, out)
-    return export_ct2(model, tokenizer, out, opts.quantization, opts.compact)
+    return export_ct2(model, tokenizer, out, opts.quantization or "float32", opts.compact)
 
 
 def main(argv=None) -> None:
-    from .config import parse_options
-
-    opts = parse_options(ExportOptions, argv)
+    opts = parse_options(ExportOptions, argv, prog="python -m whisper_scratch.export")
     try:
         out = export(opts)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -17,7 +17,6 @@ Only stdlib, numpy, soundfile, soxr and tqdm are imported: this module is a leaf
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -29,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -39,6 +37,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 from tqdm import tqdm
+
+from .config import option, parse_options
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SENTENCES = REPO.parent / "shared" / "data" / "mn_text" / "sentences.txt"
@@ -393,20 +393,16 @@ def summary_line(summary: dict) -> str:
 @dataclass(frozen=True)
 class SynthOptions:
     """Build a synthetic Mongolian corpus in the Common Voice layout with espeak-ng."""
-    out_dir: str = dataclasses.field(metadata={"help": "corpus root; files go to OUT_DIR/mn/"})
-    sentences_path: Optional[str] = dataclasses.field(
-        default=None, metadata={"help": f"UTF-8 sentences, one a line ({DEFAULT_SENTENCES})",
-                                "aliases": ("--sentences",)})
-    num_sentences: Optional[int] = dataclasses.field(
-        default=None, metadata={"help": "random subset of at most this many sentences "
-                                "(all if unset)"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "sentence, voice and split choice"})
-    jobs: Optional[int] = dataclasses.field(default=None, metadata={"help": "worker processes "
-                                                                    "(os.cpu_count() if unset)"})
-    dev_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of sentences"})
-    test_fraction: float = dataclasses.field(default=0.1, metadata={"help": "share of sentences"})
-    voices_per_sentence: int = dataclasses.field(default=1, metadata={"help": "clips per sentence"})
-    force: bool = dataclasses.field(default=False, metadata={"help": "rebuild even if up to date"})
+    out_dir: str = option(help="corpus root; files go to OUT_DIR/mn/")
+    sentences_path: Optional[str] = option(None, f"UTF-8 sentences, one a line ({DEFAULT_SENTENCES})",
+                                           aliases=("--sentences",))
+    num_sentences: Optional[int] = option(None, "random subset of at most this many sentences (all if unset)")
+    seed: int = option(0, "sentence, voice and split choice")
+    jobs: Optional[int] = option(None, "worker processes (os.cpu_count() if unset)")
+    dev_fraction: float = option(0.1, "share of sentences")
+    test_fraction: float = option(0.1, "share of sentences")
+    voices_per_sentence: int = option(1, "clips per sentence")
+    force: bool = option(False, "rebuild even if up to date")
 
     def __post_init__(self) -> None:
         for name in ("dev_fraction", "test_fraction"):
@@ -485,40 +481,10 @@ def build_corpus(out_dir: PathLike, sentences_path: Optional[PathLike] = None,
     return {**summary, "skipped": False}
 
 
-def _parser() -> argparse.ArgumentParser:
-    """CLI flags generated from SynthOptions: --foo-bar (and --foo_bar) for each field."""
-    parser = argparse.ArgumentParser(prog="python -m whisper_scratch.synth",
-                                     description=SynthOptions.__doc__)
-    hints = typing.get_type_hints(SynthOptions)
-    for f in dataclasses.fields(SynthOptions):
-        tp = hints[f.name]
-        optional = typing.get_origin(tp) is typing.Union
-        if optional:
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        # Aliases first, so usage shows the short spelling (--sentences).
-        names = [*f.metadata.get("aliases", ()), f"--{f.name.replace('_', '-')}",
-                 *(["--" + f.name] if "_" in f.name else [])]
-        required = f.default is dataclasses.MISSING
-        default = None if required else f.default
-        kw = dict(dest=f.name, help=f.metadata.get("help", "") +
-                  ("" if required else f" (default: {default!r})"))
-        if tp is bool:
-            kw.update(action=argparse.BooleanOptionalAction, default=default)
-        else:
-            kw.update(type=tp, metavar=f.name.upper(), required=required, default=default)
-        parser.add_argument(*names, **kw)
-    return parser
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point: parse flags, build, print the summary line. User errors exit with a
     one-line message instead of a traceback."""
-    parser = _parser()
-    ns = parser.parse_args(argv)
-    try:
-        opts = SynthOptions(**vars(ns))
-    except ValueError as e:
-        parser.error(str(e))
+    opts = parse_options(SynthOptions, argv, prog="python -m whisper_scratch.synth")
     try:
         summary = build_corpus(**dataclasses.asdict(opts))
     except (SynthError, FileNotFoundError) as e:
