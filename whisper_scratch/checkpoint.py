@@ -1,12 +1,15 @@
-"""Checkpoints: dims + tokenizer + weights (+ whatever the trainer adds), primitives and tensors
-only, so they load with torch.load(weights_only=True) and describe themselves."""
+"""Checkpoints: dims + tokenizer + weights (+ whatever the trainer adds: optimizer, sampler, RNG
+states), primitives and tensors only, so they load with torch.load(weights_only=True) and describe
+themselves."""
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from .model import ModelDimensions, Whisper
@@ -68,7 +71,28 @@ def load_model(path, device: Union[str, torch.device] = "cpu",
     dims = ModelDimensions.from_dict(ckpt["dims"])
     with torch.device("meta"):  # skip the random init: every weight is overwritten next
         model = Whisper(dims)
+    # assign=True adopts the saved tensors; every buffer is persistent (the encoder's sinusoid table
+    # is openai's `positional_embedding` key), so nothing on the meta device is left behind
     model.load_state_dict(ckpt["model"], strict=True, assign=True)
-    # non-persistent/derived buffers are recomputed; the sinusoid table is persistent (openai's key)
     model = model.to(device).eval()
     return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch (and CUDA) RNG states as tensors and primitives, so a resumed run
+    draws the same augmentation and dropout-free randomness as an uninterrupted one."""
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

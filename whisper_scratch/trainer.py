@@ -1,5 +1,7 @@
-"""The training loop. Reads top to bottom: options -> devices -> data -> tokenizer -> model ->
-optimizer -> resume -> loop (micro-steps, clip, step, evaluate, save) -> curves.
+"""The training loop: TrainOptions (every train.py flag) -> data, tokenizer, model, optimizer ->
+micro-batches -> one optimizer step -> log -> evaluate and save. `Trainer.run` is the whole loop
+in one screen, in nanoGPT's order; the pieces it calls (`step`, `maybe_pad_to_window`) are methods
+tests call directly.
 
 Loss: cross-entropy summed over the target tokens of every micro-batch of one optimizer step
 (all ranks), divided by that step's token count — transcripts vary in length, so `loss / accum`
@@ -9,14 +11,13 @@ target token.
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import os
 import random
 import signal
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -27,78 +28,83 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as D
+from .audio import FRAMES_PER_SECOND
 from .augment import AugmentOptions
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import DTYPE_ALIASES, canonical_dtype, option
 from .decoding import DecodingOptions, decode
 from .metrics import error_rates
 from .model import PRESETS, ModelDimensions, Whisper, preset_dims
 from .tokenizer import TextNormalizer, build_tokenizer, tokenizer_from_dict
+from .training_log import TrainLog, closing, opening
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _opt(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+# AdamW's beta2 = 0.98, not 0.999: the usual choice for transformers trained from scratch (fairseq,
+# ESPnet); the second-moment estimate adapts faster to the large early gradient changes.
+ADAM_BETAS = (0.9, 0.98)
+PAD_SALT = 30  # separates the --pad-to-30s-prob stream from other streams seeded by (seed, step)
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """Train a Whisper model from scratch (flags are this dataclass's fields)."""
 
-    local_data_dir: Optional[str] = _opt(None, "Common Voice folder (corpus root or language folder) or a manifest (TSV/JSONL)")
-    language: str = _opt("mn", "language code: the Common Voice subfolder and the <|lang|> token")
-    train_split: str = _opt("train", "training split: train, or validated (= validated minus dev/test clips, sentences, speakers)")
-    dev_split: str = _opt("dev", "split evaluated during training (greedy decoding, WER/CER)")
-    output_dir: str = _opt("exp", "where checkpoints, metrics.csv and curves.png go")
-    whisper_size: str = _opt("tiny", "model preset", choices=tuple(PRESETS))
-    n_mels: int = _opt(80, "mel bins (80, or 128 as large-v3)", choices=(80, 128))
-    tokenizer: str = _opt("char", "char (one token per character) or bpe (sentencepiece)", choices=("char", "bpe"))
-    keep_chars: Optional[str] = _opt(None, "the char tokenizer's alphabet; other characters are counted and reported")
-    bpe_vocab_size: int = _opt(256, "BPE vocabulary size")
-    punctuation: str = _opt("strip", "text normalisation: strip or keep punctuation", choices=("strip", "keep"))
-    lowercase: bool = _opt(True, "lower-case transcripts")
-    train_batch_size: Optional[int] = _opt(None, "at most this many clips per batch (the seed's flag)")
-    max_batch_seconds: Optional[float] = _opt(240.0, "padded-seconds budget per batch: clips × longest clip")
-    eval_batch_size: int = _opt(16, "clips per batch when decoding the dev set")
-    eval_beam_size: int = _opt(1, "beam size when decoding the dev set (1 = greedy)")
-    eval_ctc_weight: float = _opt(0.0, "joint CTC prefix score weight when decoding the dev set (needs --ctc-weight > 0 and beam > 1)")
-    max_eval_utts: Optional[int] = _opt(None, "decode at most this many dev clips per evaluation")
-    num_epochs: int = _opt(10, "epochs (ignored when --max-steps is set)")
-    max_steps: Optional[int] = _opt(None, "optimizer steps in all; sets the LR schedule's length")
-    stop_after: Optional[int] = _opt(None, "stop after this step (saving last.pt) without changing the schedule")
-    learning_rate: float = _opt(1e-3, "peak learning rate")
-    min_lr_ratio: float = _opt(0.1, "cosine decay floor as a fraction of the peak")
-    warmup_steps: int = _opt(500, "linear warmup steps")
-    weight_decay: float = _opt(0.01, "AdamW weight decay, on weights with >= 2 dims only")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm (0 = off)")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    dtype: str = _opt("fp32", "fp16 (GPU, with GradScaler), bf16, or fp32", choices=tuple(DTYPES))
-    grad_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    optimizer: str = _opt("adamw", "adamw or adamw8bit (needs bitsandbytes)", choices=("adamw", "adamw8bit"))
-    ctc_weight: float = _opt(0.0, "weight of the auxiliary CTC loss on the encoder (0 = no CTC head)")
-    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
-    eval_every: int = _opt(500, "evaluate and save every N steps (and at the end)")
-    log_every: int = _opt(10, "write a metrics.csv row every N steps")
-    resume: bool = _opt(False, "continue from OUTPUT_DIR/last.pt exactly where it stopped")
-    init_from: Optional[str] = _opt(None, "warm-start from an openai-whisper .pt ({dims, model_state_dict}): its encoder "
+    local_data_dir: Optional[str] = option(None, "Common Voice folder (corpus root or language folder) or a manifest (TSV/JSONL)")
+    language: str = option("mn", "language code: the Common Voice subfolder and the <|lang|> token")
+    train_split: str = option("train", "training split: train, or validated (= validated minus dev/test clips, sentences, speakers)")
+    dev_split: str = option("dev", "split evaluated during training (decoded with the --eval-* settings, WER/CER)")
+    output_dir: str = option("exp", "where checkpoints, metrics.csv and curves.png go")
+    whisper_size: str = option("tiny", "model preset", choices=tuple(PRESETS))
+    n_mels: int = option(80, "mel bins (80, or 128 as large-v3)", choices=(80, 128))
+    tokenizer: str = option("char", "char (one token per character) or bpe (sentencepiece)", choices=("char", "bpe"))
+    keep_chars: Optional[str] = option(None, "the char tokenizer's alphabet; other characters are counted and reported")
+    bpe_vocab_size: int = option(256, "BPE vocabulary size")
+    punctuation: str = option("strip", "text normalisation: strip or keep punctuation", choices=("strip", "keep"))
+    lowercase: bool = option(True, "lower-case transcripts")
+    train_batch_size: Optional[int] = option(None, "at most this many clips per batch (the seed's flag)")
+    max_batch_seconds: Optional[float] = option(240.0, "padded-seconds budget per batch: clips × longest clip")
+    eval_batch_size: int = option(16, "clips per batch when decoding the dev set")
+    eval_beam_size: int = option(1, "beam size when decoding the dev set (1 = greedy)")
+    eval_ctc_weight: float = option(0.0, "joint CTC prefix score weight when decoding the dev set (needs --ctc-weight > 0; "
+                                            "> 0 decodes with beam search, even at --eval-beam-size 1)")
+    max_eval_utts: Optional[int] = option(None, "decode at most this many dev clips per evaluation")
+    num_epochs: int = option(10, "epochs (ignored when --max-steps is set)")
+    max_steps: Optional[int] = option(None, "optimizer steps in all; sets the LR schedule's length")
+    stop_after: Optional[int] = option(None, "stop after this step (saving last.pt) without changing the schedule")
+    learning_rate: float = option(1e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "cosine decay floor as a fraction of the peak")
+    warmup_steps: int = option(500, "linear warmup steps")
+    weight_decay: float = option(0.01, "AdamW weight decay, on weights with >= 2 dims only")
+    grad_clip: float = option(1.0, "clip the global gradient norm (0 = off)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    dtype: str = option("fp32", "fp16 (GPU, with GradScaler), bf16, or fp32 (float16, bfloat16, float32 "
+                                     "also accepted)", choices=tuple(DTYPE_ALIASES))
+    grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    optimizer: str = option("adamw", "adamw or adamw8bit (needs bitsandbytes)", choices=("adamw", "adamw8bit"))
+    ctc_weight: float = option(0.0, "weight of the auxiliary CTC loss on the encoder (0 = no CTC head)")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    eval_every: int = option(500, "evaluate and save every N steps (and at the end)")
+    log_every: int = option(10, "write a metrics.csv row every N steps")
+    resume: bool = option(False, "continue from OUTPUT_DIR/last.pt exactly where it stopped")
+    init_from: Optional[str] = option(None, "warm-start from an openai-whisper .pt ({dims, model_state_dict}): its encoder "
                                           "is copied, the decoder keeps our vocabulary and is trained anew")
-    init_decoder: bool = _opt(False, "with --init-from, also copy the decoder (all but the token embedding)")
-    seed: int = _opt(0, "random seed (init, batch order, augmentation)")
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
-    num_workers: int = _opt(2, "DataLoader worker processes decoding audio")
-    feature_cache: Optional[str] = _opt(None, "folder for cached log-mels (fp16)")
-    num_buckets: int = _opt(10, "duration buckets of the batch sampler")
-    spec_augment: bool = _opt(False, "SpecAugment frequency and time masks")
-    speed_perturb: bool = _opt(False, "speed perturbation 0.9 / 1.0 / 1.1")
-    pad_to_30s_prob: float = _opt(0.0, "fraction of micro-batches padded to the full 30 s window with no mask, half "
+    init_decoder: bool = option(False, "with --init-from, also copy the decoder (all but the token embedding)")
+    seed: int = option(0, "random seed (init, batch order, augmentation)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    num_workers: int = option(2, "DataLoader worker processes decoding audio")
+    feature_cache: Optional[str] = option(None, "folder for cached log-mels (fp16)")
+    num_buckets: int = option(10, "duration buckets of the batch sampler")
+    spec_augment: bool = option(False, "SpecAugment frequency and time masks")
+    speed_perturb: bool = option(False, "speed perturbation 0.9 / 1.0 / 1.1")
+    pad_to_30s_prob: float = option(0.0, "fraction of micro-batches padded to the full 30 s window with no mask, half "
                                        "with zero features (faster-whisper), half with silence (openai, HF): lets "
                                        "the exported model work in tools that always pad to 30 s; such a batch "
                                        "costs up to 30 s / clip length more")
-    noise_dir: Optional[str] = _opt(None, "folder of noise clips mixed in at a random SNR")
-    snr_low: float = _opt(5.0, "lowest SNR (dB) for --noise-dir")
-    snr_high: float = _opt(20.0, "highest SNR (dB) for --noise-dir")
-    max_nan_steps: int = _opt(20, "stop after this many consecutive non-finite steps")
-    progress: bool = _opt(True, "show tqdm progress bars")
+    noise_dir: Optional[str] = option(None, "folder of noise clips mixed in at a random SNR")
+    snr_low: float = option(5.0, "lowest SNR (dB) for --noise-dir")
+    snr_high: float = option(20.0, "highest SNR (dB) for --noise-dir")
+    max_nan_steps: int = option(20, "stop after this many consecutive non-finite steps")
+    progress: bool = option(True, "show tqdm progress bars")
 
     def __post_init__(self):
         positive = ["eval_batch_size", "eval_beam_size", "num_epochs", "grad_accum", "eval_every", "log_every", "bpe_vocab_size",
@@ -127,13 +133,17 @@ class TrainOptions:
             raise ValueError("--eval-ctc-weight needs a CTC head: set --ctc-weight > 0")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.num_workers < 0:
             raise ValueError("--warmup-steps, --grad-clip and --num-workers must be >= 0")
+        if self.init_decoder and not self.init_from:
+            raise ValueError("--init-decoder copies the decoder of --init-from's checkpoint: give --init-from too")
+        if self.keep_chars is not None and self.tokenizer == "bpe":
+            raise ValueError(f"--keep-chars {self.keep_chars!r} sets the char tokenizer's alphabet; it cannot be "
+                             f"used with --tokenizer bpe")
+        # one spelling: fp16 / float16 are the same run (the short names are what the checkpoint records)
+        object.__setattr__(self, "dtype", SHORT_DTYPE[canonical_dtype(self.dtype)])
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Setup
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class Dist:
     rank: int = 0
@@ -194,28 +204,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states as tensors/primitives (weights_only-loadable)."""
-    np_state = np.random.get_state()
-    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Data, tokenizer, model, optimizer
-# ---------------------------------------------------------------------------------------------
 def load_data(opts: TrainOptions, report: D.DataReport) -> dict:
     if not opts.local_data_dir:
         raise SystemExit("error: give --local-data-dir (a Common Voice folder or a manifest); "
@@ -239,6 +227,33 @@ def make_tokenizer(opts: TrainOptions, texts: list, ckpt: Optional[dict]):
     return build_tokenizer(opts.tokenizer, texts, opts.keep_chars, opts.bpe_vocab_size, normalizer, (opts.language,))
 
 
+def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: torch.device) -> Whisper:
+    """The preset's model, the resumed checkpoint's, or a warm start from an openai-whisper .pt."""
+    if ckpt is not None:
+        old = ckpt.get("options", {})
+        for name in ("whisper_size", "tokenizer", "n_mels"):
+            if name in old and old[name] != getattr(opts, name):
+                raise SystemExit(f"error: {opts.output_dir}/last.pt was trained with --{name.replace('_', '-')} "
+                                 f"{old[name]}, not {getattr(opts, name)}; resume with the same model flags")
+        dims = ModelDimensions.from_dict(ckpt["dims"])
+    else:
+        dims = preset_dims(opts.whisper_size, tokenizer.vocab_size, opts.n_mels, ctc=opts.ctc_weight > 0)
+    model = Whisper(dims)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    elif opts.init_from:  # not on --resume: the checkpoint already holds the warm-started weights
+        from .warmstart import init_from_openai
+        try:
+            copied = init_from_openai(model, opts.init_from, transfer_decoder=opts.init_decoder)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --init-from: {e}") from None
+        print(f"warm start: copied {len(copied)} tensors from {opts.init_from}", flush=True)
+    if opts.ctc_weight > 0 and not dims.ctc:
+        raise SystemExit("error: --ctc-weight > 0 but the checkpoint's model has no CTC head")
+    model.set_grad_checkpointing(opts.grad_checkpointing)
+    return model.to(device)
+
+
 def configure_optimizer(model: torch.nn.Module, opts: TrainOptions, device: torch.device):
     """AdamW; weight decay only on >= 2-D weights (not biases, LayerNorms or positional tables)."""
     decay, no_decay = [], []
@@ -250,8 +265,8 @@ def configure_optimizer(model: torch.nn.Module, opts: TrainOptions, device: torc
             import bitsandbytes as bnb
         except ImportError:
             raise SystemExit("error: --optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, lr=opts.learning_rate, betas=(0.9, 0.98), eps=1e-8)
-    return torch.optim.AdamW(groups, lr=opts.learning_rate, betas=(0.9, 0.98), eps=1e-8,
+        return bnb.optim.AdamW8bit(groups, lr=opts.learning_rate, betas=ADAM_BETAS, eps=1e-8)
+    return torch.optim.AdamW(groups, lr=opts.learning_rate, betas=ADAM_BETAS, eps=1e-8,
                              fused=device.type == "cuda")
 
 
@@ -274,24 +289,22 @@ class LossModule(torch.nn.Module):
         self.label_smoothing, self.ctc_weight = label_smoothing, ctc_weight
 
     def forward(self, mel, mel_lens, tokens_in, targets):
-        """Summed losses (not averaged): CE over non-pad targets, and CTC if enabled."""
+        """(loss, ce, ctc), each summed over the batch's target tokens (not averaged):
+        loss = (1 - ctc_weight)·ce + ctc_weight·ctc; ctc is 0 without a CTC weight."""
         xa = self.model.encoder(mel, mel_lens)
         xa_lens = self.model.encoder.output_lengths(mel_lens)
         logits = self.model.decoder(tokens_in, xa, xa_lens)
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.pad_id,
                              reduction="sum", label_smoothing=self.label_smoothing)
-        if self.ctc_weight == 0:
-            return ce, ce.new_zeros(())
-        text = (targets >= 0) & (targets < self.n_text)  # text tokens only: no eot, no pad
-        log_probs = self.model.ctc_logits(xa).log_softmax(-1).transpose(0, 1)  # (S, B, V)
-        ctc = F.ctc_loss(log_probs, targets[text], xa_lens, text.sum(1), blank=self.pad_id,
-                         reduction="sum", zero_infinity=True)
-        return ce, ctc
+        ctc = ce.new_zeros(())
+        if self.ctc_weight > 0:
+            text = (targets >= 0) & (targets < self.n_text)  # text tokens only: no eot, no pad
+            log_probs = self.model.ctc_logits(xa).log_softmax(-1).transpose(0, 1)  # (S, B, V)
+            ctc = F.ctc_loss(log_probs, targets[text], xa_lens, text.sum(1), blank=self.pad_id,
+                             reduction="sum", zero_infinity=True)
+        return (1 - self.ctc_weight) * ce + self.ctc_weight * ctc, ce, ctc
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, device, amp_ctx) -> dict:
     """Real decoding of the dev clips (greedy unless --eval-beam-size; never teacher-forced), scored
@@ -324,78 +337,6 @@ def evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, device, 
     return scores
 
 
-# ---------------------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------------------
-CSV_FIELDS = ["step", "epoch", "lr", "train_loss", "train_ctc", "dev_wer", "dev_cer", "audio_sec_per_sec",
-              "tokens", "elapsed_s"]
-
-
-class Logger:
-    """metrics.csv (always), TensorBoard (when installed), curves.png at the end. Rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool, resume: bool):
-        self.enabled = enabled
-        self.csv_path = out / "metrics.csv"
-        self.tb = None
-        if not enabled:
-            return
-        new = not (resume and self.csv_path.is_file())
-        self.csv_file = open(self.csv_path, "w" if new else "a", newline="")
-        self.csv = csv.DictWriter(self.csv_file, CSV_FIELDS)
-        if new:
-            self.csv.writeheader()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def row(self, **values) -> None:
-        if not self.enabled:
-            return
-        self.csv.writerow({k: values.get(k, "") for k in CSV_FIELDS})
-        self.csv_file.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, values["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.csv_file.close()
-            if self.tb is not None:
-                self.tb.close()
-            plot_curves(self.csv_path, self.csv_path.with_name("curves.png"))
-
-
-def plot_curves(csv_path: Path, png_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r["train_loss"]]
-    dev = [(int(r["step"]), float(r["dev_wer"]), float(r["dev_cer"])) for r in rows if r["dev_cer"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        a.plot(*zip(*train), lw=1)
-    a.set(xlabel="step", ylabel="train loss (per token)", title="training loss")
-    if dev:
-        steps, wer, cer = zip(*dev)
-        b.plot(steps, [100 * w for w in wer], "o-", label="WER")
-        b.plot(steps, [100 * c for c in cer], "s-", label="CER")
-        b.legend()
-    b.set(xlabel="step", ylabel="%", title="dev error rates (greedy decoding)")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class TrainState:
     step: int = 0
@@ -406,9 +347,6 @@ class TrainState:
     nan_skipped: int = 0
     data_errors: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class StopRequest:
     """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once."""
@@ -418,7 +356,7 @@ class StopRequest:
         self._old = None
 
     def __enter__(self):
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -434,71 +372,27 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._old)
 
 
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 class Trainer:
-    """Holds what the loop needs; methods are the loop's steps, in the order they run."""
+    """Everything the loop needs, built once from the options; `run` is the loop."""
 
     def __init__(self, opts: TrainOptions):
-        self.opts = opts
-        self.ddp = setup_distributed(opts.device if opts.device != "auto" else
-                                     ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device = resolve_device(opts, self.ddp)
-        resume_path = check_output_dir(opts)
-        self.out = Path(opts.output_dir)
-        seed_everything(opts.seed)
+        self.opts = o = opts
+        self.ddp = setup_distributed(o.device if o.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(o, self.ddp)
+        resume_path = check_output_dir(o)
+        self.out = Path(o.output_dir)
+        seed_everything(o.seed)  # before any random init: the same seed gives the same run
         ckpt = load_checkpoint(resume_path) if resume_path else None
         self.report = D.DataReport()
-        splits = load_data(opts, self.report)
-        self.tokenizer = make_tokenizer(opts, [u.text for u in splits[opts.train_split]], ckpt)
-        self.model = self._build_model(ckpt)
-        self.train_utts = D.filter_for_model(splits[opts.train_split], self.tokenizer, self.model.dims.n_text_ctx,
-                                             report=self.report)
-        self.dev_utts = D.filter_for_model(splits[opts.dev_split], self.tokenizer, self.model.dims.n_text_ctx,
-                                           report=self.report)
-        self.splits = {opts.train_split: self.train_utts, opts.dev_split: self.dev_utts}
+        splits = load_data(o, self.report)
+        self.tokenizer = make_tokenizer(o, [u.text for u in splits[o.train_split]], ckpt)
+        self.model = build_model(o, self.tokenizer, ckpt, self.device)
+        n_ctx = self.model.dims.n_text_ctx
+        self.train_utts = D.filter_for_model(splits[o.train_split], self.tokenizer, n_ctx, report=self.report)
+        self.dev_utts = D.filter_for_model(splits[o.dev_split], self.tokenizer, n_ctx, report=self.report)
+        self.splits = {o.train_split: self.train_utts, o.dev_split: self.dev_utts}
         if not self.train_utts:
             raise SystemExit(f"error: no usable training clips left\n{self.report.summary()}")
-        self._build_batches()
-        self._build_optimizer()
-        self.state = TrainState()
-        if ckpt is not None:
-            self._restore(ckpt)
-        self.amp = torch.autocast(self.device.type, dtype=DTYPES[opts.dtype], enabled=opts.dtype != "fp32")
-        self.history: list = []
-
-    # -- construction ---------------------------------------------------------------------------
-    def _build_model(self, ckpt: Optional[dict]) -> Whisper:
-        o = self.opts
-        if ckpt is not None:
-            old = ckpt.get("options", {})
-            for name in ("whisper_size", "tokenizer", "n_mels"):
-                if name in old and old[name] != getattr(o, name):
-                    raise SystemExit(f"error: {self.out}/last.pt was trained with --{name.replace('_', '-')} "
-                                     f"{old[name]}, not {getattr(o, name)}; resume with the same model flags")
-            dims = ModelDimensions.from_dict(ckpt["dims"])
-        else:
-            dims = preset_dims(o.whisper_size, self.tokenizer.vocab_size, o.n_mels, ctc=o.ctc_weight > 0)
-        model = Whisper(dims)
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-        elif o.init_from:  # not on --resume: the checkpoint already holds the warm-started weights
-            from .export import init_from_openai
-            try:
-                copied = init_from_openai(model, o.init_from, transfer_decoder=o.init_decoder)
-            except (FileNotFoundError, ValueError) as e:
-                raise SystemExit(f"error: --init-from: {e}") from None
-            print(f"warm start: copied {len(copied)} tensors from {o.init_from}", flush=True)
-        if o.ctc_weight > 0 and not dims.ctc:
-            raise SystemExit("error: --ctc-weight > 0 but the checkpoint's model has no CTC head")
-        model.set_grad_checkpointing(o.grad_checkpointing)
-        return model.to(self.device)
-
-    def _build_batches(self) -> None:
-        o = self.opts
         self.sampler = D.DurationBucketSampler(
             [u.duration for u in self.train_utts], o.max_batch_seconds, o.train_batch_size, o.num_buckets,
             shuffle=True, seed=o.seed, rank=self.ddp.rank, world_size=self.ddp.world)
@@ -508,9 +402,6 @@ class Trainer:
                                     o.feature_cache, seed=o.seed, language=o.language)
         self.steps_per_epoch = math.ceil(len(self.sampler) / o.grad_accum)
         self.total_steps = o.max_steps or o.num_epochs * self.steps_per_epoch
-
-    def _build_optimizer(self) -> None:
-        o = self.opts
         self.loss_module = LossModule(self.model, self.tokenizer.pad, self.tokenizer.n_text, o.label_smoothing,
                                       o.ctc_weight)
         self.wrapped = self.loss_module
@@ -519,148 +410,57 @@ class Trainer:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(self.loss_module, device_ids=ids)
         self.optimizer = configure_optimizer(self.model, o, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=o.dtype == "fp16")
+        self.state = TrainState()
+        if ckpt is not None:
+            self.restore(ckpt)
+        self.amp = torch.autocast(self.device.type, dtype=getattr(torch, canonical_dtype(o.dtype)),
+                                  enabled=o.dtype != "fp32")
+        self.history: list = []
+        self.last_eval: dict = {}
+        self.last_eval_step = -1
 
-    def _restore(self, ckpt: dict) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = TrainState(**ckpt["state"])
-        self.sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-
-    # -- saving ---------------------------------------------------------------------------------
-    def save(self, name: str) -> None:
-        if not self.ddp.main:
-            return
-        sampler_state = {"epoch": self.state.epoch, "batches_done": self.state.batches_done,
-                         "seed": self.opts.seed, "world_size": self.ddp.world}
-        from .checkpoint import save_checkpoint
-        save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts),
-                        optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                        sampler=sampler_state, state=self.state.to_dict(), rng=rng_state())
-
-    # -- one optimizer step ---------------------------------------------------------------------
-    def maybe_pad_to_window(self, batch: dict, index: int) -> dict:
-        """With probability --pad-to-30s-prob, the batch as openai-whisper, HF and faster-whisper
-        feed it: every clip padded to the encoder's full window, no mask. The padding is zero
-        features (faster-whisper pads the log-mel) or the clip's silence floor, max - 2 (openai
-        and HF pad the audio with zeros, which the log-mel clamps to max - 8 dB, i.e. max - 2
-        after scaling). Seeded by (seed, step, micro-batch): exact resume still holds."""
-        p = self.opts.pad_to_30s_prob
-        if p == 0:
-            return batch
-        rng = np.random.default_rng([self.opts.seed, self.state.step, index, 30])
-        if rng.random() >= p:
-            return batch
-        mel, lens = batch["mel"], batch["mel_lens"]
-        full = torch.zeros(mel.shape[0], mel.shape[1], 2 * self.model.dims.n_audio_ctx)
-        for b, n in enumerate(lens.tolist()):
-            if rng.random() < 0.5:
-                full[b] = float(mel[b, :, :n].max()) - 2.0
-            full[b, :, :n] = mel[b, :, :n]
-        return {**batch, "mel": full, "mel_lens": torch.full_like(lens, full.shape[-1]), "audio_frames": int(lens.sum())}
-
-    def placeholder_batch(self) -> dict:
-        """One second of silence with no targets, run with loss weight 0 (see run_epoch)."""
-        prompt = list(self.tokenizer.sot_sequence(self.opts.language))
-        return {"mel": torch.zeros(1, self.model.dims.n_mels, 100), "mel_lens": torch.tensor([100]),
-                "tokens_in": torch.tensor([prompt]), "targets": torch.full((1, len(prompt)), self.tokenizer.pad),
-                "size": 0, "placeholder": True}
-
-    def step(self, micro: list) -> dict:
-        o, pad = self.opts, self.tokenizer.pad
-        lr = get_lr(self.state.step, o, self.total_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        n_tok = torch.tensor(float(sum(int((b["targets"] != pad).sum()) for b in micro)), device=self.device)
-        if self.ddp.world > 1:
-            dist.all_reduce(n_tok)
-        n_tok = n_tok.clamp(min=1.0)  # a step of placeholders only (every rank's clips unreadable)
-        sums = torch.zeros(2, device=self.device)
-        for i, b in enumerate(micro):
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if self.ddp.world == 1 or last else self.wrapped.no_sync()
-            with sync:
-                with self.amp:
-                    ce, ctc = self.wrapped(*(b[k].to(self.device, non_blocking=True)
-                                             for k in ("mel", "mel_lens", "tokens_in", "targets")))
-                # DDP averages gradients over ranks, so scale by world to get the global sum / tokens
-                weight = 0.0 if b.get("placeholder") else self.ddp.world / n_tok
-                loss = ((1 - o.ctc_weight) * ce + o.ctc_weight * ctc) * weight
-                self.scaler.scale(loss).backward()
-            if not b.get("placeholder"):
-                sums += torch.stack([ce.detach().float(), ctc.detach().float()])
-        self.scaler.unscale_(self.optimizer)
-        params = self.model.parameters()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-        if self.ddp.world > 1:
-            dist.all_reduce(sums)
-        finite = bool(torch.isfinite(gnorm)) and bool(torch.isfinite(sums).all())
-        if o.dtype == "fp16":
-            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        audio_s = sum(float(b.get("audio_frames", b["mel_lens"].sum())) for b in micro
-                      if not b.get("placeholder")) / 100 * self.ddp.world
-        return {"lr": lr, "ce": float(sums[0] / n_tok), "ctc": float(sums[1] / n_tok), "finite": finite,
-                "audio_s": audio_s, "tokens": int(n_tok), "gnorm": float(gnorm)}
-
-    def check_finite(self, stats: dict) -> None:
-        """Count non-finite steps; many in a row means training diverged: save and stop."""
-        if stats["finite"]:
-            self.state.nan_streak = 0
-            return
-        self.state.nan_streak += 1
-        self.state.nan_skipped += 1
-        if self.state.nan_streak >= self.opts.max_nan_steps:
-            self.save("last.pt")  # the weights are those before the bad steps: the last good state
-            raise SystemExit(
-                f"error: {self.state.nan_streak} consecutive steps had a non-finite loss or gradient (last loss "
-                f"{stats['ce']}); saved the last good state to {self.out / 'last.pt'}. Lower --learning-rate, "
-                f"raise --warmup-steps, or use --dtype bf16/fp32")
-
-    def step_or_explain_oom(self, micro: list) -> dict:
-        try:
-            return self.step(micro)
-        except torch.cuda.OutOfMemoryError:
-            padded = sum(int(b["mel_lens"].numel()) * int(b["mel_lens"].max()) for b in micro) / 100
-            raise SystemExit(
-                f"error: CUDA out of memory on a step of {len(micro)} micro-batch(es), the largest "
-                f"{max(int(b['mel_lens'].numel()) * int(b['mel_lens'].max()) for b in micro) / 100:.0f} padded s "
-                f"({padded:.0f} padded s in all). Lower --max-batch-seconds (now {self.opts.max_batch_seconds}) "
-                f"or --train-batch-size and raise --grad-accum, or add --grad-checkpointing / --dtype fp16") from None
-
-    # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
+        """The loop: this epoch's optimizer steps -> log -> evaluate and save, until --max-steps,
+        --stop-after or Ctrl-C; then a last evaluation (or save) and the closing line."""
         o, st = self.opts, self.state
         if self.ddp.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            print(self.summary(), flush=True)
-        logger = Logger(self.out, self.ddp.main, o.resume)
-        bar = tqdm(total=self.total_steps, initial=st.step, disable=not (o.progress and self.ddp.main),
-                   unit="step", dynamic_ncols=True, mininterval=1.0)
-        window = {"ce": 0.0, "ctc": 0.0, "n": 0, "audio_s": 0.0, "t0": time.time(), "tokens": 0}
-        start_time, self.last_eval, self.last_eval_step = time.time(), {}, -1
-        stop = StopRequest()
-        with stop:
-            while st.step < self.total_steps and not stop.requested:
-                if self.run_epoch(stop, bar, window, logger, start_time):
-                    break
-        bar.close()
+            print(opening(self), flush=True)
+        self.log = TrainLog(self.out, self.ddp.main, o.resume, self.total_steps, st.step, o.progress,
+                            o.log_every, o.ctc_weight > 0)
+        with StopRequest() as stop:
+            while not self.finished(stop):
+                for micro, consumed, partial in self.epoch_steps():
+                    stats = self.step_or_explain_oom(micro)
+                    self.check_finite(stats)
+                    st.step, st.batches_done = st.step + 1, consumed
+                    self.history.append((st.step, stats["ce"], stats["ctc"]))
+                    self.log.step(st.step, st.epoch, stats)
+                    if st.step % o.eval_every == 0 or st.step == self.total_steps:
+                        self.evaluate_and_save()
+                    if not partial and self.finished(stop):
+                        break
+                else:  # the whole epoch was trained on
+                    st.epoch, st.batches_done = st.epoch + 1, 0
+                    self.sampler.set_epoch(st.epoch)
         stopped_early = st.step < self.total_steps
         if not stopped_early and st.step > 0 and self.last_eval_step != st.step:
-            self.evaluate_and_save(logger, start_time)
+            self.evaluate_and_save()
         elif stopped_early or st.step == 0:
             self.save("last.pt")
-        logger.close()
+        self.log.close()
         if self.ddp.main:
-            print(self.closing(stopped_early), flush=True)
+            print(closing(self, stopped_early), flush=True)
         return {"step": st.step, "best_cer": st.best_cer, "last_eval": self.last_eval, "history": self.history,
                 "nan_skipped": st.nan_skipped, "data_errors": st.data_errors}
 
-    def run_epoch(self, stop, bar, window, logger, start_time) -> bool:
-        """One pass over this epoch's remaining batches; True when training should end."""
+    def finished(self, stop: StopRequest) -> bool:
+        st, o = self.state, self.opts
+        return st.step >= self.total_steps or stop.requested or bool(o.stop_after and st.step >= o.stop_after)
+
+    def epoch_steps(self):
+        """This epoch's remaining batches grouped into optimizer steps: yields (micro-batches,
+        batches consumed, partial). The epoch's last step may hold fewer than --grad-accum."""
         o, st = self.opts, self.state
         self.sampler.set_epoch(st.epoch)
         self.dataset.set_epoch(st.epoch)
@@ -676,52 +476,113 @@ class Trainer:
                 # every clip of this batch was unreadable on this rank alone: the others still run a
                 # forward/backward for it, so this rank must too or the gradient all-reduce hangs
                 micro.append(self.placeholder_batch())
-            if len(micro) < o.grad_accum:
-                continue
-            self.after_step(self.step_or_explain_oom(micro), consumed, bar, window, logger, start_time)
-            micro = []
-            if st.step >= self.total_steps or stop.requested or (o.stop_after and st.step >= o.stop_after):
-                return True
-        if micro:  # the epoch's last, partial accumulation
-            self.after_step(self.step_or_explain_oom(micro), consumed, bar, window, logger, start_time)
-        st.epoch, st.batches_done = st.epoch + 1, 0
-        return bool(o.stop_after and st.step >= o.stop_after)
+            if len(micro) == o.grad_accum:
+                yield micro, consumed, False
+                micro = []
+        if micro:
+            yield micro, consumed, True
 
-    def after_step(self, stats, consumed, bar, window, logger, start_time) -> None:
-        o, st = self.opts, self.state
-        self.check_finite(stats)
-        st.step += 1
-        st.batches_done = consumed
-        self.history.append((st.step, stats["ce"], stats["ctc"]))
-        for k in ("ce", "ctc"):
-            window[k] += stats[k] if stats["finite"] else 0.0
-        window["n"] += int(stats["finite"])
-        window["audio_s"] += stats["audio_s"]
-        window["tokens"] += stats["tokens"]
-        speed = window["audio_s"] / max(1e-9, time.time() - window["t0"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['ce']:.3f}", lr=f"{stats['lr']:.2e}", audio_s_per_s=f"{speed:.1f}",
-                        refresh=False)
-        if st.step % o.log_every == 0:
-            n = max(1, window["n"])
-            logger.row(step=st.step, epoch=st.epoch, lr=stats["lr"], train_loss=window["ce"] / n,
-                       train_ctc=window["ctc"] / n if o.ctc_weight else "", audio_sec_per_sec=round(speed, 2),
-                       tokens=window["tokens"], elapsed_s=round(time.time() - start_time, 1))
-            window.update(ce=0.0, ctc=0.0, n=0, audio_s=0.0, t0=time.time(), tokens=0)
-        if st.step % o.eval_every == 0 or st.step == self.total_steps:
-            self.evaluate_and_save(logger, start_time)
+    def step(self, micro: list) -> dict:
+        """One optimizer step over the micro-batches: forward/backward each (DDP syncs on the last
+        only), unscale, clip, step; the loss normalised by the whole step's target tokens."""
+        o, pad = self.opts, self.tokenizer.pad
+        lr = get_lr(self.state.step, o, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        n_tok = torch.tensor(float(sum(int((b["targets"] != pad).sum()) for b in micro)), device=self.device)
+        if self.ddp.world > 1:
+            dist.all_reduce(n_tok)
+        n_tok = n_tok.clamp(min=1.0)  # a step of placeholders only (every rank's clips unreadable)
+        sums = torch.zeros(2, device=self.device)
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if self.ddp.world == 1 or last else self.wrapped.no_sync():
+                with self.amp:
+                    loss, ce, ctc = self.wrapped(*(b[k].to(self.device, non_blocking=True)
+                                                   for k in ("mel", "mel_lens", "tokens_in", "targets")))
+                # DDP averages gradients over ranks, so scale by world to get the global sum / tokens
+                weight = 0.0 if b.get("placeholder") else self.ddp.world / n_tok
+                self.scaler.scale(loss * weight).backward()
+            if not b.get("placeholder"):
+                sums += torch.stack([ce.detach().float(), ctc.detach().float()])
+        self.scaler.unscale_(self.optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+        if self.ddp.world > 1:
+            dist.all_reduce(sums)
+        finite = bool(torch.isfinite(gnorm)) and bool(torch.isfinite(sums).all())
+        if o.dtype == "fp16":
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        audio_s = sum(float(b.get("audio_frames", b["mel_lens"].sum())) for b in micro
+                      if not b.get("placeholder")) / FRAMES_PER_SECOND * self.ddp.world
+        return {"lr": lr, "ce": float(sums[0] / n_tok), "ctc": float(sums[1] / n_tok), "finite": finite,
+                "audio_s": audio_s, "tokens": int(n_tok), "gnorm": float(gnorm)}
 
-    def evaluate_and_save(self, logger, start_time) -> None:
+    def maybe_pad_to_window(self, batch: dict, index: int) -> dict:
+        """With probability --pad-to-30s-prob, the batch as openai-whisper, HF and faster-whisper
+        feed it: every clip padded to the encoder's full window, no mask. The padding is zero
+        features (faster-whisper pads the log-mel) or the clip's silence floor, max - 2 (openai
+        and HF pad the audio with zeros, which the log-mel clamps to max - 8 dB, i.e. max - 2
+        after scaling). Seeded by (seed, step, micro-batch): exact resume still holds."""
+        p = self.opts.pad_to_30s_prob
+        if p == 0:
+            return batch
+        rng = np.random.default_rng([self.opts.seed, self.state.step, index, PAD_SALT])
+        if rng.random() >= p:
+            return batch
+        mel, lens = batch["mel"], batch["mel_lens"]
+        full = torch.zeros(mel.shape[0], mel.shape[1], 2 * self.model.dims.n_audio_ctx)
+        for b, n in enumerate(lens.tolist()):
+            if rng.random() < 0.5:
+                full[b] = float(mel[b, :, :n].max()) - 2.0
+            full[b, :, :n] = mel[b, :, :n]
+        return {**batch, "mel": full, "mel_lens": torch.full_like(lens, full.shape[-1]), "audio_frames": int(lens.sum())}
+
+    def placeholder_batch(self) -> dict:
+        """One second of silence with no targets, run with loss weight 0 (see epoch_steps)."""
+        prompt = list(self.tokenizer.sot_sequence(self.opts.language))
+        n = FRAMES_PER_SECOND
+        return {"mel": torch.zeros(1, self.model.dims.n_mels, n), "mel_lens": torch.tensor([n]),
+                "tokens_in": torch.tensor([prompt]), "targets": torch.full((1, len(prompt)), self.tokenizer.pad),
+                "size": 0, "placeholder": True}
+
+    def step_or_explain_oom(self, micro: list) -> dict:
+        try:
+            return self.step(micro)
+        except torch.cuda.OutOfMemoryError:
+            sizes = [int(b["mel_lens"].numel()) * int(b["mel_lens"].max()) / FRAMES_PER_SECOND for b in micro]
+            raise SystemExit(
+                f"error: CUDA out of memory on a step of {len(micro)} micro-batch(es), the largest {max(sizes):.0f} "
+                f"padded s ({sum(sizes):.0f} padded s in all). Lower --max-batch-seconds (now "
+                f"{self.opts.max_batch_seconds}) or --train-batch-size and raise --grad-accum, or add "
+                f"--grad-checkpointing / --dtype fp16") from None
+
+    def check_finite(self, stats: dict) -> None:
+        """Count non-finite steps; many in a row means training diverged: save and stop."""
+        st = self.state
+        if stats["finite"]:
+            st.nan_streak = 0
+            return
+        st.nan_streak += 1
+        st.nan_skipped += 1
+        if st.nan_streak >= self.opts.max_nan_steps:
+            self.save("last.pt")  # the weights are those before the bad steps: the last good state
+            raise SystemExit(
+                f"error: {st.nan_streak} consecutive steps had a non-finite loss or gradient (last loss "
+                f"{stats['ce']}); saved the last good state to {self.out / 'last.pt'}. Lower --learning-rate, "
+                f"raise --warmup-steps, or use --dtype bf16/fp32")
+
+    def evaluate_and_save(self) -> None:
         st = self.state
         self.last_eval_step = st.step  # on every rank: they must agree on when to meet at the barrier
         if self.ddp.main:
             scores = evaluate(self.model, self.tokenizer, self.dev_utts, self.opts, self.device, self.amp)
             self.last_eval = {"step": st.step, **scores}
             if scores:
-                logger.row(step=st.step, epoch=st.epoch, dev_wer=scores["wer"], dev_cer=scores["cer"],
-                           elapsed_s=round(time.time() - start_time, 1))
-                tqdm.write(f"step {st.step}: dev WER {100 * scores['wer']:.2f} %  CER {100 * scores['cer']:.2f} %"
-                           f"  e.g. ref {scores['examples'][0][0]!r} hyp {scores['examples'][0][1]!r}")
+                self.log.evaluation(st.step, st.epoch, scores)
                 if scores["cer"] < st.best_cer:
                     st.best_cer = scores["cer"]
                     self.save("best_model.pt")
@@ -729,36 +590,19 @@ class Trainer:
         if self.ddp.world > 1:
             dist.barrier()
 
-    # -- what the user reads ----------------------------------------------------------------------
-    def summary(self) -> str:
-        o, d, tok = self.opts, self.model.dims, self.tokenizer
-        batch = " and ".join(x for x in [f"≤ {o.max_batch_seconds:g} padded s" if o.max_batch_seconds else "",
-                                         f"≤ {o.train_batch_size} clips" if o.train_batch_size else ""] if x)
-        lines = [
-            "=" * 78,
-            f"whisper_scratch training -> {self.out}" + ("  (resumed at step %d)" % self.state.step if o.resume else ""),
-            f"data    {D.describe_splits(self.splits)}",
-            f"        source {o.local_data_dir}",
-            self.report.summary(),
-            f"model   {o.whisper_size}: {self.model.num_parameters() / 1e6:.2f} M parameters (d {d.n_audio_state}, "
-            f"{d.n_audio_layer}+{d.n_text_layer} layers, {d.n_audio_head} heads), {tok.kind} vocab {tok.vocab_size}"
-            + (f", CTC weight {o.ctc_weight}" if o.ctc_weight else ""),
-            f"device  {self.device} × {self.ddp.world}, dtype {o.dtype}, {torch.get_num_threads()} threads"
-            + (", grad checkpointing" if o.grad_checkpointing else ""),
-            f"batches {batch} × accum {o.grad_accum} × {self.ddp.world} rank(s); {self.steps_per_epoch} steps/epoch;"
-            f" {self.total_steps} steps; lr {o.learning_rate:g}, warmup {o.warmup_steps}, {o.optimizer}",
-            "=" * 78,
-        ]
-        return "\n".join(lines)
+    def save(self, name: str) -> None:
+        if self.ddp.main:
+            save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts),
+                            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                            sampler=self.sampler.state_dict(self.state.batches_done), state=asdict(self.state),
+                            rng=rng_state())
 
-    def closing(self, stopped_early: bool) -> str:
-        st = self.state
-        how = "stopped early" if stopped_early else "finished"
-        best = f"best dev CER {100 * st.best_cer:.2f} %" if st.best_cer < float("inf") else "no evaluation yet"
-        extra = f"; {st.nan_skipped} non-finite steps skipped" if st.nan_skipped else ""
-        extra += f"; {st.data_errors} unreadable clips skipped" if st.data_errors else ""
-        return (f"{how} at step {st.step}: {best}{extra}. Checkpoints: {self.out / 'last.pt'}"
-                + (f", {self.out / 'best_model.pt'}" if (self.out / "best_model.pt").exists() else ""))
+    def restore(self, ckpt: dict) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["state"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
 
 
 def train(opts: TrainOptions) -> dict:
