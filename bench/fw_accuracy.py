@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from whisper_scratch import export as E  # noqa: E402
 from whisper_scratch.audio import load_audio, log_mel_spectrogram  # noqa: E402
 from whisper_scratch.checkpoint import load_model  # noqa: E402
 from whisper_scratch.data import load_split  # noqa: E402
 from whisper_scratch.decoding import DecodingOptions, decode  # noqa: E402
+from whisper_scratch.export.ct2 import export_ct2  # noqa: E402
 from whisper_scratch.metrics import error_rates  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     hyps, fw_models = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for q in ("float32", "int8"):
-            E.export_ct2(model, tok, Path(tmp) / q, q)
+            export_ct2(model, tok, Path(tmp) / q, q)
             fw_models[q] = WhisperModel(str(Path(tmp) / q), device="cpu", compute_type=q, cpu_threads=args.threads)
         opts = DecodingOptions(language=args.language)
         ours, padded = [], []

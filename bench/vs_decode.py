@@ -41,10 +41,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from decode import make_clips, random_model  # noqa: E402  (bench/decode.py: same clips)
-from whisper_scratch import export as E  # noqa: E402
+from openai_shim import openai_decode  # noqa: E402  (tests/openai_shim.py)
 from whisper_scratch.audio import load_audio, log_mel_spectrogram  # noqa: E402
 from whisper_scratch.decoding import DecodingOptions, decode  # noqa: E402
+from whisper_scratch.export.ct2 import export_ct2  # noqa: E402
+from whisper_scratch.export.hf import export_hf  # noqa: E402
+from whisper_scratch.export.openai import export_openai, load_openai_model  # noqa: E402
 
 
 def load_mels(paths: list, n_mels: int) -> list:
@@ -71,12 +75,12 @@ def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int) -> li
 
     var, lens = batch_padded(mels)
     full, _ = batch_padded(mels, 2 * model.dims.n_audio_ctx)
-    E.export_openai(model, folder / "openai.pt")
-    E.export_hf(model, tok, folder / "hf")
+    export_openai(model, folder / "openai.pt")
+    export_hf(model, tok, folder / "hf")
     for q in ("float32", "int8"):  # our vocabulary size, as the other implementations here
-        E.export_ct2(model, tok, folder / f"ct2_{q}", q, compact=True)
-    E.export_ct2(model, tok, folder / "ct2_fw", "float32")  # faster-whisper's 51,865-token layout
-    om = E.load_openai_model(folder / "openai.pt")
+        export_ct2(model, tok, folder / f"ct2_{q}", q, compact=True)
+    export_ct2(model, tok, folder / "ct2_fw", "float32")  # faster-whisper's 51,865-token layout
+    om = load_openai_model(folder / "openai.pt")
     hf = WhisperForConditionalGeneration.from_pretrained(folder / "hf").eval()
     features = ctranslate2.StorageView.from_array(np.ascontiguousarray(full.numpy()))
     prompt = [list(tok.sot_sequence())] * len(mels)
@@ -103,7 +107,7 @@ def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int) -> li
                                         compute_type="int8" if q == "int8" else "float32",
                                         intra_threads=threads, inter_threads=1)
         runners.append(Runner(name, ct2_run(ct)))
-    runners.append(Runner("openai-whisper decode", lambda beam: [r.tokens for r in E.openai_decode(
+    runners.append(Runner("openai-whisper decode", lambda beam: [r.tokens for r in openai_decode(
         om, full, tok, beam_size=beam, max_new_tokens=n_new)]))
     return runners
 

@@ -81,7 +81,7 @@ def pad_to(batch: dict, frames: int) -> dict:
 def build(impl: str, model: Whisper, tok):
     """(module, step function(batch) -> loss) for one implementation."""
     if impl == "hf":
-        from whisper_scratch.export import hf_model
+        from whisper_scratch.export.hf import hf_model
 
         hf = hf_model(model, tok).train()
 
@@ -93,7 +93,7 @@ def build(impl: str, model: Whisper, tok):
 
     def ours_step(b):
         if impl == "ours":
-            ce, _ = loss_module(b["mel"], b["mel_lens"], b["tokens_in"], b["targets"])
+            ce, _, _ = loss_module(b["mel"], b["mel_lens"], b["tokens_in"], b["targets"])
         else:  # 30 s windows, no mask: openai-whisper's computation in our code
             logits = model(b["mel"], None, b["tokens_in"])
             ce = F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=tok.pad, reduction="sum")

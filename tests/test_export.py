@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_scratch import export as E
 from whisper_scratch.checkpoint import save_checkpoint
 from whisper_scratch.decoding import DecodingOptions, decode
+from whisper_scratch.export import ct2, hf, openai
+from whisper_scratch.export.__main__ import main as export_main
 from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer, TextNormalizer, train_bpe
+from whisper_scratch.warmstart import init_from_openai
+
+from openai_shim import openai_decode  # tests/openai_shim.py
 
 MN = "абвгдеёжзийклмнопрстуфхцчшщъыьэюяөү"
 N_CTX = 150  # encoder positions: 300 mel frames (3 s)
@@ -83,14 +87,14 @@ def test_greedy_output_is_not_trivial(model, mel, tok):
 @pytest.fixture(scope="module")
 def openai_model(ckpt_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("openai") / "model.pt"
-    E.main(["--checkpoint", str(ckpt_path), "--to", "openai", "--output", str(out)])
-    return E.load_openai_model(out), torch.load(out, weights_only=True)
+    export_main(["--checkpoint", str(ckpt_path), "--to", "openai", "--output", str(out)])
+    return openai.load_openai_model(out), torch.load(out, weights_only=True)
 
 
 def test_openai_file_has_dims_and_weights_without_ctc(openai_model, model):
     _, saved = openai_model
     assert set(saved) == {"dims", "model_state_dict"}
-    assert saved["dims"] == {k: getattr(model.dims, k) for k in E.OPENAI_DIMS}
+    assert saved["dims"] == {k: getattr(model.dims, k) for k in openai.OPENAI_DIMS}
     assert not any(k.startswith("ctc_head") for k in saved["model_state_dict"])
     assert len(saved["model_state_dict"]) == len(model.state_dict()) - 2  # ctc_head weight + bias
 
@@ -106,7 +110,7 @@ def test_openai_logits_equal(openai_model, model, mel, tok):
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_openai_decode_gives_our_transcript(openai_model, model, mel, tok, beam_size):
     om, _ = openai_model
-    theirs = E.openai_decode(om, mel, tok, beam_size=beam_size, max_new_tokens=N_NEW)
+    theirs = openai_decode(om, mel, tok, beam_size=beam_size, max_new_tokens=N_NEW)
     ours = decode(model, mel, None, tok, DecodingOptions(beam_size=beam_size, max_new_tokens=N_NEW))
     assert [r.tokens for r in theirs] == [r.tokens for r in ours]
     assert [r.text for r in theirs] == [r.text.strip() for r in ours]  # openai strips the text
@@ -116,16 +120,16 @@ def test_export_refuses_to_overwrite(ckpt_path, tmp_path, capsys):
     out = tmp_path / "x.pt"
     out.write_bytes(b"keep me")
     with pytest.raises(SystemExit, match="already exists"):
-        E.main(["--checkpoint", str(ckpt_path), "--to", "openai", "--output", str(out)])
+        export_main(["--checkpoint", str(ckpt_path), "--to", "openai", "--output", str(out)])
     assert out.read_bytes() == b"keep me"
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "mine.txt").write_text("keep me")
     with pytest.raises(SystemExit, match="does not look like an export"):
-        E.main(["--checkpoint", str(ckpt_path), "--to", "hf", "--output", str(folder), "--overwrite"])
+        export_main(["--checkpoint", str(ckpt_path), "--to", "hf", "--output", str(folder), "--overwrite"])
     assert (folder / "mine.txt").is_file()
     with pytest.raises(SystemExit, match="checkpoint not found"):
-        E.main(["--checkpoint", str(tmp_path / "nope.pt"), "--to", "openai", "--output", str(tmp_path / "y.pt")])
+        export_main(["--checkpoint", str(tmp_path / "nope.pt"), "--to", "openai", "--output", str(tmp_path / "y.pt")])
 
 
 # -- Hugging Face transformers -----------------------------------------------------------------
@@ -133,30 +137,30 @@ def test_export_refuses_to_overwrite(ckpt_path, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def hf_dir(ckpt_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "model"
-    E.main(["--checkpoint", str(ckpt_path), "--to", "hf", "--output", str(out)])
+    export_main(["--checkpoint", str(ckpt_path), "--to", "hf", "--output", str(out)])
     return out
 
 
 def test_hf_folder_loads_and_logits_equal(hf_dir, model, mel, tok):
     from transformers import WhisperForConditionalGeneration
 
-    hf = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
+    hf_whisper = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
     assert (hf_dir / "model.safetensors").is_file()
     tokens = torch.tensor([list(tok.sot_sequence()) + [5, 9, 36, 14]] * 2)
     with torch.no_grad():
-        ours, theirs = model(mel, None, tokens), hf(input_features=mel, decoder_input_ids=tokens).logits
+        ours, theirs = model(mel, None, tokens), hf_whisper(input_features=mel, decoder_input_ids=tokens).logits
     assert (ours - theirs).abs().max().item() <= TOL
 
 
 def test_hf_generate_gives_our_transcript(hf_dir, model, mel, tok):
     from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-    hf = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
-    g = hf.generation_config
+    hf_whisper = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
+    g = hf_whisper.generation_config
     assert (g.decoder_start_token_id, g.eos_token_id, g.pad_token_id) == (tok.sot, tok.eot, tok.pad)
     assert g.lang_to_id == {"<|mn|>": tok.language_ids["mn"]} and g.no_timestamps_token_id == tok.no_timestamps
     with torch.no_grad():
-        out = hf.generate(input_features=mel, max_new_tokens=N_NEW, do_sample=False, num_beams=1)
+        out = hf_whisper.generate(input_features=mel, max_new_tokens=N_NEW, do_sample=False, num_beams=1)
     theirs = [[t for t in row.tolist() if t < tok.n_text] for row in out]  # drop prompt, eot, padding
     assert theirs == ours_greedy(model, mel, tok)
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -179,7 +183,7 @@ def test_hf_char_tokenizer_round_trips(hf_dir, tok, mn_sentences):
 @pytest.mark.parametrize("normalizer", [TextNormalizer(), TextNormalizer(lowercase=False, punctuation="keep")])
 def test_hf_bpe_tokenizer_round_trips(mn_sentences, normalizer):
     bpe = train_bpe(mn_sentences[:1000], 200, normalizer)
-    hf_tok = E.hf_tokenizer(bpe)
+    hf_tok = hf.hf_tokenizer(bpe)
     assert len(hf_tok) == bpe.vocab_size
     checked = 0
     for s in mn_sentences[:1000]:
@@ -197,7 +201,7 @@ def test_hf_bpe_tokenizer_round_trips(mn_sentences, normalizer):
 @pytest.fixture(scope="module")
 def ct2_dir(ckpt_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ct2") / "model"
-    E.main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--output", str(out)])
+    export_main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--output", str(out)])
     return out
 
 
@@ -220,10 +224,10 @@ def test_ct2_folder_has_tokenizer_and_our_config(ct2_dir, tok):
     import ctranslate2
 
     config = json.loads((ct2_dir / "config.json").read_text())
-    assert config["suppress_ids"] == E.suppress_ids(tok) and config["suppress_ids_begin"] == []
+    assert config["suppress_ids"] == hf.suppress_ids(tok) and config["suppress_ids_begin"] == []
     vocab = json.loads((ct2_dir / "vocabulary.json").read_text())
     # faster-whisper's layout: 51,865 tokens, <|nospeech|> right after ours, "" last (multilingual)
-    assert len(vocab) == E.FW_VOCAB and vocab[:tok.vocab_size] == [
+    assert len(vocab) == ct2.FW_VOCAB and vocab[:tok.vocab_size] == [
         tok.special_tokens.get(i) or tok.decode([i]) if i else "<|unk|>" for i in range(tok.vocab_size)]
     assert vocab[tok.vocab_size] == "<|nospeech|>" and vocab[-1] == ""
     ct = ctranslate2.models.Whisper(str(ct2_dir), device="cpu")
@@ -238,12 +242,12 @@ def test_pinned_row_gives_one_logit_for_every_state():
     with torch.no_grad():
         ln.weight.uniform_(0.5, 1.5)
         ln.bias.normal_(0, 0.1)
-    row, logit = E.pinned_row(ln.weight, ln.bias)
+    row, logit = ct2.pinned_row(ln.weight, ln.bias)
     x = torch.randn(1000, 64) * torch.rand(1000, 1) * 10 + torch.randn(1000, 1)
     with torch.no_grad():
         logits = ln(x) @ row
     assert logit <= -1000 and (logits - logit).abs().max() <= 1e-3 * abs(logit)  # fp32 rounding only
-    assert E.pinned_row(torch.ones(64), torch.zeros(64))[1] == 0.0  # no bias: no such row
+    assert ct2.pinned_row(torch.ones(64), torch.zeros(64))[1] == 0.0  # no bias: no such row
 
 
 def test_ct2_encoder_and_logits_equal(ct2_dir, model, mel, tok):
@@ -251,13 +255,13 @@ def test_ct2_encoder_and_logits_equal(ct2_dir, model, mel, tok):
     with torch.no_grad():
         xa = model.encoder(mel)
     assert np.abs(np.array(ct.encode(features)) - xa.numpy()).max() <= TOL
-    _, pinned = E.pinned_row(model.decoder.ln.weight.detach(), model.decoder.ln.bias.detach())
+    _, pinned = ct2.pinned_row(model.decoder.ln.weight.detach(), model.decoder.ln.bias.detach())
     for i, r in enumerate(results):
         seq = r.sequences_ids[0]
         theirs = np.array([np.array(step) for step in r.logits[0]])  # (new tokens, 51865), suppressed = -max
         ours = teacher_forced(model, mel[i:i + 1], tok, seq)[0, 3:3 + len(theirs)].numpy()
         keep = np.ones(tok.vocab_size, bool)
-        keep[E.suppress_ids(tok)] = False
+        keep[hf.suppress_ids(tok)] = False
         assert np.abs(theirs[:, :tok.vocab_size][:, keep] - ours[:, keep]).max() <= TOL
         # every added id has the pinned logit, far below any of ours
         assert np.abs(theirs[:, tok.vocab_size:] - pinned).max() <= 1e-3 * abs(pinned)
@@ -272,7 +276,7 @@ def test_ct2_generate_gives_our_transcript(ct2_dir, model, mel, tok):
 
 def test_ct2_int8_export_runs(ckpt_path, tmp_path, mel, tok):
     out = tmp_path / "int8"
-    E.main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--quantization", "int8", "--output", str(out)])
+    export_main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--quantization", "int8", "--output", str(out)])
     _, _, results = ct2_greedy(out, mel, tok, compute_type="int8")
     assert all(len(r.sequences_ids[0]) > 0 for r in results)
 
@@ -281,7 +285,7 @@ def test_ct2_compact_export_keeps_our_vocabulary(ckpt_path, tmp_path, model, mel
     import json
 
     out = tmp_path / "compact"
-    E.main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--compact", "--output", str(out)])
+    export_main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--compact", "--output", str(out)])
     assert len(json.loads((out / "vocabulary.json").read_text())) == tok.vocab_size
     _, _, results = ct2_greedy(out, mel, tok)
     assert [r.sequences_ids[0] for r in results] == ours_greedy(model, mel, tok)
@@ -305,7 +309,7 @@ def fw_setup(tok, tmp_path_factory):
             elif name.endswith("bias"):
                 p.normal_(0, 0.3)
     out = tmp_path_factory.mktemp("fw") / "model"
-    E.export_ct2(model, tok, out)
+    ct2.export_ct2(model, tok, out)
     return model, WhisperModel(str(out), device="cpu", compute_type="float32", cpu_threads=1)
 
 
@@ -319,8 +323,8 @@ def test_faster_whisper_tokenizer_speaks_our_layout(fw_setup, tok):
     # its non-speech list (suppressed by default) touches none of our tokens, and does not crash
     assert min(t.non_speech_tokens) >= tok.vocab_size
     # a prompt with a symbol it matches before normalising: the added token embeds as our space
-    names, symbols = E.fw_extra_tokens(tok)
-    stand_in = {tok.vocab_size + names.index(c): E._stand_in(tok, c) for c in symbols}
+    names, symbols = ct2.fw_extra_tokens(tok)
+    stand_in = {tok.vocab_size + names.index(c): ct2._stand_in(tok, c) for c in symbols}
     text = "Шинэ жил, сайхан-сайхан өдөр"
     ids = t.encode(text)
     assert any(i in stand_in for i in ids)
@@ -373,7 +377,7 @@ def test_init_from_openai_encoder_only(tmp_path, tok, mel):
     theirs, path = save_openai_random(tmp_path, OPENAI_DIMS)
     ours = tiny_model(tok, ctc=True, seed=3)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    copied = E.init_from_openai(ours, path)
+    copied = init_from_openai(ours, path)
     assert copied and all(k.startswith("encoder.") for k in copied)
     assert len(copied) == sum(k.startswith("encoder.") for k in before)
     with torch.no_grad():
@@ -388,7 +392,7 @@ def test_init_from_openai_with_decoder(tmp_path, tok):
     theirs, path = save_openai_random(tmp_path, OPENAI_DIMS)
     ours = tiny_model(tok)  # n_text_ctx 48 < 64: the positional table is cut
     token_embedding = ours.decoder.token_embedding.weight.clone()
-    copied = E.init_from_openai(ours, path, transfer_decoder=True)
+    copied = init_from_openai(ours, path, transfer_decoder=True)
     assert "decoder.blocks.1.cross_attn.key.weight" in copied and "decoder.token_embedding.weight" not in copied
     assert torch.equal(ours.decoder.token_embedding.weight, token_embedding)
     assert torch.equal(ours.decoder.positional_embedding, theirs.decoder.positional_embedding[:48])
@@ -398,11 +402,11 @@ def test_init_from_openai_with_decoder(tmp_path, tok):
 def test_init_from_openai_errors(tmp_path, tok):
     ours = tiny_model(tok)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        E.init_from_openai(ours, tmp_path / "missing.pt")
+        init_from_openai(ours, tmp_path / "missing.pt")
     _, path = save_openai_random(tmp_path, {**OPENAI_DIMS, "n_audio_state": 32, "n_text_state": 32})
     with pytest.raises(ValueError, match="n_audio_state 32"):
-        E.init_from_openai(ours, path)
+        init_from_openai(ours, path)
     bad = tmp_path / "ours.pt"
     save_checkpoint(bad, ours, tok)
     with pytest.raises(ValueError, match="not an openai-whisper checkpoint"):
-        E.init_from_openai(ours, bad)
+        init_from_openai(ours, bad)

@@ -1,0 +1,86 @@
+"""The export command line: a whisper_scratch checkpoint to openai-whisper, HF or CTranslate2.
+
+    python -m whisper_scratch.export --checkpoint best_model.pt --to openai --output model.pt
+    python -m whisper_scratch.export --checkpoint best_model.pt --to hf     --output hf_model/
+    python -m whisper_scratch.export --checkpoint best_model.pt --to ct2    --output ct2_model/ [--quantization int8] [--compact]
+
+The auxiliary CTC head (`ctc_head.*`, present when the model was trained with --ctc-weight) has
+no counterpart in any of the three and is dropped, with a message.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..checkpoint import load_model
+from ..config import option, parse_options
+from .ct2 import CT2_QUANTIZATIONS, export_ct2
+from .hf import export_hf
+from .openai import export_openai
+
+TARGETS = ("openai", "hf", "ct2")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Export a whisper_scratch checkpoint to openai-whisper, Hugging Face or CTranslate2."""
+
+    checkpoint: str = option(help="a whisper_scratch checkpoint (best_model.pt / last.pt)")
+    output: str = option(help="output file (openai) or folder (hf, ct2)")
+    to: str = option("openai", "target: openai (.pt file), hf (folder), ct2 (folder)", choices=TARGETS)
+    quantization: Optional[str] = option(None, "ct2 only: CTranslate2 weight type (default float32)",
+                                         choices=CT2_QUANTIZATIONS)
+    compact: bool = option(False, "ct2 only: keep our vocabulary size instead of faster-whisper's 51,865 "
+                                  "(smaller and faster; for ctranslate2.models.Whisper, not faster-whisper)")
+    overwrite: bool = option(False, "replace an existing output")
+
+    def __post_init__(self):
+        if self.to not in TARGETS:
+            raise ValueError(f"--to must be one of {TARGETS}, got {self.to!r}")
+        if self.to != "ct2" and self.quantization is not None:
+            raise ValueError(f"--quantization {self.quantization} applies to --to ct2 only, not --to {self.to}")
+        if self.to != "ct2" and self.compact:
+            raise ValueError(f"--compact applies to --to ct2 only, not --to {self.to}")
+
+
+def _clear_output(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        # only ever delete a folder that an export wrote (HF and CT2 folders hold config.json)
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise FileExistsError(f"{out} is a folder that does not look like an export (no config.json); "
+                                  f"not deleting it, choose another --output")
+        shutil.rmtree(out)
+
+
+def export(opts: ExportOptions) -> Path:
+    out = Path(opts.output)
+    _clear_output(out, opts.overwrite)
+    model, tokenizer, _ = load_model(opts.checkpoint)
+    if model.dims.ctc:
+        print(f"note: {opts.checkpoint} has a CTC head (ctc_head.*); {opts.to} has no place for it, it is "
+              f"dropped (attention decoding is unchanged)", file=sys.stderr)
+    if opts.to == "openai":
+        return export_openai(model, out)
+    if opts.to == "hf":
+        return export_hf(model, tokenizer, out)
+    return export_ct2(model, tokenizer, out, opts.quantization or "float32", opts.compact)
+
+
+def main(argv=None) -> None:
+    opts = parse_options(ExportOptions, argv, prog="python -m whisper_scratch.export")
+    try:
+        out = export(opts)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out} ({opts.to})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Export to CTranslate2, in the padded vocabulary layout that faster-whisper reads.
+
+CTranslate2's own converter runs on the HF export (hf.py), in faster-whisper's padded layout
+(below) unless `compact`.
+
+The folder holds tokenizer.json and preprocessor_config.json, the files faster-whisper reads:
+`WhisperModel(folder).transcribe(audio, language="mn", without_timestamps=True)` gives our greedy
+transcript (tested). ctranslate2 is imported only by export_ct2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from ..model import Whisper
+from ..tokenizer import Tokenizer
+from .hf import export_hf
+
+CT2_QUANTIZATIONS = ("float32", "int8", "int8_float32", "float16", "int8_float16", "bfloat16", "int16")
+
+
+# -- the padded layout that faster-whisper needs ----------------------------------------------
+#
+# faster-whisper and CTranslate2 read a Whisper model through openai's vocabulary layout:
+#  1. CTranslate2 calls a model multilingual when its vocabulary has 51,865 tokens (before 4.6) or
+#     holds the empty-string token (4.6 and later; measured on 4.8.5). Otherwise faster-whisper
+#     ignores `language` and builds the English-only prompt <|startoftranscript|><|notimestamps|>.
+#  2. The number of languages is taken as id(<|nospeech|>) - id(<|startoftranscript|>) - 5.
+#  3. faster-whisper's tokenizer must know <|translate|>, <|startoflm|> and <|nospeech|> (it
+#     suppresses them) and encode " -" and " '" to at least one token (its non-speech list takes
+#     the first).
+#  4. It suppresses its own list of ids, not ours: our languages, <|notimestamps|> and <|pad|>,
+#     and the ids added for 1-3, would be free to win.
+# So the CTranslate2 export appends <|nospeech|> right after <|pad|> (which makes 2 come out as our
+# number of languages), the other tokens of 3, fillers up to 51,865 (the last one named "" in
+# CTranslate2's vocabulary), and unties the output projection: every id that we never generate
+# (every special but <|endoftext|>, and all the added ones) gets a projection row whose logit is
+# the same large negative constant whatever the decoder state (pinned_row). The input embeddings
+# of our own tokens are unchanged. The model then decodes as ours does, whichever suppress list
+# the caller passes.
+FW_VOCAB = 51865
+FW_SPECIALS = ("<|nospeech|>", "<|translate|>", "<|startoflm|>")
+# the single characters that faster-whisper's non_speech_tokens encodes, " -" and " '" included
+FW_SYMBOLS = tuple('"#()*+/:;<=>@[\\]^_`{|}~「」『』' + "-'" + "♩♪♫♬♭♮♯")
+PINNED_LOGIT = -1e4
+
+
+def pinned_row(gain: torch.Tensor, bias: torch.Tensor, target: float = PINNED_LOGIT,
+               max_abs: float = 6e4) -> tuple:
+    """A projection row r whose logit r . LayerNorm(x) is one constant for every x.
+
+    LayerNorm(x) = gain * n + bias with sum(n) = 0 (n is x centred and scaled), so r = c / gain
+    gives r . (gain * n + bias) = c * sum(bias / gain): no n left. c makes that `target`, as far as
+    |r| <= max_abs allows (fp16's range). Returns (row, logit); logit 0 when the LayerNorm bias is
+    zero (an untrained model), where no such row exists."""
+    g, b = gain.detach().double(), bias.detach().double()
+    s = (b / g).sum()
+    if g.abs().min() < 1e-6 or s.abs() < 1e-9:
+        return torch.zeros_like(gain), 0.0
+    c = target / s
+    c = c * min(1.0, max_abs * float(g.abs().min()) / abs(float(c)))
+    return (c / g).to(gain.dtype), float(c * s)
+
+
+def fw_extra_tokens(tokenizer: Tokenizer) -> tuple:
+    """(names, symbols): the tokens appended to our vocabulary up to FW_VOCAB, in order
+    FW_SPECIALS, the characters of FW_SYMBOLS that our tokenizer has no token of its own for
+    (`symbols`), fillers."""
+    def own_token(ch):
+        ids = tokenizer._encode(tokenizer.normalize(ch))
+        return len(ids) == 1 and ids[0] != 0  # 0 = <|unk|>
+    symbols = [c for c in FW_SYMBOLS if not own_token(c)]
+    names = list(FW_SPECIALS) + symbols
+    n_fill = FW_VOCAB - tokenizer.vocab_size - len(names)
+    if n_fill < 1:
+        raise ValueError(f"faster-whisper needs a vocabulary of exactly {FW_VOCAB} tokens; this model has "
+                         f"{tokenizer.vocab_size}, +{len(names) + 1} that faster-whisper needs: too many")
+    return names + [f"<|unused_{i}|>" for i in range(n_fill)], symbols
+
+
+def _stand_in(tokenizer: Tokenizer, ch: str) -> int:
+    """Our id for symbol `ch` inside a prompt: what our normaliser makes of it between two
+    letters (punctuation -> the space token), else <|unk|>. faster-whisper's tokenizer matches the
+    added symbol before normalising, so embedding it as this keeps prompts close to ours."""
+    mid = tokenizer.normalize(f"x{ch}x")[1:-1]
+    ids = tokenizer._encode(mid) if mid else []
+    return ids[0] if len(ids) == 1 else 0
+
+
+def fw_weights(model: Whisper, tokenizer: Tokenizer) -> tuple:
+    """(embedding, projection), both (FW_VOCAB, d): our rows first. Added symbols embed as their
+    _stand_in, the other added tokens as zeros (never input).
+    Projection: our text tokens and <|endoftext|> keep their rows, all other ids get pinned_row."""
+    emb = model.decoder.token_embedding.weight.detach()
+    names, symbols = fw_extra_tokens(tokenizer)
+    v, d = emb.shape
+    embedding = torch.zeros(FW_VOCAB, d, dtype=emb.dtype)
+    embedding[:v] = emb
+    first = v + len(FW_SPECIALS)
+    embedding[first:first + len(symbols)] = emb[[_stand_in(tokenizer, c) for c in symbols]]
+    row, logit = pinned_row(model.decoder.ln.weight.detach(), model.decoder.ln.bias.detach())
+    if logit > -30:
+        print(f"warning: the decoder's final LayerNorm bias is (almost) zero (an untrained model?), so the "
+              f"tokens we never generate cannot be pinned (logit {logit:.3g}); faster-whisper may emit them",
+              file=sys.stderr)
+    projection = row.expand(FW_VOCAB, d).clone()
+    projection[:tokenizer.n_text] = emb[:tokenizer.n_text]
+    projection[tokenizer.eot] = emb[tokenizer.eot]
+    return embedding, projection
+
+
+# -- the export: CTranslate2's converter on the HF export -------------------------------------
+
+def export_ct2(model: Whisper, tokenizer: Tokenizer, folder: Union[str, Path],
+               quantization: str = "float32", compact: bool = False) -> Path:
+    """Through the HF export and CTranslate2's own converter; tokenizer.json,
+    preprocessor_config.json and whisper_scratch.json are copied along, so faster-whisper's
+    WhisperModel(folder) finds everything it reads. The default is faster-whisper's padded layout
+    (above); `compact` keeps our vocabulary size: ctranslate2.models.Whisper with our own prompt
+    only, but its output layer is 51,865 / vocab_size times smaller."""
+    from ctranslate2.converters import TransformersConverter
+
+    if quantization not in CT2_QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {CT2_QUANTIZATIONS}, got {quantization!r}")
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        if compact:
+            export_hf(model, tokenizer, tmp)
+        else:
+            export_hf(model, tokenizer, tmp, weights=fw_weights(model, tokenizer),
+                      extra_tokens=fw_extra_tokens(tokenizer))
+        converter = TransformersConverter(
+            tmp, copy_files=["tokenizer.json", "preprocessor_config.json", "whisper_scratch.json"])
+        converter.convert(str(folder), quantization=quantization, force=True)
+    if not compact:
+        _mark_multilingual(folder)
+    return folder
+
+
+def _mark_multilingual(folder: Path) -> None:
+    """Renames the last filler of a padded export's vocabulary.json to "": CTranslate2 >= 4.6
+    calls a model multilingual when "" is a token (see the padded layout above)."""
+    vocab_file = folder / "vocabulary.json"
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    if len(vocab) != FW_VOCAB or not vocab[-1].startswith("<|unused_"):
+        raise RuntimeError(f"{vocab_file}: expected {FW_VOCAB} tokens ending in fillers, got {len(vocab)}")
+    vocab[-1] = ""
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
