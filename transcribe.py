@@ -27,9 +27,11 @@ from tqdm import tqdm
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
 from whisper_scratch.checkpoint import load_model
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options
-from whisper_scratch.decoding import (OUTPUT_FORMATS, DecodingOptions, FallbackOptions, transcribe,
-                                      transcribe_files, write_result)
-from whisper_scratch.metrics import error_rates, read_references, utterance_errors, worst
+from whisper_scratch.decoding import DecodingOptions, FallbackOptions
+from whisper_scratch.evaluation import decode_references, resolve_references
+from whisper_scratch.longform import transcribe, transcribe_files
+from whisper_scratch.metrics import error_rates, utterance_errors, worst
+from whisper_scratch.writers import OUTPUT_FORMATS, write_result
 
 MODES = ("single", "directory", "batch", "evaluate")
 
@@ -158,14 +160,18 @@ def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
         return out.status(len(paths))
 
 
-def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
-    """transcribe_files with a progress bar."""
-    bar = tqdm(total=len(paths), desc="transcribing", unit="file", disable=not opts.progress)
-    for path, result in transcribe_files(model, paths, tokenizer, opts.decoding, opts.fallback,
-                                         opts.batch_size, opts.condition_on_previous_text):
+def _progress(results, n: int, opts: TranscribeOptions):
+    """(path, result) pairs passed through, with a progress bar."""
+    bar = tqdm(total=n, desc="transcribing", unit="file", disable=not opts.progress)
+    for path, result in results:
         bar.update(1)
         yield path, result
     bar.close()
+
+
+def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
+    return _progress(transcribe_files(model, paths, tokenizer, opts.decoding, opts.fallback, opts.batch_size,
+                                      opts.condition_on_previous_text), len(paths), opts)
 
 
 def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
@@ -176,21 +182,8 @@ def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
         return out.status(len(paths))
 
 
-def resolve_references(opts: TranscribeOptions) -> tuple:
-    """{absolute audio path: reference} and the format name. A relative path is looked up under
-    --audio_dir (and its clips/ folder, Common Voice's layout), then next to the reference file."""
-    pairs, kind = read_references(opts.reference_file)
-    bases = [Path(opts.audio_dir), Path(opts.audio_dir) / "clips"] if opts.audio_dir else []
-    bases.append(Path(opts.reference_file).parent)
-    refs = {}
-    for p, text in pairs:
-        options = [Path(p)] if Path(p).is_absolute() else [b / p for b in bases]
-        refs[str(next((c for c in options if c.is_file()), options[0]).resolve())] = text
-    return refs, kind
-
-
 def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
-    refs, kind = resolve_references(opts)
+    refs, kind = resolve_references(opts.reference_file, opts.audio_dir)
     roots = [opts.audio_dir] if opts.audio_dir else []
     roots.append(Path(opts.reference_file).parent)
     on_disk = [str(p.resolve()) for p in list_audio(opts.audio_dir)] if opts.audio_dir else []
@@ -198,7 +191,10 @@ def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
     missing_ref = [p for p in on_disk if p not in refs]
     hyps = {}
     with ResultWriter(opts, roots) as out:
-        for path, result in _batched(model, tokenizer, opts, [p for p in refs if Path(p).is_file()]):
+        pairs = [(p, text) for p, text in refs.items() if Path(p).is_file()]
+        for path, result in _progress(decode_references(model, tokenizer, pairs, opts.decoding, opts.fallback,
+                                                        opts.batch_size, opts.condition_on_previous_text),
+                                      len(pairs), opts):
             out.write(path, result)
             if not isinstance(result, Exception):
                 hyps[path] = result["text"]

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from whisper_scratch.audio import SAMPLE_RATE, load_audio  # noqa: E402
-from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions, transcribe, transcribe_files  # noqa: E402
+from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions  # noqa: E402
+from whisper_scratch.longform import transcribe, transcribe_files  # noqa: E402
 from whisper_scratch.model import Whisper, preset_dims  # noqa: E402
 from whisper_scratch.tokenizer import CharTokenizer  # noqa: E402
 

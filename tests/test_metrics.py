@@ -3,7 +3,8 @@ empty references are handled explicitly, and the three reference formats are rea
 import jiwer
 import pytest
 
-from whisper_scratch.metrics import cer, error_rates, read_references, utterance_errors, wer, worst
+from whisper_scratch.data import read_references
+from whisper_scratch.metrics import cer, error_rates, utterance_errors, wer, worst
 from whisper_scratch.tokenizer import TextNormalizer
 from conftest import DATA
 
@@ -69,3 +70,6 @@ def test_read_references_in_three_formats(tmp_path):
         read_references(bad)
     with pytest.raises(FileNotFoundError, match="nope.tsv"):
         read_references(tmp_path / "nope.tsv")
+    jsonl = tmp_path / "m.jsonl"  # a JSONL manifest reads as the trainer reads it
+    jsonl.write_text('{"audio": "c.wav", "text": "one two"}\n', encoding="utf-8")
+    assert read_references(jsonl) == ([("c.wav", "one two")], "manifest")

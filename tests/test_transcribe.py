@@ -20,11 +20,12 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from whisper_scratch import decoding
+from whisper_scratch import decoding, longform
 from whisper_scratch.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram
 from whisper_scratch.checkpoint import save_checkpoint
-from whisper_scratch.decoding import (DecodingOptions, format_timestamp, to_srt, to_tsv, to_vtt,
-                                      transcribe, write_result)
+from whisper_scratch.decoding import DecodingOptions
+from whisper_scratch.longform import transcribe
+from whisper_scratch.writers import format_timestamp, to_srt, to_tsv, to_vtt, write_result
 from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer
 from conftest import DATA, REPO
@@ -103,7 +104,7 @@ def test_70s_file_is_transcribed_in_order_with_increasing_timestamps(digit_model
         prompts.append(TOK.decode(options.prompt))
         return real(model, mel, mel_lens, tokenizer, options, fallback)
 
-    monkeypatch.setattr(decoding, "decode_with_fallback", spy)
+    monkeypatch.setattr(longform, "decode_with_fallback", spy)
     result = transcribe(digit_model, audio, TOK, DecodingOptions(max_new_tokens=8))
     assert result["text"] == " ".join(words)
     segs = result["segments"]
@@ -132,11 +133,11 @@ def test_30s_windows_and_a_shorter_tail():
         calls.append((mel.shape[-1], int(mel_lens[0])))
         return real(model, mel, mel_lens, tokenizer, options, fallback)
 
-    decoding.decode_with_fallback = spy
+    longform.decode_with_fallback = spy
     try:
         result = transcribe(model, audio, TOK, DecodingOptions(max_new_tokens=4), decoding.NO_FALLBACK)
     finally:
-        decoding.decode_with_fallback = real
+        longform.decode_with_fallback = real
     assert calls == [(3000, 3000), (3000, 3000), (500, 500)]  # the tail at its own length
     assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Optional, Sequence, Type, TypeVar
 
@@ -30,7 +31,7 @@ def option(default=dataclasses.MISSING, help: str = "", *, factory=None, cli: bo
 
 def _base_type(tp):
     """Optional[int] -> (int, True); int -> (int, False)."""
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, getattr(types, "UnionType", typing.Union)):  # Optional[X], X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0], True
     return tp, False

@@ -11,13 +11,14 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import audio as A
 from .augment import AugmentOptions, NoiseBank, add_noise, spec_augment, speed_perturb
+from .config import option, parse_options
 from .tokenizer import Tokenizer
 
 CV_SPLITS = ("train", "dev", "test", "validated")
@@ -202,6 +203,56 @@ def read_manifest(path, split: Optional[str] = None, report: Optional[DataReport
         if utt:
             utts.append(utt)
     return utts
+
+
+def read_references(path) -> Tuple[List[Tuple[str, str]], str]:
+    """(audio path as written, transcript) pairs and the format's name, for scoring:
+
+    - "common_voice": a TSV whose header names `path` and `sentence` (other columns ignored);
+    - "manifest": a TSV or JSONL with the columns `read_manifest` accepts (path/audio..., text/...);
+    - "tsv": no such header, every line `path<TAB>text`.
+    The same readers as training (quoting disabled: Common Voice sentences contain '"'). Relative
+    paths are returned as written; the caller resolves them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: reference file not found")
+    if path.suffix in (".jsonl", ".json"):
+        rows, kind = _read_jsonl(path, DataReport()), "manifest"
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            first = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), None)
+        if first is None:
+            raise ValueError(f"{path}: reference file is empty")
+        header = {c.strip().lower() for c in first}
+        if not (header & set(_PATH_KEYS) and header & set(_TEXT_KEYS)):
+            return _headerless_pairs(path), "tsv"
+        rows = [{k.strip().lower(): v for k, v in r.items() if k is not None} for r in _read_tsv(path)]
+        kind = "common_voice" if "sentence" in header and "text" not in header else "manifest"
+    keys = set().union(*(r.keys() for r in rows)) if rows else set()
+    pkey = next(k for k in _PATH_KEYS if k in keys) if keys & set(_PATH_KEYS) else None
+    tkey = next(k for k in _TEXT_KEYS if k in keys) if keys & set(_TEXT_KEYS) else None
+    if pkey is None or tkey is None:
+        raise ValueError(f"{path}: needs an audio column ({'/'.join(_PATH_KEYS)}) and a text column "
+                         f"({'/'.join(_TEXT_KEYS)}); found {sorted(keys)}")
+    pairs = []
+    for lineno, r in enumerate(rows, start=2):
+        if r.get(pkey) is None or r.get(tkey) is None:
+            raise ValueError(f"{path}:{lineno}: expected a path and a transcript column ({kind} format), got {r!r}")
+        pairs.append((str(r[pkey]).strip(), str(r[tkey]).strip()))
+    return pairs, kind
+
+
+def _headerless_pairs(path: Path) -> list:
+    pairs = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+            if not row or not "".join(row).strip():
+                continue  # blank line
+            if len(row) < 2:
+                raise ValueError(f"{path}:{lineno}: expected a path and a transcript column (tsv format), "
+                                 f"got {len(row)} field(s): {row!r}")
+            pairs.append((row[0].strip(), row[1].strip()))
+    return pairs
 
 
 def _read_jsonl(path: Path, report: DataReport) -> list:
@@ -508,14 +559,17 @@ def summarise_source(source, language: str = "mn") -> str:
     return f"{source}\n{describe_splits(splits)}\n{report.summary()}"
 
 
+@dataclass(frozen=True)
+class SummaryOptions:
+    """Print the clips and hours of each split of a data source."""
+    source: str = option(help="Common Voice folder (corpus root or language folder) or manifest", positional=True)
+    language: str = option("mn", "Common Voice language folder")
+
+
 def main(argv=None) -> None:
-    import argparse
-    ap = argparse.ArgumentParser(description="Print the clips and hours of each split of a data source.")
-    ap.add_argument("source", help="Common Voice folder (corpus root or language folder) or manifest")
-    ap.add_argument("--language", default="mn")
-    args = ap.parse_args(argv)
+    opts = parse_options(SummaryOptions, argv, prog="python -m whisper_scratch.data")
     try:
-        print(summarise_source(args.source, args.language))
+        print(summarise_source(opts.source, opts.language))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

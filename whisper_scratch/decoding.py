@@ -1,19 +1,18 @@
-"""Features -> text: greedy, sampling and beam search on the explicit KV cache, batched over
-utterances and beams; temperature fallback; optional joint CTC prefix scoring; long-form audio
-transcribed window by window; batched transcription of many files; output formats.
+"""Features -> text for windows of at most 30 s: greedy, sampling and beam search on the
+explicit KV cache, batched over utterances and beams; optional joint CTC prefix scoring;
+temperature fallback.
 
-`decode` handles a batch of mels of at most one window (30 s); `transcribe` handles one file of
-any length; `transcribe_files` decodes many files in duration-sorted batches. The search follows
-openai-whisper's decoding.py (same scores, ranking, fallback rule), vectorised over the batch.
+`decode` takes a batch of mels, `decode_features` encoder output, `decode_with_fallback` adds
+the fallback. The search follows openai-whisper's decoding.py (same scores, ranking, fallback
+rule), vectorised over the batch. Both searches return `Candidate`s grouped per utterance.
+Files of any length and many files at once: longform.py; output formats: writers.py.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import zlib
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,8 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import option
-from .audio import (FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, AudioError, audio_duration, load_audio,
-                    log_mel_spectrogram)
 from .model import Whisper
 from .tokenizer import Tokenizer
 
@@ -123,6 +120,14 @@ class DecodingResult:
     score: float  # the ranking score (with CTC: the joint score)
 
 
+class Candidate(NamedTuple):
+    """One finished hypothesis of a search (greedy, sampling or beam), before ranking."""
+
+    tokens: List[int]  # new text tokens, without <|endoftext|>
+    score: float  # the ranking score: the decoder logprob sum, or with CTC the joint score
+    logprob: float  # the decoder logprob sum (including <|endoftext|>'s when reached)
+
+
 def compression_ratio(text: str) -> float:
     """len(utf-8) / len(zlib): repetitive (hallucinated) text compresses well, above ~2.4."""
     data = text.encode("utf-8")
@@ -220,16 +225,17 @@ def _logprobs(logits: Tensor, suppress: Tensor) -> Tensor:
 # -- greedy and sampling -----------------------------------------------------------------------
 
 def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tensor, eot: int,
-                  temperature: float = 0.0, seeds: Optional[Sequence[int]] = None) -> list:
-    """Greedy (temperature 0) or sampling, every row independent. tokens (R, P): the prompt.
-    Sampling draws each row's noise from its own generator seeded by `seeds[row]`, so a row's
-    text does not depend on which other rows share its batch. Returns per row (new tokens
-    without eot, sum of logprobs including eot's)."""
+                  temperature: float = 0.0, seeds: Optional[Sequence[int]] = None,
+                  group: int = 1) -> List[List[Candidate]]:
+    """Greedy (temperature 0) or sampling, every row independent. tokens (R, P): the prompt,
+    `group` consecutive rows per utterance (best_of samples). Sampling draws each row's noise
+    from its own generator seeded by `seeds[row]`, so a row's text does not depend on which
+    other rows share its batch. Returns per utterance its `group` candidates (score = logprob)."""
     R, P = tokens.shape
     rows = torch.arange(R, device=tokens.device)  # original row of each live row
     gens = [torch.Generator(tokens.device).manual_seed(int(s)) for s in seeds] if temperature > 0 else []
     sum_lp = torch.zeros(R, device=tokens.device)
-    out: list = [None] * R
+    out: List[Optional[Candidate]] = [None] * R
     for step in range(n_new):
         logits = inference.logits(tokens).float().masked_fill(suppress, NEG_INF)
         logprobs = F.log_softmax(logits, dim=-1)
@@ -242,15 +248,15 @@ def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Te
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done = (nxt == eot) | (step == n_new - 1)
         for i in done.nonzero().squeeze(1).tolist():
-            seq = tokens[i, P:].tolist()
-            out[int(rows[i])] = (seq[:-1] if seq[-1] == eot else seq, sum_lp[i].item())
+            seq, lp = tokens[i, P:].tolist(), sum_lp[i].item()
+            out[int(rows[i])] = Candidate(seq[:-1] if seq[-1] == eot else seq, lp, lp)
         if done.all():
             break
         if done.any():  # drop finished rows so later steps cost only what is still running
             keep = (~done).nonzero().squeeze(1)
             tokens, rows, sum_lp = tokens[keep], rows[keep], sum_lp[keep]
             inference.reorder(keep)
-    return out
+    return [out[i:i + group] for i in range(0, R, group)]
 
 
 # -- CTC prefix scoring ------------------------------------------------------------------------
@@ -322,7 +328,7 @@ class _Beams:
     scores: Tensor  # (b, K) ranking score (joint with CTC)
     att: Tensor  # (b, K) decoder logprob sum
     audios: list  # original utterance index of each live audio
-    finished: list = field(default_factory=list)  # per utterance: [(tokens, score, att)]
+    finished: List[List[Candidate]] = field(default_factory=list)  # per utterance
 
 
 def _candidates(logprobs: Tensor, beams: _Beams, K: int, ctc: Optional[CtcPrefixScorer], ctc_weight: float):
@@ -360,7 +366,8 @@ def _beam_step(beams: _Beams, logprobs: Tensor, K: int, eot: int, max_cand: int,
     for i, j in ended.nonzero().tolist():
         done = beams.finished[beams.audios[i]]
         if len(done) < max_cand:
-            done.append((beams.tokens[i * K + src[i, j], P:].tolist(), top[i, j].item(), att_top[i, j].item()))
+            done.append(Candidate(beams.tokens[i * K + src[i, j], P:].tolist(), top[i, j].item(),
+                                  att_top[i, j].item()))
     rows = (torch.arange(b, device=src.device)[:, None] * K + src[keep].view(b, K)).flatten()
     new_tok = tok[keep].view(-1)
     if ctc is not None:
@@ -388,10 +395,11 @@ def _drop_done(beams: _Beams, inference: Inference, ctc: Optional[CtcPrefixScore
 
 
 def beam_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tensor, eot: int, K: int,
-                patience: float = 1.0, ctc: Optional[CtcPrefixScorer] = None, ctc_weight: float = 0.0) -> list:
+                patience: float = 1.0, ctc: Optional[CtcPrefixScorer] = None,
+                ctc_weight: float = 0.0) -> List[List[Candidate]]:
     """openai-whisper's beam search, batched: tokens (B*K, P) holds each utterance's prompt K
-    times. Stops an utterance once round(K * patience) hypotheses ended; returns per utterance a
-    list of (tokens, score, decoder logprob sum)."""
+    times. Stops an utterance once round(K * patience) hypotheses ended; returns per utterance
+    its finished candidates (score: joint with CTC; logprob: the decoder's sum)."""
     n_audio, P = tokens.shape[0] // K, tokens.shape[1]
     max_cand = max(1, round(K * patience))
     scores = torch.full((n_audio, K), NEG_INF, device=tokens.device)
@@ -412,7 +420,8 @@ def beam_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tens
         for j in beams.scores[i].argsort(descending=True).tolist():
             if len(done) >= max_cand or (done and not np.isfinite(beams.scores[i, j].item())):
                 break
-            done.append((beams.tokens[i * K + j, P:].tolist(), beams.scores[i, j].item(), beams.att[i, j].item()))
+            done.append(Candidate(beams.tokens[i * K + j, P:].tolist(), beams.scores[i, j].item(),
+                                  beams.att[i, j].item()))
     return beams.finished
 
 
@@ -450,30 +459,44 @@ def decode_features(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Toke
     """The search on encoder output xa (B, S, C); see `decode`. seeds: one per utterance for
     sampling (default: drawn from torch's global generator)."""
     with torch.inference_mode():
-        B, n_ctx = xa.shape[0], model.dims.n_text_ctx
+        n_ctx = model.dims.n_text_ctx
         prompt = initial_tokens(tokenizer, options, n_ctx)
         n_new = _max_new_tokens(options, n_ctx, len(prompt))
         suppress = suppress_mask(tokenizer, model.dims.n_vocab, xa.device)
-        use_beam = options.uses_beam_search
-        n = options.beam_size if use_beam else (options.best_of if options.temperature > 0 else 1)
-        rows = torch.arange(B, device=xa.device).repeat_interleave(n)
-        if use_beam:  # the beams of an utterance share its audio (read once per step)
-            inference = Inference(model, xa, xa_lens, options.use_cache, group=n)
+        if options.uses_beam_search:
+            cands = _beam_candidates(model, xa, xa_lens, tokenizer, options, prompt, n_new, suppress)
         else:
-            inference = Inference(model, xa[rows], xa_lens[rows], options.use_cache)
-        tokens = torch.tensor(prompt, device=xa.device).repeat(B * n, 1)
-        if use_beam:
-            ctc = _ctc_scorer(model, xa, xa_lens, rows, tokenizer) if options.ctc_weight > 0 else None
-            cands = beam_search(inference, tokens, n_new, suppress, tokenizer.eot, n, options.patience,
-                                ctc, options.ctc_weight)
-        else:
-            if seeds is None:
-                seeds = torch.randint(0, 2**62, (B,)).tolist()
-            # sample k of utterance i: its own stream, different for every temperature
-            row_seeds = [hash((int(s), k, options.temperature)) & (2**63 - 1) for s in seeds for k in range(n)]
-            found = sample_search(inference, tokens, n_new, suppress, tokenizer.eot, options.temperature, row_seeds)
-            cands = [[(t, s, s) for t, s in found[i * n:(i + 1) * n]] for i in range(B)]
+            cands = _sampled_candidates(model, xa, xa_lens, tokenizer, options, prompt, n_new, suppress, seeds)
         return [_best(c, tokenizer, options) for c in cands]
+
+
+def _beam_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer, options: DecodingOptions,
+                     prompt: List[int], n_new: int, suppress: Tensor) -> List[List[Candidate]]:
+    """Beam search (joint with CTC when ctc_weight > 0): the beams of an utterance share its
+    audio, read once per step."""
+    B, K = xa.shape[0], options.beam_size
+    rows = torch.arange(B, device=xa.device).repeat_interleave(K)
+    inference = Inference(model, xa, xa_lens, options.use_cache, group=K)
+    tokens = torch.tensor(prompt, device=xa.device).repeat(B * K, 1)
+    ctc = _ctc_scorer(model, xa, xa_lens, rows, tokenizer) if options.ctc_weight > 0 else None
+    return beam_search(inference, tokens, n_new, suppress, tokenizer.eot, K, options.patience, ctc, options.ctc_weight)
+
+
+def _sampled_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
+                        options: DecodingOptions, prompt: List[int], n_new: int, suppress: Tensor,
+                        seeds: Optional[Sequence[int]]) -> List[List[Candidate]]:
+    """Greedy (one row per utterance) or best_of samples per utterance, each row with its own
+    audio copy and seed."""
+    B = xa.shape[0]
+    n = options.best_of if options.temperature > 0 else 1
+    rows = torch.arange(B, device=xa.device).repeat_interleave(n)
+    inference = Inference(model, xa[rows], xa_lens[rows], options.use_cache)
+    tokens = torch.tensor(prompt, device=xa.device).repeat(B * n, 1)
+    if seeds is None:  # drawn even when greedy, so the global generator advances the same way
+        seeds = torch.randint(0, 2**62, (B,)).tolist()
+    # sample k of utterance i: its own stream, different for every temperature
+    row_seeds = [hash((int(s), k, options.temperature)) & (2**63 - 1) for s in seeds for k in range(n)]
+    return sample_search(inference, tokens, n_new, suppress, tokenizer.eot, options.temperature, row_seeds, group=n)
 
 
 def _ctc_scorer(model: Whisper, xa: Tensor, xa_lens: Tensor, rows: Tensor, tokenizer: Tokenizer) -> CtcPrefixScorer:
@@ -484,12 +507,13 @@ def _ctc_scorer(model: Whisper, xa: Tensor, xa_lens: Tensor, rows: Tensor, token
     return CtcPrefixScorer(logprobs[rows], xa_lens[rows], blank=tokenizer.pad, eot=tokenizer.eot)
 
 
-def _best(cands: list, tokenizer: Tokenizer, options: DecodingOptions) -> DecodingResult:
+def _best(cands: List[Candidate], tokenizer: Tokenizer, options: DecodingOptions) -> DecodingResult:
     """Rank one utterance's candidates by length-normalised score (openai's ranker)."""
-    tokens, score, att = max(cands, key=lambda c: length_normalised(c[1], len(c[0]), options.length_penalty))
-    text = tokenizer.decode(tokens)
-    return DecodingResult(text=text, tokens=tokens, sum_logprob=att, avg_logprob=att / (len(tokens) + 1),
-                          compression_ratio=compression_ratio(text), temperature=options.temperature, score=score)
+    best = max(cands, key=lambda c: length_normalised(c.score, len(c.tokens), options.length_penalty))
+    text, lp = tokenizer.decode(best.tokens), best.logprob
+    return DecodingResult(text=text, tokens=best.tokens, sum_logprob=lp, avg_logprob=lp / (len(best.tokens) + 1),
+                          compression_ratio=compression_ratio(text), temperature=options.temperature,
+                          score=best.score)
 
 
 def decode_with_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor], tokenizer: Tokenizer,
@@ -513,172 +537,3 @@ def decode_with_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor]
             if not todo:
                 break
         return results
-
-
-# -- long-form: one file of any length ---------------------------------------------------------
-
-def window_frames(model: Whisper) -> int:
-    """Frames per long-form window: 30 s, or less for a model with a shorter encoder context."""
-    return min(N_FRAMES, 2 * model.dims.n_audio_ctx)
-
-
-def transcribe(model: Whisper, audio: Union[str, Path, np.ndarray, Tensor], tokenizer: Tokenizer,
-               options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
-               condition_on_previous_text: bool = True) -> dict:
-    """Transcribe a file or 16 kHz waveform of any length, window by window.
-
-    Windows are fixed (30 s) since this vocabulary has no timestamp tokens; each is decoded with
-    the previous windows' text as prompt (<|startofprev|> ...), reset after a window decoded at a
-    temperature above 0.5 (likely garbage, as openai-whisper). The last window is shorter and
-    decoded at its own length. Returns {text, segments: [{id, seek, start, end, text, ...}], ...}.
-    """
-    if isinstance(audio, (str, Path)):
-        audio = load_audio(audio)
-    n_samples = audio.shape[-1]
-    mel = log_mel_spectrogram(audio, model.dims.n_mels)  # whole file: one dynamic-range floor
-    duration, window = n_samples / SAMPLE_RATE, window_frames(model)
-    segments: list = []
-    history: list = []  # texts since the last prompt reset
-    for seek in range(0, mel.shape[-1], window):
-        chunk = mel[None, :, seek:seek + window]
-        prompt = tokenizer.encode(" ".join(history)) if condition_on_previous_text and history else []
-        opts = replace(options, prompt=tuple(prompt))
-        r = decode_with_fallback(model, chunk, torch.tensor([chunk.shape[-1]]), tokenizer, opts, fallback)[0]
-        end = min((seek + window) / FRAMES_PER_SECOND, duration)
-        segments.append(_segment(len(segments), seek, seek / FRAMES_PER_SECOND, end, r))
-        history = [] if r.temperature > 0.5 else (history + [r.text] if r.text else history)
-    return _transcript(segments, tokenizer, options, duration)
-
-
-def _segment(i: int, seek: int, start: float, end: float, r: DecodingResult) -> dict:
-    return {"id": i, "seek": seek, "start": round(start, 3), "end": round(end, 3), "text": r.text,
-            "tokens": r.tokens, "temperature": r.temperature, "avg_logprob": r.avg_logprob,
-            "compression_ratio": r.compression_ratio}
-
-
-def _transcript(segments: list, tokenizer: Tokenizer, options: DecodingOptions, duration: float) -> dict:
-    text = " ".join(s["text"] for s in segments if s["text"])
-    return {"text": text, "segments": segments, "language": options.language or tokenizer.languages[0],
-            "duration": round(duration, 3)}
-
-
-# -- many files: batched across files ----------------------------------------------------------
-
-def transcribe_files(model: Whisper, paths: Sequence[Union[str, Path]], tokenizer: Tokenizer,
-                     options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
-                     batch_size: int = 16, condition_on_previous_text: bool = True
-                     ) -> Iterator[Tuple[str, Union[dict, Exception]]]:
-    """Yield (path, transcript or the error) for every file, decoding files of at most one window
-    in batches sorted by duration (longest first, so memory limits show at once), each batch
-    padded to its longest file. Longer files go through `transcribe` one by one afterwards.
-    A result equals `transcribe(model, path, ...)` of that file alone (up to float rounding)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    window_s = window_frames(model) / FRAMES_PER_SECOND
-    timed, long = [], []
-    for p in paths:
-        try:
-            d = audio_duration(p)
-        except AudioError as e:
-            yield str(p), e
-            continue
-        if d <= window_s:
-            timed.append((d, str(p)))
-        else:
-            long.append(str(p))
-    timed.sort(key=lambda x: -x[0])
-    for start in range(0, len(timed), batch_size):
-        batch = [p for _, p in timed[start:start + batch_size]]
-        yield from _transcribe_batch(model, batch, tokenizer, options, fallback, long)
-    for p in long:
-        try:
-            yield p, transcribe(model, p, tokenizer, options, fallback, condition_on_previous_text)
-        except (AudioError, ValueError) as e:
-            yield p, e
-
-
-def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list):
-    """Load, featurise (each file alone, so features match `transcribe`), pad, decode one batch."""
-    mels, ok, durations = [], [], []
-    for p in paths:
-        try:
-            audio = load_audio(p)
-            mel = log_mel_spectrogram(audio, model.dims.n_mels)
-        except (AudioError, ValueError) as e:
-            yield p, e
-            continue
-        if mel.shape[-1] > window_frames(model):  # header said shorter than the decoded audio
-            long.append(p)
-            continue
-        mels.append(mel)
-        ok.append(p)
-        durations.append(len(audio) / SAMPLE_RATE)
-    if not ok:
-        return
-    lens = torch.tensor([m.shape[-1] for m in mels])
-    batch = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
-    results = decode_with_fallback(model, batch, lens, tokenizer, options, fallback)
-    for p, duration, r in zip(ok, durations, results):
-        yield p, _transcript([_segment(0, 0, 0.0, duration, r)], tokenizer, options, duration)
-
-
-# -- output formats ----------------------------------------------------------------------------
-
-OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
-
-
-def format_timestamp(seconds: float, decimal_marker: str = ".", always_include_hours: bool = True) -> str:
-    """Seconds -> [HH:]MM:SS.mmm (SRT uses ',' as the decimal marker)."""
-    if seconds < 0:
-        raise ValueError(f"timestamp must be >= 0, got {seconds}")
-    ms = int(round(seconds * 1000))
-    h, ms = divmod(ms, 3_600_000)
-    m, ms = divmod(ms, 60_000)
-    s, ms = divmod(ms, 1000)
-    hours = f"{h:02d}:" if always_include_hours or h else ""
-    return f"{hours}{m:02d}:{s:02d}{decimal_marker}{ms:03d}"
-
-
-def _cues(result: dict) -> Iterable[dict]:
-    return (s for s in result["segments"] if s["text"].strip())
-
-
-def to_srt(result: dict) -> str:
-    return "".join(f"{i}\n{format_timestamp(s['start'], ',')} --> {format_timestamp(s['end'], ',')}\n"
-                   f"{s['text'].strip()}\n\n" for i, s in enumerate(_cues(result), start=1))
-
-
-def to_vtt(result: dict) -> str:
-    return "WEBVTT\n\n" + "".join(f"{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}\n"
-                                  f"{s['text'].strip()}\n\n" for s in _cues(result))
-
-
-def to_tsv(result: dict) -> str:
-    """openai-whisper's tsv: start and end in integer milliseconds."""
-    rows = (f"{round(1000 * s['start'])}\t{round(1000 * s['end'])}\t{s['text'].strip()}\n" for s in _cues(result))
-    return "start\tend\ttext\n" + "".join(rows)
-
-
-def to_txt(result: dict) -> str:
-    return result["text"] + "\n"
-
-
-def to_json(result: dict) -> str:
-    return json.dumps(result, ensure_ascii=False, indent=1) + "\n"
-
-
-WRITERS = {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv}
-
-
-def write_result(result: dict, stem: Union[str, Path], formats: Sequence[str]) -> List[Path]:
-    """Write `result` as stem.<format> for each format ("all" = every one); returns the paths."""
-    formats = OUTPUT_FORMATS if "all" in formats else formats
-    written = []
-    for fmt in formats:
-        if fmt not in WRITERS:
-            raise ValueError(f"output format must be one of {OUTPUT_FORMATS} or 'all', got {fmt!r}")
-        path = Path(f"{stem}.{fmt}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(WRITERS[fmt](result), encoding="utf-8")
-        written.append(path)
-    return written

@@ -1,14 +1,12 @@
-"""Scoring: WER and CER with jiwer after the shared text normalisation, per-utterance errors, and
-reading reference transcripts (path<TAB>text, Common Voice TSV, or a manifest).
+"""Scoring: WER and CER with jiwer after the shared text normalisation, and per-utterance errors.
+(References are read by data.read_references, with the same readers as training.)
 
 Pass `normalize=tokenizer.normalize` so references and hypotheses are compared exactly as the
 model was trained (case, punctuation). A leaf module: it imports nothing from the package.
 """
 from __future__ import annotations
 
-import csv
 import math
-from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import jiwer
@@ -77,37 +75,3 @@ def worst(rows: Sequence[dict], n: int = 10) -> List[dict]:
     """The n utterances with the highest WER (ties: more errors first); error-free ones never."""
     bad = [r for r in rows if r["errors"] > 0]
     return sorted(bad, key=lambda r: (r["wer"], r["errors"]), reverse=True)[:n]
-
-
-# -- references --------------------------------------------------------------------------------
-
-def read_references(path) -> Tuple[List[Tuple[str, str]], str]:
-    """Read (audio path, transcript) pairs and the format's name from a TSV file.
-
-    - "common_voice": a header naming `path` and `sentence` columns (other columns ignored);
-    - "manifest": a header naming `path` and `text` columns (e.g. shared/data/fsdd/manifest.tsv);
-    - "tsv": no such header, every line `path<TAB>text`.
-    Quoting is disabled: Common Voice sentences contain '"'. Paths are returned as written;
-    relative ones are resolved by the caller (manifest paths are relative to its folder).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: reference file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise ValueError(f"{path}: reference file is empty")
-    header = [c.strip().lower() for c in rows[0]]
-    kind, start, (pi, ti) = "tsv", 0, (0, 1)
-    if "path" in header and ("sentence" in header or "text" in header):
-        kind = "common_voice" if "sentence" in header else "manifest"
-        start, pi, ti = 1, header.index("path"), header.index("sentence" if kind == "common_voice" else "text")
-    pairs = []
-    for lineno, row in enumerate(rows[start:], start=start + 1):
-        if not row or not "".join(row).strip():
-            continue  # blank line
-        if len(row) <= max(pi, ti):
-            raise ValueError(f"{path}:{lineno}: expected a path and a transcript column ({kind} format), "
-                             f"got {len(row)} field(s): {row!r}")
-        pairs.append((row[pi].strip(), row[ti].strip()))
-    return pairs, kind

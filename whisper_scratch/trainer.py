@@ -32,8 +32,8 @@ from .audio import FRAMES_PER_SECOND
 from .augment import AugmentOptions
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import DTYPE_ALIASES, canonical_dtype, option
-from .decoding import DecodingOptions, decode
-from .metrics import error_rates
+from .decoding import DecodingOptions
+from .evaluation import evaluate
 from .model import PRESETS, ModelDimensions, Whisper, preset_dims
 from .tokenizer import TextNormalizer, build_tokenizer, tokenizer_from_dict
 from .training_log import TrainLog, closing, opening
@@ -254,6 +254,17 @@ def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: tor
     return model.to(device)
 
 
+def build_batches(opts: TrainOptions, utts: list, tokenizer, n_mels: int, ddp: Dist) -> tuple:
+    """The duration-bucketed sampler (this rank's share) and the augmenting dataset."""
+    o = opts
+    sampler = D.DurationBucketSampler([u.duration for u in utts], o.max_batch_seconds, o.train_batch_size,
+                                      o.num_buckets, shuffle=True, seed=o.seed, rank=ddp.rank, world_size=ddp.world)
+    augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, noise_dir=o.noise_dir,
+                             snr_range=(o.snr_low, o.snr_high))
+    dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
+    return sampler, dataset
+
+
 def configure_optimizer(model: torch.nn.Module, opts: TrainOptions, device: torch.device):
     """AdamW; weight decay only on >= 2-D weights (not biases, LayerNorms or positional tables)."""
     decay, no_decay = [], []
@@ -305,35 +316,51 @@ class LossModule(torch.nn.Module):
         return (1 - self.ctc_weight) * ce + self.ctc_weight * ctc, ce, ctc
 
 
-@torch.no_grad()
-def evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, device, amp_ctx) -> dict:
-    """Real decoding of the dev clips (greedy unless --eval-beam-size; never teacher-forced), scored
-    with jiwer."""
-    if opts.max_eval_utts:
-        utts = utts[: opts.max_eval_utts]
-    if not utts:
-        return {}
+def pad_to_window(batch: dict, p: float, rng_key: list, n_frames: int) -> dict:
+    """With probability p, the batch as openai-whisper, HF and faster-whisper feed it: every clip
+    padded to the encoder's full window (n_frames), no mask. The padding is zero features
+    (faster-whisper pads the log-mel) or the clip's silence floor, max - 2 (openai and HF pad the
+    audio with zeros, which the log-mel clamps to max - 8 dB, i.e. max - 2 after scaling)."""
+    if p == 0:
+        return batch
+    rng = np.random.default_rng(rng_key)
+    if rng.random() >= p:
+        return batch
+    mel, lens = batch["mel"], batch["mel_lens"]
+    full = torch.zeros(mel.shape[0], mel.shape[1], n_frames)
+    for b, n in enumerate(lens.tolist()):
+        if rng.random() < 0.5:
+            full[b] = float(mel[b, :, :n].max()) - 2.0
+        full[b, :, :n] = mel[b, :, :n]
+    return {**batch, "mel": full, "mel_lens": torch.full_like(lens, full.shape[-1]), "audio_frames": int(lens.sum())}
+
+
+def placeholder_batch(tokenizer, language: str, n_mels: int) -> dict:
+    """One second of silence with no targets, run with loss weight 0 by a DDP rank whose batch
+    was all unreadable clips (see Trainer.epoch_steps)."""
+    prompt = list(tokenizer.sot_sequence(language))
+    n = FRAMES_PER_SECOND
+    return {"mel": torch.zeros(1, n_mels, n), "mel_lens": torch.tensor([n]), "tokens_in": torch.tensor([prompt]),
+            "targets": torch.full((1, len(prompt)), tokenizer.pad), "size": 0, "placeholder": True}
+
+
+def oom_message(micro: list, max_batch_seconds: Optional[float]) -> str:
+    sizes = [int(b["mel_lens"].numel()) * int(b["mel_lens"].max()) / FRAMES_PER_SECOND for b in micro]
+    return (f"error: CUDA out of memory on a step of {len(micro)} micro-batch(es), the largest {max(sizes):.0f} "
+            f"padded s ({sum(sizes):.0f} padded s in all). Lower --max-batch-seconds (now {max_batch_seconds}) "
+            f"or --train-batch-size and raise --grad-accum, or add --grad-checkpointing / --dtype fp16")
+
+
+def dev_evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, amp) -> dict:
+    """Real decoding of the dev clips with the --eval-* settings (never teacher-forced), scored
+    with jiwer: the same path as transcribe.py --mode evaluate."""
+    utts = utts[: opts.max_eval_utts] if opts.max_eval_utts else utts
+    options = DecodingOptions(language=opts.language, beam_size=opts.eval_beam_size, ctc_weight=opts.eval_ctc_weight)
     was_training = model.training
     model.eval()
-    dataset = D.AsrDataset(utts, tokenizer, model.dims.n_mels, cache_dir=opts.feature_cache)
-    order = sorted(range(len(utts)), key=lambda i: utts[i].duration)
-    refs, hyps = [], []
-    collate = D.Collator(tokenizer)
-    # an untrained model never emits <|endoftext|>: stop a little past the longest reference
-    longest = max(len(t) for t in dataset.tokens) - len(dataset.prompt)
-    options = DecodingOptions(language=opts.language, beam_size=opts.eval_beam_size, ctc_weight=opts.eval_ctc_weight,
-                              max_new_tokens=min(model.dims.n_text_ctx // 2, int(1.25 * longest) + 8))
-    for start in range(0, len(order), opts.eval_batch_size):
-        batch = collate([dataset[i] for i in order[start:start + opts.eval_batch_size]])
-        if batch["size"] == 0:
-            continue
-        with amp_ctx:
-            results = decode(model, batch["mel"].to(device), batch["mel_lens"].to(device), tokenizer, options)
-        refs += [tokenizer.normalize(utts[i].text) for i in batch["indices"]]
-        hyps += [tokenizer.normalize(r.text) for r in results]
+    with torch.no_grad(), amp:
+        scores = evaluate(model, tokenizer, [(u.audio, u.text) for u in utts], options, opts.eval_batch_size)
     model.train(was_training)
-    scores = error_rates(refs, hyps)
-    scores["examples"] = list(zip(refs[:3], hyps[:3]))
     return scores
 
 
@@ -372,6 +399,61 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._old)
 
 
+class OptimizerStep:
+    """One optimizer step: the loss module (DDP-wrapped on several ranks), AdamW, GradScaler and
+    autocast, in nanoGPT's order (scale -> backward -> unscale_ -> clip -> step -> update -> zero_grad)."""
+
+    def __init__(self, model: Whisper, tokenizer, opts: TrainOptions, device: torch.device, ddp: Dist):
+        self.model, self.opts, self.device, self.ddp, self.pad = model, opts, device, ddp, tokenizer.pad
+        self.loss_module = LossModule(model, tokenizer.pad, tokenizer.n_text, opts.label_smoothing, opts.ctc_weight)
+        self.wrapped = self.loss_module
+        if ddp.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(self.loss_module, device_ids=ids)
+        self.optimizer = configure_optimizer(model, opts, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=opts.dtype == "fp16")
+        self.amp = torch.autocast(device.type, dtype=getattr(torch, canonical_dtype(opts.dtype)),
+                                  enabled=opts.dtype != "fp32")
+
+    def __call__(self, micro: list, lr: float) -> dict:
+        """Forward/backward each micro-batch (DDP syncs on the last only), unscale, clip, step; the
+        loss normalised by the whole step's target tokens (all ranks)."""
+        o, pad = self.opts, self.pad
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        n_tok = torch.tensor(float(sum(int((b["targets"] != pad).sum()) for b in micro)), device=self.device)
+        if self.ddp.world > 1:
+            dist.all_reduce(n_tok)
+        n_tok = n_tok.clamp(min=1.0)  # a step of placeholders only (every rank's clips unreadable)
+        sums = torch.zeros(2, device=self.device)
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if self.ddp.world == 1 or last else self.wrapped.no_sync():
+                with self.amp:
+                    loss, ce, ctc = self.wrapped(*(b[k].to(self.device, non_blocking=True)
+                                                   for k in ("mel", "mel_lens", "tokens_in", "targets")))
+                # DDP averages gradients over ranks, so scale by world to get the global sum / tokens
+                weight = 0.0 if b.get("placeholder") else self.ddp.world / n_tok
+                self.scaler.scale(loss * weight).backward()
+            if not b.get("placeholder"):
+                sums += torch.stack([ce.detach().float(), ctc.detach().float()])
+        self.scaler.unscale_(self.optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+        if self.ddp.world > 1:
+            dist.all_reduce(sums)
+        finite = bool(torch.isfinite(gnorm)) and bool(torch.isfinite(sums).all())
+        if o.dtype == "fp16":
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        audio_s = sum(float(b.get("audio_frames", b["mel_lens"].sum())) for b in micro
+                      if not b.get("placeholder")) / FRAMES_PER_SECOND * self.ddp.world
+        return {"lr": lr, "ce": float(sums[0] / n_tok), "ctc": float(sums[1] / n_tok), "finite": finite,
+                "audio_s": audio_s, "tokens": int(n_tok), "gnorm": float(gnorm)}
+
+
 class Trainer:
     """Everything the loop needs, built once from the options; `run` is the loop."""
 
@@ -393,28 +475,16 @@ class Trainer:
         self.splits = {o.train_split: self.train_utts, o.dev_split: self.dev_utts}
         if not self.train_utts:
             raise SystemExit(f"error: no usable training clips left\n{self.report.summary()}")
-        self.sampler = D.DurationBucketSampler(
-            [u.duration for u in self.train_utts], o.max_batch_seconds, o.train_batch_size, o.num_buckets,
-            shuffle=True, seed=o.seed, rank=self.ddp.rank, world_size=self.ddp.world)
-        augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, noise_dir=o.noise_dir,
-                                 snr_range=(o.snr_low, o.snr_high))
-        self.dataset = D.AsrDataset(self.train_utts, self.tokenizer, self.model.dims.n_mels, augment,
-                                    o.feature_cache, seed=o.seed, language=o.language)
+        self.sampler, self.dataset = build_batches(o, self.train_utts, self.tokenizer, self.model.dims.n_mels, self.ddp)
         self.steps_per_epoch = math.ceil(len(self.sampler) / o.grad_accum)
         self.total_steps = o.max_steps or o.num_epochs * self.steps_per_epoch
-        self.loss_module = LossModule(self.model, self.tokenizer.pad, self.tokenizer.n_text, o.label_smoothing,
-                                      o.ctc_weight)
-        self.wrapped = self.loss_module
-        if self.ddp.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(self.loss_module, device_ids=ids)
-        self.optimizer = configure_optimizer(self.model, o, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=o.dtype == "fp16")
+        self.optim = OptimizerStep(self.model, self.tokenizer, o, self.device, self.ddp)
+        # the same objects, named as tests and benchmarks reach them
+        self.loss_module, self.optimizer, self.scaler, self.amp = (self.optim.loss_module, self.optim.optimizer,
+                                                                   self.optim.scaler, self.optim.amp)
         self.state = TrainState()
         if ckpt is not None:
             self.restore(ckpt)
-        self.amp = torch.autocast(self.device.type, dtype=getattr(torch, canonical_dtype(o.dtype)),
-                                  enabled=o.dtype != "fp32")
         self.history: list = []
         self.last_eval: dict = {}
         self.last_eval_step = -1
@@ -475,7 +545,7 @@ class Trainer:
             elif self.ddp.world > 1:
                 # every clip of this batch was unreadable on this rank alone: the others still run a
                 # forward/backward for it, so this rank must too or the gradient all-reduce hangs
-                micro.append(self.placeholder_batch())
+                micro.append(placeholder_batch(self.tokenizer, self.opts.language, self.model.dims.n_mels))
             if len(micro) == o.grad_accum:
                 yield micro, consumed, False
                 micro = []
@@ -483,82 +553,19 @@ class Trainer:
             yield micro, consumed, True
 
     def step(self, micro: list) -> dict:
-        """One optimizer step over the micro-batches: forward/backward each (DDP syncs on the last
-        only), unscale, clip, step; the loss normalised by the whole step's target tokens."""
-        o, pad = self.opts, self.tokenizer.pad
-        lr = get_lr(self.state.step, o, self.total_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        n_tok = torch.tensor(float(sum(int((b["targets"] != pad).sum()) for b in micro)), device=self.device)
-        if self.ddp.world > 1:
-            dist.all_reduce(n_tok)
-        n_tok = n_tok.clamp(min=1.0)  # a step of placeholders only (every rank's clips unreadable)
-        sums = torch.zeros(2, device=self.device)
-        for i, b in enumerate(micro):
-            last = i == len(micro) - 1
-            with contextlib.nullcontext() if self.ddp.world == 1 or last else self.wrapped.no_sync():
-                with self.amp:
-                    loss, ce, ctc = self.wrapped(*(b[k].to(self.device, non_blocking=True)
-                                                   for k in ("mel", "mel_lens", "tokens_in", "targets")))
-                # DDP averages gradients over ranks, so scale by world to get the global sum / tokens
-                weight = 0.0 if b.get("placeholder") else self.ddp.world / n_tok
-                self.scaler.scale(loss * weight).backward()
-            if not b.get("placeholder"):
-                sums += torch.stack([ce.detach().float(), ctc.detach().float()])
-        self.scaler.unscale_(self.optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
-        if self.ddp.world > 1:
-            dist.all_reduce(sums)
-        finite = bool(torch.isfinite(gnorm)) and bool(torch.isfinite(sums).all())
-        if o.dtype == "fp16":
-            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        audio_s = sum(float(b.get("audio_frames", b["mel_lens"].sum())) for b in micro
-                      if not b.get("placeholder")) / FRAMES_PER_SECOND * self.ddp.world
-        return {"lr": lr, "ce": float(sums[0] / n_tok), "ctc": float(sums[1] / n_tok), "finite": finite,
-                "audio_s": audio_s, "tokens": int(n_tok), "gnorm": float(gnorm)}
+        """One optimizer step over the micro-batches at this step's learning rate."""
+        return self.optim(micro, get_lr(self.state.step, self.opts, self.total_steps))
 
     def maybe_pad_to_window(self, batch: dict, index: int) -> dict:
-        """With probability --pad-to-30s-prob, the batch as openai-whisper, HF and faster-whisper
-        feed it: every clip padded to the encoder's full window, no mask. The padding is zero
-        features (faster-whisper pads the log-mel) or the clip's silence floor, max - 2 (openai
-        and HF pad the audio with zeros, which the log-mel clamps to max - 8 dB, i.e. max - 2
-        after scaling). Seeded by (seed, step, micro-batch): exact resume still holds."""
-        p = self.opts.pad_to_30s_prob
-        if p == 0:
-            return batch
-        rng = np.random.default_rng([self.opts.seed, self.state.step, index, PAD_SALT])
-        if rng.random() >= p:
-            return batch
-        mel, lens = batch["mel"], batch["mel_lens"]
-        full = torch.zeros(mel.shape[0], mel.shape[1], 2 * self.model.dims.n_audio_ctx)
-        for b, n in enumerate(lens.tolist()):
-            if rng.random() < 0.5:
-                full[b] = float(mel[b, :, :n].max()) - 2.0
-            full[b, :, :n] = mel[b, :, :n]
-        return {**batch, "mel": full, "mel_lens": torch.full_like(lens, full.shape[-1]), "audio_frames": int(lens.sum())}
-
-    def placeholder_batch(self) -> dict:
-        """One second of silence with no targets, run with loss weight 0 (see epoch_steps)."""
-        prompt = list(self.tokenizer.sot_sequence(self.opts.language))
-        n = FRAMES_PER_SECOND
-        return {"mel": torch.zeros(1, self.model.dims.n_mels, n), "mel_lens": torch.tensor([n]),
-                "tokens_in": torch.tensor([prompt]), "targets": torch.full((1, len(prompt)), self.tokenizer.pad),
-                "size": 0, "placeholder": True}
+        """See pad_to_window; seeded by (seed, step, micro-batch), so exact resume still holds."""
+        rng_key = [self.opts.seed, self.state.step, index, PAD_SALT]
+        return pad_to_window(batch, self.opts.pad_to_30s_prob, rng_key, 2 * self.model.dims.n_audio_ctx)
 
     def step_or_explain_oom(self, micro: list) -> dict:
         try:
             return self.step(micro)
         except torch.cuda.OutOfMemoryError:
-            sizes = [int(b["mel_lens"].numel()) * int(b["mel_lens"].max()) / FRAMES_PER_SECOND for b in micro]
-            raise SystemExit(
-                f"error: CUDA out of memory on a step of {len(micro)} micro-batch(es), the largest {max(sizes):.0f} "
-                f"padded s ({sum(sizes):.0f} padded s in all). Lower --max-batch-seconds (now "
-                f"{self.opts.max_batch_seconds}) or --train-batch-size and raise --grad-accum, or add "
-                f"--grad-checkpointing / --dtype fp16") from None
+            raise SystemExit(oom_message(micro, self.opts.max_batch_seconds)) from None
 
     def check_finite(self, stats: dict) -> None:
         """Count non-finite steps; many in a row means training diverged: save and stop."""
@@ -579,7 +586,7 @@ class Trainer:
         st = self.state
         self.last_eval_step = st.step  # on every rank: they must agree on when to meet at the barrier
         if self.ddp.main:
-            scores = evaluate(self.model, self.tokenizer, self.dev_utts, self.opts, self.device, self.amp)
+            scores = dev_evaluate(self.model, self.tokenizer, self.dev_utts, self.opts, self.amp)
             self.last_eval = {"step": st.step, **scores}
             if scores:
                 self.log.evaluation(st.step, st.epoch, scores)
