@@ -220,6 +220,15 @@ def load_data(opts: TrainOptions, report: D.DataReport) -> dict:
     return splits
 
 
+def usable_splits(opts: TrainOptions, splits: dict, tokenizer, n_text_ctx: int, report: D.DataReport) -> dict:
+    """The train and dev clips the model can learn from (text fits the context; counted skips)."""
+    kept = {name: D.filter_for_model(splits[name], tokenizer, n_text_ctx, report=report)
+            for name in (opts.train_split, opts.dev_split)}
+    if not kept[opts.train_split]:
+        raise SystemExit(f"error: no usable training clips left\n{report.summary()}")
+    return kept
+
+
 def make_tokenizer(opts: TrainOptions, texts: list, ckpt: Optional[dict]):
     if ckpt is not None:  # resume: the tokenizer the model was trained with, never a rebuilt one
         return tokenizer_from_dict(ckpt["tokenizer"])
@@ -469,12 +478,8 @@ class Trainer:
         splits = load_data(o, self.report)
         self.tokenizer = make_tokenizer(o, [u.text for u in splits[o.train_split]], ckpt)
         self.model = build_model(o, self.tokenizer, ckpt, self.device)
-        n_ctx = self.model.dims.n_text_ctx
-        self.train_utts = D.filter_for_model(splits[o.train_split], self.tokenizer, n_ctx, report=self.report)
-        self.dev_utts = D.filter_for_model(splits[o.dev_split], self.tokenizer, n_ctx, report=self.report)
-        self.splits = {o.train_split: self.train_utts, o.dev_split: self.dev_utts}
-        if not self.train_utts:
-            raise SystemExit(f"error: no usable training clips left\n{self.report.summary()}")
+        self.splits = usable_splits(o, splits, self.tokenizer, self.model.dims.n_text_ctx, self.report)
+        self.train_utts, self.dev_utts = self.splits[o.train_split], self.splits[o.dev_split]
         self.sampler, self.dataset = build_batches(o, self.train_utts, self.tokenizer, self.model.dims.n_mels, self.ddp)
         self.steps_per_epoch = math.ceil(len(self.sampler) / o.grad_accum)
         self.total_steps = o.max_steps or o.num_epochs * self.steps_per_epoch
@@ -485,9 +490,7 @@ class Trainer:
         self.state = TrainState()
         if ckpt is not None:
             self.restore(ckpt)
-        self.history: list = []
-        self.last_eval: dict = {}
-        self.last_eval_step = -1
+        self.history, self.last_eval, self.last_eval_step = [], {}, -1
 
     def run(self) -> dict:
         """The loop: this epoch's optimizer steps -> log -> evaluate and save, until --max-steps,
