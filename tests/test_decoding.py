@@ -59,8 +59,25 @@ def test_options_are_validated_with_the_bad_value():
             DecodingOptions(**{kw: bad})
     o = replace(DecodingOptions(), beam_size=5)
     assert o.beam_size == 5 and DecodingOptions().beam_size == 1
-    with pytest.raises(ValueError, match="temperatures"):
-        FallbackOptions(temperatures=())
+    with pytest.raises(ValueError, match="temperature_increment_on_fallback must be > 0 or none, got 0"):
+        FallbackOptions(temperature_increment_on_fallback=0)
+    assert FallbackOptions().temperatures() == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert FallbackOptions(temperature_increment_on_fallback=None).temperatures(0.3) == (0.3,)
+
+
+def test_ignored_combinations_are_rejected():
+    """Settings that would be silently unused are errors that quote the value (openai's
+    _verify_options): beam size, CTC weight or patience when sampling; patience when greedy."""
+    for kw, msg in [(dict(temperature=0.5, beam_size=4), "beam_size 4 cannot be used with sampling"),
+                    (dict(temperature=0.5, ctc_weight=0.3), "ctc_weight 0.3 needs beam search"),
+                    (dict(temperature=0.5, patience=2.0), "patience 2.0 only applies to beam search"),
+                    (dict(patience=2.0), "patience 2.0 only applies .* greedy decoding")]:
+        with pytest.raises(ValueError, match=msg):
+            DecodingOptions(**kw)
+    assert DecodingOptions(beam_size=4, patience=2.0).uses_beam_search
+    assert DecodingOptions(ctc_weight=0.3).uses_beam_search  # joint CTC runs the beam code at beam 1
+    sampled = DecodingOptions(beam_size=4, patience=2.0, ctc_weight=0.3).at_temperature(0.4)
+    assert (sampled.temperature, sampled.beam_size, sampled.patience, sampled.ctc_weight) == (0.4, 1, 1.0, 0.0)
 
 
 def test_greedy_equals_beam_size_1(model, clips):
@@ -289,7 +306,7 @@ def test_fallback_redecodes_only_failing_utterances(model, clips):
     options = DecodingOptions(max_new_tokens=MAX)
     first = decode(model, batch, lens, TOK, options)
     cut = sorted(r.avg_logprob for r in first)[len(first) // 2]  # half pass, half fail
-    fb = FallbackOptions(temperatures=(0.0, 0.5, 1.0), compression_ratio_threshold=None, logprob_threshold=cut)
+    fb = FallbackOptions(temperature_increment_on_fallback=0.5, compression_ratio_threshold=None, logprob_threshold=cut)
     out = decode_with_fallback(model, batch, lens, TOK, options, fb)
     for r0, r in zip(first, out):
         if r0.avg_logprob >= cut:
@@ -300,5 +317,5 @@ def test_fallback_redecodes_only_failing_utterances(model, clips):
     again = decode_with_fallback(model, batch, lens, TOK, options, fb)
     alone = [decode_with_fallback(model, m[None], torch.tensor([m.shape[-1]]), TOK, options, fb)[0] for m in mels]
     assert [r.tokens for r in out] == [r.tokens for r in again] == [r.tokens for r in alone]
-    none = decode_with_fallback(model, batch, lens, TOK, options, FallbackOptions(temperatures=(0.0,)))
+    none = decode_with_fallback(model, batch, lens, TOK, options, FallbackOptions(temperature_increment_on_fallback=None))
     assert all(same(a, b) for a, b in zip(none, first))
