@@ -47,8 +47,10 @@ def test_frame_count_is_samples_div_hop(n):
 
 
 def test_too_short_audio_is_a_clear_error():
-    with pytest.raises(ValueError, match="at least 201"):
+    assert A.MIN_SAMPLES == A.N_FFT // 2 + 1 == 201
+    with pytest.raises(ValueError, match=r"200 samples; at least 201 \(12.6 ms\)"):
         A.log_mel_spectrogram(np.zeros(200, np.float32))
+    assert A.log_mel_spectrogram(np.zeros(A.MIN_SAMPLES, np.float32)).shape == (80, 1)
 
 
 def test_batched_log_mel_rows_equal_single():

@@ -1,6 +1,5 @@
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -121,10 +120,12 @@ def test_filter_for_model_counts_what_it_skips(tmp_path):
     from whisper_scratch.data import Utterance
     tok = CharTokenizer("абв")
     utts = [Utterance("ok", "/x/ok.wav", "аб", 2.0), Utterance("long", "/x/long.wav", "а", 31.0),
-            Utterance("wordy", "/x/wordy.wav", "а" * 40, 3.0), Utterance("oov", "/x/oov.wav", "агд", 1.0)]
+            Utterance("wordy", "/x/wordy.wav", "а" * 40, 3.0), Utterance("oov", "/x/oov.wav", "агд", 1.0),
+            Utterance("short", "/x/short.wav", "а", 0.012), Utterance("enough", "/x/enough.wav", "а", 0.013)]
     report = DataReport()
     kept = filter_for_model(utts, tok, n_text_ctx=20, report=report)
-    assert [u.id for u in kept] == ["ok", "oov"]
+    assert [u.id for u in kept] == ["ok", "oov", "enough"]  # 208 samples feed the STFT, 192 do not
+    assert report.skipped["audio shorter than 12.6 ms"] == ["/x/short.wav"]
     assert report.skipped["audio longer than 30 s"] == ["/x/long.wav"]
     assert report.skipped["transcript longer than the decoder context (20 tokens)"] == ["/x/wordy.wav"]
     assert report.oov == {"г": 1, "д": 1}
@@ -200,10 +201,14 @@ def small_corpus(data_dir):
 def test_collation_pads_to_the_longest_clip_and_masks_prompt(small_corpus):
     utts, tok = small_corpus
     ds = AsrDataset(utts, tok)
-    batch = Collator(tok)([ds[i] for i in range(4)])
+    items = [ds[i] for i in range(4)]
+    batch = Collator(tok)(items)
     lens = [int(round(u.duration * 16000)) // 160 for u in utts[:4]]
     assert batch["mel"].shape == (4, 80, max(lens)) and batch["mel_lens"].tolist() == lens
-    assert batch["mel"][0, :, lens[0]:].abs().sum() == 0 if lens[0] < max(lens) else True
+    assert min(lens) < max(lens), "the clips must differ in length for padding to be tested"
+    for b, (n, item) in enumerate(zip(lens, items)):  # every clip, whichever is the longest
+        assert torch.equal(batch["mel"][b, :, :n], item["mel"])
+        assert (batch["mel"][b, :, n:] == 0).all()
     prompt = tok.sot_sequence()
     for b, u in enumerate(utts[:4]):
         text = tok.encode(u.text)
@@ -236,8 +241,9 @@ def test_feature_cache_matches_and_invalidates(tmp_path, small_corpus):
     assert torch.allclose(again, A.log_mel_spectrogram(str(src)), atol=2e-3)  # fp16 on disk
     assert cache.key(str(src)) != FeatureCache(tmp_path / "cache", 128).key(str(src))
     assert cache.key(str(src)) != cache.key(str(src), speed=1.1)
-    time.sleep(0.01)
-    sf.write(src, A.load_audio(utts[1].audio), 16000)  # file changes -> new key, new features
+    other = A.load_audio(utts[1].audio)
+    assert len(other) != len(A.load_audio(str(src)))  # a different size: a new key whatever the mtime
+    sf.write(src, other, 16000)  # file changes -> new key, new features
     changed = cache.get(str(src))
     assert changed.shape != first.shape or not torch.allclose(changed, first)
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2

@@ -81,19 +81,25 @@ def test_ignored_combinations_are_rejected():
 
 
 def test_greedy_equals_beam_size_1(model, clips):
+    """The greedy loop and the beam search code with one beam find the same tokens and scores.
+    decode() sends beam_size 1 to the greedy loop, so beam_search is called directly, set up as
+    decode() sets it up for beam search."""
     batch, lens, _ = clips
-    greedy = decode(model, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX))
-    beam1 = decode(model, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=1, ctc_weight=0.0))
-    # beam_search itself with K=1 (decode() sends beam_size 1 to the greedy loop)
+    options = DecodingOptions(max_new_tokens=MAX)
+    assert not options.uses_beam_search
+    greedy = decode(model, batch, lens, TOK, options)
     xa, xa_lens = encode(model, batch, lens)
-    prompt = torch.tensor(initial_tokens(TOK, DecodingOptions(), 48)).repeat(len(lens), 1)
+    prompt = torch.tensor(initial_tokens(TOK, options, 48)).repeat(len(lens), 1)
     with torch.inference_mode():
-        found = beam_search(Inference(model, xa, xa_lens), prompt, MAX, suppress_mask(TOK, TOK.vocab_size), TOK.eot, 1)
+        beam1 = beam_search(Inference(model, xa, xa_lens, group=1), prompt, MAX, suppress_mask(TOK, TOK.vocab_size),
+                            TOK.eot, 1)
     lengths = {len(r.tokens) for r in greedy}
     assert len(lengths) > 1, "the test model should stop early on some clips and not on others"
-    for g, b, f in zip(greedy, beam1, found):
-        assert same(g, b)
-        assert len(f) == 1 and f[0][0] == g.tokens and math.isclose(f[0][2], g.sum_logprob, abs_tol=1e-5)
+    for g, found in zip(greedy, beam1):
+        assert len(found) == 1  # patience 1: one finished hypothesis per utterance
+        b = found[0]
+        assert b.tokens == g.tokens
+        assert math.isclose(b.logprob, g.sum_logprob, abs_tol=1e-5) and math.isclose(b.score, g.score, abs_tol=1e-5)
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
@@ -255,8 +261,25 @@ def test_joint_ctc_beam_search(clips):
     batch, lens, _ = clips
     m = tiny_model(seed=2, eot_scale=3.0)
     plain = decode(m, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=3))
-    zero = decode(m, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=3, ctc_weight=0.0))
-    assert all(same(a, b) and a.score == b.score for a, b in zip(plain, zero))
+    # the joint path (CTC scorer, pre-beam on the decoder's scores) at weight 0 is plain beam
+    # search; decode() attaches no scorer at weight 0, so beam_search is given one directly. Only
+    # clips whose CTC allows every prefix (MAX labels need at most 2 * MAX - 1 frames): the joint
+    # path drops a hypothesis CTC finds impossible, whatever the weight.
+    K, xa, xa_lens = 3, *encode(m, batch, lens)
+    ok = (xa_lens >= 2 * MAX).nonzero().squeeze(1)
+    assert 0 < len(ok) < len(lens)
+    xa, xa_lens, rows = xa[ok], xa_lens[ok], torch.arange(len(ok)).repeat_interleave(K)
+    prompt = torch.tensor(initial_tokens(TOK, DecodingOptions(), 48)).repeat(len(ok) * K, 1)
+    with torch.inference_mode():
+        ctc_lp = F.log_softmax(m.ctc_logits(xa).float(), dim=-1)
+        found = {}
+        for name, ctc in [("plain", None), ("zero", CtcPrefixScorer(ctc_lp[rows], xa_lens[rows], TOK.pad, TOK.eot))]:
+            found[name] = beam_search(Inference(m, xa, xa_lens, group=K), prompt, MAX,
+                                      suppress_mask(TOK, TOK.vocab_size), TOK.eot, K, ctc=ctc, ctc_weight=0.0)
+    assert found["zero"] == found["plain"]  # every finished hypothesis: tokens, score and decoder sum
+    best = [max(f, key=lambda c: length_normalised(c.score, len(c.tokens), None)) for f in found["zero"]]
+    for c, i in zip(best, ok.tolist()):  # and decode() on the whole batch ranks them the same
+        assert c.tokens == plain[i].tokens and math.isclose(c.score, plain[i].score, abs_tol=1e-4)
     half = decode(m, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=3, ctc_weight=0.5))
     assert all(all(0 <= t < TOK.n_text for t in r.tokens) for r in half)
     assert [r.tokens for r in half] != [r.tokens for r in plain]  # the CTC head has a say
@@ -268,9 +291,9 @@ def test_ctc_alone_decodes_what_the_ctc_head_spells(clips):
     """A CTC head that spells one word per clip (peaky, with blanks between letters): with
     ctc_weight 1 beam search must output exactly that word, scored log P_ctc(word)."""
     batch, lens, _ = clips
-    batch, lens = batch[3:], lens[3:]  # digits: 0.4-0.7 s, padded to the longest
+    batch, lens = batch[3:], lens[3:]  # digits: 0.4-0.7 s, still padded to the longest of all six clips
     words = ["cab", "", "hid"]
-    S = int(m_out_len := (int(lens.max()) + 1) // 2)
+    S = (int(lens.max()) + 1) // 2  # encoder frames of the longest: the stride-2 conv halves, rounding up
     xa_lens = (lens + 1) // 2
     logits = torch.zeros(len(words), S, TOK.vocab_size)
     logits[..., TOK.pad] = 6.0  # blank everywhere ...
@@ -278,7 +301,8 @@ def test_ctc_alone_decodes_what_the_ctc_head_spells(clips):
         for j, t in enumerate(TOK.encode(w)):
             logits[i, 2 + 2 * j, TOK.pad], logits[i, 2 + 2 * j, t] = 0.0, 6.0
     m = tiny_model(seed=4)
-    m.ctc_logits = lambda xa: logits[:, : xa.shape[1]]
+    seen = []  # encoder frames (padding included) the CTC head is asked for
+    m.ctc_logits = lambda xa: seen.append(xa.shape[1]) or logits[:, : xa.shape[1]]
     out = decode(m, batch, lens, TOK, DecodingOptions(max_new_tokens=MAX, beam_size=3, ctc_weight=1.0))
     assert [r.text for r in out] == words
     lp = F.log_softmax(logits, -1).transpose(0, 1)
@@ -286,7 +310,9 @@ def test_ctc_alone_decodes_what_the_ctc_head_spells(clips):
         want = -F.ctc_loss(lp[:, i:i + 1], torch.tensor([r.tokens + [0]]), xa_lens[i:i + 1],
                            torch.tensor([len(r.tokens)]), blank=TOK.pad, reduction="sum")
         assert math.isclose(r.score, want.item(), rel_tol=1e-4, abs_tol=1e-4), (r.score, want.item())
-    assert S == m_out_len
+    # the hand-made head spans every real encoder frame: xa_lens are the model's own lengths
+    enc_lens = encode(m, batch, lens)[1]
+    assert torch.equal(enc_lens, xa_lens) and int(enc_lens.max()) == S and len(seen) == 1 and seen[0] >= S
 
 
 # -- temperature fallback ----------------------------------------------------------------------

@@ -277,7 +277,6 @@ def test_every_decoding_flag_reaches_the_decoder(checkpoint, audio_dir):
 def test_evaluate_mode(checkpoint, audio_dir, tmp_path, capsys):
     refs = tmp_path / "refs" / "manifest.tsv"  # a manifest: paths relative to its own folder
     refs.parent.mkdir()
-    rel = Path("..") / ".." / audio_dir.name
     rows = [("zero.wav", "Zero!"), ("one.wav", "one"), ("two.wav", "two two"), ("nested/two.flac", "TWO"),
             ("nested/deeper/one.ogg", "zero"), ("missing.wav", "one"), ("nested/broken.wav", "two")]
     refs.write_text("path\tduration\ttext\n" + "".join(f"{p}\t1.0\t{t}\n" for p, t in rows), encoding="utf-8")

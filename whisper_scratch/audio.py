@@ -147,7 +147,7 @@ def log_mel_spectrogram(audio, n_mels: int = 80, device=None) -> torch.Tensor:
     if device is not None:
         audio = audio.to(device)
     audio = audio.float()
-    if audio.shape[-1] <= N_FFT // 2:  # torch.stft's reflect padding needs more than n_fft/2
+    if audio.shape[-1] < MIN_SAMPLES:  # torch.stft's reflect padding needs more than n_fft/2
         raise ValueError(f"audio has {audio.shape[-1]} samples; at least {MIN_SAMPLES} (12.6 ms) are needed")
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
@@ -157,8 +157,3 @@ def log_mel_spectrogram(audio, n_mels: int = 80, device=None) -> torch.Tensor:
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
-
-
-def num_frames(num_samples: int) -> int:
-    """Mel frames for a waveform of `num_samples` samples."""
-    return num_samples // HOP_LENGTH

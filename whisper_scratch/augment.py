@@ -35,10 +35,6 @@ class AugmentOptions:
         if any(s <= 0 for s in self.speeds):
             raise ValueError(f"speeds must be positive, got {self.speeds}")
 
-    @property
-    def on_waveform(self) -> bool:
-        return self.speed_perturb or self.noise_dir is not None
-
 
 def speed_perturb(audio: np.ndarray, factor: float, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Play `audio` `factor` times faster (tempo and pitch, like `sox speed`): resample to sr/factor

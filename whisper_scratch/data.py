@@ -44,11 +44,6 @@ class DataReport:
     def skip(self, reason: str, name: str) -> None:
         self.skipped[reason].append(str(name))
 
-    def merge(self, other: "DataReport") -> None:
-        for reason, names in other.skipped.items():
-            self.skipped[reason].extend(names)
-        self.oov.update(other.oov)
-
     @property
     def num_skipped(self) -> int:
         return sum(len(v) for v in self.skipped.values())
@@ -289,8 +284,8 @@ def filter_for_model(utts: Sequence[Utterance], tokenizer: Tokenizer, n_text_ctx
         if u.duration > max_seconds:
             report.skip(f"audio longer than {max_seconds:g} s", u.audio)
             continue
-        if u.duration * A.SAMPLE_RATE <= A.N_FFT // 2:
-            report.skip("audio shorter than 12.6 ms", u.audio)
+        if u.duration * A.SAMPLE_RATE <= A.MIN_SAMPLES - 1:  # log_mel_spectrogram needs MIN_SAMPLES samples
+            report.skip(f"audio shorter than {1000 * A.MIN_SAMPLES / A.SAMPLE_RATE:.1f} ms", u.audio)
             continue
         report.oov.update(tokenizer.find_oov(u.text))
         if prompt + len(tokenizer.encode(u.text)) + 1 > n_text_ctx:
@@ -303,6 +298,9 @@ def filter_for_model(utts: Sequence[Utterance], tokenizer: Tokenizer, n_text_ctx
 # ---------------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------------
+_EPOCH_STRIDE = 1_000_003  # above any epoch count, so seed * stride + epoch differs for every (seed, epoch)
+
+
 class DurationBucketSampler:
     """Batches of similar duration whose padded size (batch size × longest clip) stays within
     `max_batch_seconds`, optionally also capped at `max_batch_size` items.
@@ -353,7 +351,7 @@ class DurationBucketSampler:
 
     def global_batches(self, epoch: int) -> list:
         """Every batch of the epoch, for all ranks, in order."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng = random.Random(self.seed * _EPOCH_STRIDE + epoch)
         batches = []
         for bucket in self.buckets:
             idx = [int(i) for i in bucket]
@@ -533,11 +531,14 @@ class Collator:
         return collate(items, self.pad_id, self.prompt_len)
 
 
+_PREFETCH_BATCHES = 4  # batches each worker keeps ready (torch's default 2): one slow MP3 decode does not stall a step
+
+
 def make_loader(dataset: AsrDataset, sampler: DurationBucketSampler, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """DataLoader over whole batches from the sampler; workers decode MP3 and compute features."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=Collator(dataset.tokenizer), num_workers=num_workers,
-        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False, prefetch_factor=_PREFETCH_BATCHES if num_workers > 0 else None,
     )
 
 

@@ -51,7 +51,7 @@ class TextNormalizer:
 
 
 class Tokenizer:
-    """Shared special tokens, normalisation and out-of-alphabet accounting; subclasses map text."""
+    """Shared special tokens, normalisation and out-of-alphabet lookup; subclasses map text."""
 
     kind = "base"
 
@@ -70,7 +70,6 @@ class Tokenizer:
         self.no_timestamps = self.transcribe + 2
         self.pad = self.transcribe + 3
         self.vocab_size = self.pad + 1
-        self.oov_counts: Counter = Counter()  # characters met by encode() outside the alphabet
 
     # -- specials ---------------------------------------------------------------------------
     @property
@@ -98,24 +97,13 @@ class Tokenizer:
         return Counter(c for c in self.normalize(text) if c not in known)
 
     def encode(self, text: str) -> list:
-        """normalise(text) -> text-token ids. Unknown characters become <|unk|> and are counted
-        in `oov_counts` (never dropped silently)."""
-        norm = self.normalize(text)
-        oov = [c for c in norm if c not in self.alphabet_set]
-        if oov:
-            self.oov_counts.update(oov)
-        return self._encode(norm)
+        """normalise(text) -> text-token ids. Unknown characters become <|unk|>, never dropped
+        silently: `find_oov` names them (data.filter_for_model counts them in the DataReport)."""
+        return self._encode(self.normalize(text))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text tokens -> text; special tokens are skipped."""
         return self._decode([int(i) for i in ids if 0 <= int(i) < self.n_text])
-
-    def oov_report(self, limit: int = 20) -> str:
-        if not self.oov_counts:
-            return "no characters outside the tokenizer's alphabet"
-        total = sum(self.oov_counts.values())
-        top = ", ".join(f"{c!r}×{n}" for c, n in self.oov_counts.most_common(limit))
-        return f"{total} characters outside the tokenizer's alphabet ({len(self.oov_counts)} distinct): {top}"
 
     def _base_dict(self) -> dict:
         return {"kind": self.kind, "normalizer": asdict(self.normalizer), "languages": list(self.languages)}
