@@ -1,0 +1,68 @@
+"""CTC forced alignment: the exact path on hand-built emissions, brute force on small random ones,
+words with times from a character tokenizer."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from whisper_scratch.alignment import ctc_viterbi, word_timestamps
+from whisper_scratch.tokenizer import CharTokenizer
+
+
+def emissions(path, V, p=0.9):
+    """log-probs (T, V) whose most likely symbol at frame t is path[t] (probability p)."""
+    lp = torch.full((len(path), V), math.log((1 - p) / (V - 1)))
+    lp[torch.arange(len(path)), torch.tensor(path)] = math.log(p)
+    return lp
+
+
+def test_hand_built_path_with_a_repeated_token():
+    blank = 4
+    path = [blank, blank, 1, 1, blank, 1, 1, 2, blank, blank]  # "1 1 2": the repeat needs the blank at 4
+    assert ctc_viterbi(emissions(path, 5), [1, 1, 2], blank) == [(2, 3), (5, 6), (7, 7)]
+    assert ctc_viterbi(emissions([3, 0, 0, 2], 5), [3, 0, 2], blank) == [(0, 0), (1, 2), (3, 3)]  # no blanks at all
+    with pytest.raises(ValueError, match="cannot align 2 tokens .1 repeated. to 2 frames"):
+        ctc_viterbi(emissions([1, 1], 5), [1, 1], blank)
+    assert ctc_viterbi(emissions([blank], 5), [], blank) == []
+
+
+def _collapse(path, blank):
+    out = [s for i, s in enumerate(path) if s != blank and (i == 0 or s != path[i - 1])]
+    return out
+
+
+def test_viterbi_finds_the_best_path_by_brute_force():
+    """Every CTC path of 6 frames over 3 symbols: the best one that collapses to the tokens must
+    score what Viterbi's spans score."""
+    gen = torch.Generator().manual_seed(0)
+    blank, T = 2, 6
+    for trial in range(20):
+        lp = torch.randn(T, 3, generator=gen).log_softmax(-1)
+        tokens = [[0, 1], [1, 1], [0], [1, 0, 1]][trial % 4]
+        best, best_path = -math.inf, None
+        for path in itertools.product(range(3), repeat=T):
+            if _collapse(path, blank) == tokens:
+                score = float(sum(lp[t, s] for t, s in enumerate(path)))
+                if score > best:
+                    best, best_path = score, path
+        spans = ctc_viterbi(lp, tokens, blank)
+        ours = [blank] * T
+        for k, (a, b) in enumerate(spans):
+            ours[a:b + 1] = [tokens[k]] * (b - a + 1)
+        assert _collapse(ours, blank) == tokens
+        assert float(sum(lp[t, s] for t, s in enumerate(ours))) == pytest.approx(best, abs=1e-5), (trial, best_path)
+
+
+def test_words_get_times_from_their_characters():
+    tok = CharTokenizer("abc", languages=("en",))
+    a, b, c = (tok.encode(ch)[0] for ch in "abc")
+    space = tok.encode("a b")[1]  # the normaliser strips a lone space
+    blank, V = tok.pad, tok.vocab_size
+    # "ab c": a at frames 1-2, b at 3, a pause (blank) 4-6, space at 7, c at 8-9
+    path = [blank, a, a, b, blank, blank, blank, space, c, c, blank]
+    words = word_timestamps(emissions(path, V), tok.encode("ab c"), tok, frame_seconds=0.02, offset=10.0)
+    assert [w["word"] for w in words] == ["ab", "c"]
+    assert (words[0]["start"], words[0]["end"]) == (10.02, 10.08)
+    assert (words[1]["start"], words[1]["end"]) == (10.16, 10.2)
+    assert all(w["probability"] == pytest.approx(0.9, abs=1e-3) for w in words)
