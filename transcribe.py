@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from whisper_scratch.alignment import add_word_timestamps
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
 from whisper_scratch.checkpoint import load_model
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options
@@ -52,6 +53,8 @@ class TranscribeOptions:
     # every DecodingOptions / FallbackOptions field is a flag of its own (--beam_size, --temperature, ...)
     decoding: DecodingOptions = option(help="search settings", factory=lambda: DecodingOptions(best_of=5))
     fallback: FallbackOptions = option(help="temperature fallback", factory=FallbackOptions)
+    word_timestamps: bool = option(False, "add word start/end times from the CTC head (json: segments[].words; "
+                                          "needs a model trained with --ctc-weight > 0)")
     condition_on_previous_text: bool = option(True, "long audio: prompt each 30 s window with the text so far")
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
     dtype: Optional[str] = option(None, "float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: float16 "
@@ -103,8 +106,9 @@ def display_name(path: Path, roots: list) -> str:
 class ResultWriter:
     """Writes each result as soon as it exists: a line in --output_file, --output_format files."""
 
-    def __init__(self, opts: TranscribeOptions, roots: list):
+    def __init__(self, opts: TranscribeOptions, roots: list, model=None, tokenizer=None):
         self.opts, self.roots, self.failed = opts, roots, []
+        self.model, self.tokenizer = model, tokenizer  # for --word_timestamps
         self.file = open(opts.output_file, "w", encoding="utf-8") if opts.output_file else None
 
     def __enter__(self):
@@ -121,6 +125,8 @@ class ResultWriter:
             tqdm.write(f"failed: {result}" if isinstance(result, AudioError) else f"failed: {name}: {result}",
                        file=sys.stderr)
             return
+        if self.opts.word_timestamps:
+            result = add_word_timestamps(self.model, self.tokenizer, path, result)
         if self.file:
             self.file.write(f"{name}\t{result['text']}\n")
             self.file.flush()
@@ -136,7 +142,7 @@ class ResultWriter:
 # -- modes -------------------------------------------------------------------------------------
 
 def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
-    with ResultWriter(opts, [Path(opts.audio_path).parent]) as out:
+    with ResultWriter(opts, [Path(opts.audio_path).parent], model, tokenizer) as out:
         try:
             result = transcribe(model, opts.audio_path, tokenizer, opts.decoding, opts.fallback,
                                 opts.condition_on_previous_text)
@@ -150,7 +156,7 @@ def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
 
 def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
     paths = list_audio(opts.audio_dir)
-    with ResultWriter(opts, [opts.audio_dir]) as out:
+    with ResultWriter(opts, [opts.audio_dir], model, tokenizer) as out:
         for path in tqdm(paths, desc="transcribing", unit="file", disable=not opts.progress):
             try:
                 result = transcribe(model, path, tokenizer, opts.decoding, opts.fallback,
@@ -177,7 +183,7 @@ def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
 
 def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
     paths = list_audio(opts.audio_dir)
-    with ResultWriter(opts, [opts.audio_dir]) as out:
+    with ResultWriter(opts, [opts.audio_dir], model, tokenizer) as out:
         for path, result in _batched(model, tokenizer, opts, paths):
             out.write(path, result)
         return out.status(len(paths))
@@ -191,7 +197,7 @@ def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
     missing_audio = [p for p in refs if not Path(p).is_file()]
     missing_ref = [p for p in on_disk if p not in refs]
     hyps = {}
-    with ResultWriter(opts, roots) as out:
+    with ResultWriter(opts, roots, model, tokenizer) as out:
         pairs = [(p, text) for p, text in refs.items() if Path(p).is_file()]
         for path, result in _progress(decode_references(model, tokenizer, pairs, opts.decoding, opts.fallback,
                                                         opts.batch_size, opts.condition_on_previous_text),
@@ -271,6 +277,8 @@ def check_model(opts: TranscribeOptions, model, tokenizer) -> Optional[str]:
     """Options that only the checkpoint can validate; the problem, or None."""
     if opts.decoding.ctc_weight > 0 and not model.dims.ctc:
         return f"--ctc_weight {opts.decoding.ctc_weight} needs a model with a CTC head; {opts.model_path} has none"
+    if opts.word_timestamps and not model.dims.ctc:
+        return f"--word_timestamps needs a model with a CTC head; {opts.model_path} has none"
     language = opts.decoding.language
     if language is not None and language not in tokenizer.languages:
         return f"--language {language!r} is not one of the model's languages {tokenizer.languages}"

@@ -66,3 +66,32 @@ def test_words_get_times_from_their_characters():
     assert (words[0]["start"], words[0]["end"]) == (10.02, 10.08)
     assert (words[1]["start"], words[1]["end"]) == (10.16, 10.2)
     assert all(w["probability"] == pytest.approx(0.9, abs=1e-3) for w in words)
+
+
+def test_transcripts_get_words_inside_their_segments():
+    """A random tiny model with a CTC head on 40 s of noise (two windows): every segment's words are
+    the words of its text, in order, within the segment's time span."""
+    from whisper_scratch.alignment import add_word_timestamps
+    from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions
+    from whisper_scratch.longform import transcribe
+    from whisper_scratch.model import ModelDimensions, Whisper
+
+    tok = CharTokenizer("ab", languages=("en",))
+    torch.manual_seed(0)
+    model = Whisper(ModelDimensions(80, 1500, 32, 4, 2, tok.vocab_size, 48, 32, 4, 2, ctc=True)).eval()
+    audio = torch.randn(40 * 16000, generator=torch.Generator().manual_seed(1)).numpy() * 0.1
+    result = transcribe(model, audio, tok, DecodingOptions(max_new_tokens=12), NO_FALLBACK)
+    result = add_word_timestamps(model, tok, audio, result)
+    assert len(result["segments"]) == 2
+    n_words = 0
+    for seg in result["segments"]:
+        words = seg["words"]
+        assert [w["word"] for w in words] == seg["text"].split()
+        assert all(seg["start"] <= w["start"] < w["end"] <= seg["end"] + 0.02 for w in words), (seg, words)
+        assert all(a["end"] <= b["start"] for a, b in zip(words, words[1:]))
+        assert all(0 < w["probability"] <= 1 for w in words)
+        n_words += len(words)
+    assert n_words > 0  # the random model does emit words, so the checks above are not vacuous
+    no_ctc = Whisper(ModelDimensions(80, 1500, 32, 4, 2, tok.vocab_size, 48, 32, 4, 2, ctc=False)).eval()
+    with pytest.raises(ValueError, match="CTC head"):
+        add_word_timestamps(no_ctc, tok, audio, result)

@@ -334,7 +334,8 @@ def test_bad_command_lines_are_clear(checkpoint, audio_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--model_path", str(tmp_path / "missing.pt"), "--mode", "single", "--audio_path", str(audio_dir / "zero.wav")])
     assert "missing.pt: no such file" in capsys.readouterr().err
-    for argv, message in [(["--ctc_weight", "0.3"], "needs a model with a CTC head"),
+    for argv, message in [(["--ctc_weight", "0.3"], "--ctc_weight 0.3 needs a model with a CTC head"),
+                          (["--word_timestamps"], "--word_timestamps needs a model with a CTC head"),
                           (["--language", "xx"], "'xx' is not one of the model's languages")]:
         assert cli.main(["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "zero.wav"), *argv]) == 2
         assert message in capsys.readouterr().err
