@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from whisper_scratch.alignment import add_word_timestamps
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
 from whisper_scratch.checkpoint import load_model
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options
@@ -106,9 +105,8 @@ def display_name(path: Path, roots: list) -> str:
 class ResultWriter:
     """Writes each result as soon as it exists: a line in --output_file, --output_format files."""
 
-    def __init__(self, opts: TranscribeOptions, roots: list, model=None, tokenizer=None):
+    def __init__(self, opts: TranscribeOptions, roots: list):
         self.opts, self.roots, self.failed = opts, roots, []
-        self.model, self.tokenizer = model, tokenizer  # for --word_timestamps
         self.file = open(opts.output_file, "w", encoding="utf-8") if opts.output_file else None
 
     def __enter__(self):
@@ -125,8 +123,6 @@ class ResultWriter:
             tqdm.write(f"failed: {result}" if isinstance(result, AudioError) else f"failed: {name}: {result}",
                        file=sys.stderr)
             return
-        if self.opts.word_timestamps:
-            result = add_word_timestamps(self.model, self.tokenizer, path, result)
         if self.file:
             self.file.write(f"{name}\t{result['text']}\n")
             self.file.flush()
@@ -142,10 +138,10 @@ class ResultWriter:
 # -- modes -------------------------------------------------------------------------------------
 
 def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
-    with ResultWriter(opts, [Path(opts.audio_path).parent], model, tokenizer) as out:
+    with ResultWriter(opts, [Path(opts.audio_path).parent]) as out:
         try:
             result = transcribe(model, opts.audio_path, tokenizer, opts.decoding, opts.fallback,
-                                opts.condition_on_previous_text)
+                                opts.condition_on_previous_text, opts.word_timestamps)
         except (AudioError, ValueError) as e:
             out.write(opts.audio_path, e)
             return out.status(1)
@@ -156,11 +152,11 @@ def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
 
 def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
     paths = list_audio(opts.audio_dir)
-    with ResultWriter(opts, [opts.audio_dir], model, tokenizer) as out:
+    with ResultWriter(opts, [opts.audio_dir]) as out:
         for path in tqdm(paths, desc="transcribing", unit="file", disable=not opts.progress):
             try:
                 result = transcribe(model, path, tokenizer, opts.decoding, opts.fallback,
-                                    opts.condition_on_previous_text)
+                                    opts.condition_on_previous_text, opts.word_timestamps)
             except (AudioError, ValueError, RuntimeError) as e:
                 result = e
             out.write(path, result)
@@ -178,12 +174,12 @@ def _progress(results, n: int, opts: TranscribeOptions):
 
 def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
     return _progress(transcribe_files(model, paths, tokenizer, opts.decoding, opts.fallback, opts.batch_size,
-                                      opts.condition_on_previous_text), len(paths), opts)
+                                      opts.condition_on_previous_text, opts.word_timestamps), len(paths), opts)
 
 
 def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
     paths = list_audio(opts.audio_dir)
-    with ResultWriter(opts, [opts.audio_dir], model, tokenizer) as out:
+    with ResultWriter(opts, [opts.audio_dir]) as out:
         for path, result in _batched(model, tokenizer, opts, paths):
             out.write(path, result)
         return out.status(len(paths))
@@ -197,10 +193,11 @@ def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
     missing_audio = [p for p in refs if not Path(p).is_file()]
     missing_ref = [p for p in on_disk if p not in refs]
     hyps = {}
-    with ResultWriter(opts, roots, model, tokenizer) as out:
+    with ResultWriter(opts, roots) as out:
         pairs = [(p, text) for p, text in refs.items() if Path(p).is_file()]
         for path, result in _progress(decode_references(model, tokenizer, pairs, opts.decoding, opts.fallback,
-                                                        opts.batch_size, opts.condition_on_previous_text),
+                                                        opts.batch_size, opts.condition_on_previous_text,
+                                                        opts.word_timestamps),
                                       len(pairs), opts):
             out.write(path, result)
             if not isinstance(result, Exception):

@@ -71,7 +71,6 @@ def test_words_get_times_from_their_characters():
 def test_transcripts_get_words_inside_their_segments():
     """A random tiny model with a CTC head on 40 s of noise (two windows): every segment's words are
     the words of its text, in order, within the segment's time span."""
-    from whisper_scratch.alignment import add_word_timestamps
     from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions
     from whisper_scratch.longform import transcribe
     from whisper_scratch.model import ModelDimensions, Whisper
@@ -80,8 +79,7 @@ def test_transcripts_get_words_inside_their_segments():
     torch.manual_seed(0)
     model = Whisper(ModelDimensions(80, 1500, 32, 4, 2, tok.vocab_size, 48, 32, 4, 2, ctc=True)).eval()
     audio = torch.randn(40 * 16000, generator=torch.Generator().manual_seed(1)).numpy() * 0.1
-    result = transcribe(model, audio, tok, DecodingOptions(max_new_tokens=12), NO_FALLBACK)
-    result = add_word_timestamps(model, tok, audio, result)
+    result = transcribe(model, audio, tok, DecodingOptions(max_new_tokens=12), NO_FALLBACK, word_timestamps=True)
     assert len(result["segments"]) == 2
     n_words = 0
     for seg in result["segments"]:
@@ -94,4 +92,31 @@ def test_transcripts_get_words_inside_their_segments():
     assert n_words > 0  # the random model does emit words, so the checks above are not vacuous
     no_ctc = Whisper(ModelDimensions(80, 1500, 32, 4, 2, tok.vocab_size, 48, 32, 4, 2, ctc=False)).eval()
     with pytest.raises(ValueError, match="CTC head"):
-        add_word_timestamps(no_ctc, tok, audio, result)
+        transcribe(no_ctc, audio[:16000], tok, DecodingOptions(max_new_tokens=4), NO_FALLBACK, word_timestamps=True)
+
+
+def test_batched_files_get_the_same_words_as_one_by_one(tmp_path):
+    """transcribe_files (short files decoded together) aligns each file on its own frames: the
+    words equal those of transcribe() on that file alone."""
+    import soundfile as sf
+    from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions
+    from whisper_scratch.longform import transcribe, transcribe_files
+    from whisper_scratch.model import ModelDimensions, Whisper
+
+    tok = CharTokenizer("ab", languages=("en",))
+    torch.manual_seed(0)
+    model = Whisper(ModelDimensions(80, 1500, 32, 4, 2, tok.vocab_size, 48, 32, 4, 2, ctc=True)).eval()
+    gen = torch.Generator().manual_seed(2)
+    paths = []
+    for i, seconds in enumerate((1.0, 2.5)):
+        paths.append(tmp_path / f"{i}.wav")
+        sf.write(paths[-1], (torch.randn(int(seconds * 16000), generator=gen) * 0.1).numpy(), 16000)
+    options = DecodingOptions(max_new_tokens=8)
+    batched = dict(transcribe_files(model, paths, tok, options, NO_FALLBACK, batch_size=2, word_timestamps=True))
+    for p in paths:
+        alone = transcribe(model, p, tok, options, NO_FALLBACK, word_timestamps=True)
+        got = batched[str(p)]["segments"][0]
+        assert [w["word"] for w in got["words"]] == [w["word"] for w in alone["segments"][0]["words"]]
+        assert [(w["start"], w["end"]) for w in got["words"]] == [
+            (w["start"], w["end"]) for w in alone["segments"][0]["words"]]
+    assert any(r["segments"][0]["words"] for r in batched.values())  # not vacuous

@@ -3,15 +3,13 @@ and words with start, end and probability. No second model is needed: the CTC he
 the decoder already says, frame by frame, which token is being spoken."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .audio import FRAMES_PER_SECOND, load_audio, log_mel_spectrogram
+from .audio import FRAMES_PER_SECOND
 from .decoding import encode
-from .longform import window_frames
 
 NEG_INF = float("-inf")
 
@@ -93,22 +91,16 @@ def _word_index(tokenizer, tokens: list, i: int):
     return len(tokenizer.decode(tokens[:i + 1]).split()) - 1
 
 
-def add_word_timestamps(model, tokenizer, audio, result: dict) -> dict:
-    """A `longform` transcript with `words` ([{word, start, end, probability}]) on every segment,
-    from the CTC head run on exactly the frames the segment was decoded from. audio: the same file
-    or 16 kHz waveform. A segment whose tokens cannot be aligned (more tokens than CTC frames)
-    gets no words and an `alignment_error` saying why."""
+def segment_words(model, tokenizer, mel: Tensor, tokens: Sequence[int], start: float) -> dict:
+    """{"words": [...]} for one decoded segment, from the CTC head run on exactly the mel
+    (n_mels, T) it was decoded from; start: the segment's time in the file. Tokens that cannot be
+    aligned (more than the CTC frames allow) give no words and an `alignment_error` saying why."""
     if not model.dims.ctc:
         raise ValueError("word timestamps come from the CTC head; this model has none (train with --ctc-weight > 0)")
-    mel = log_mel_spectrogram(load_audio(audio) if isinstance(audio, (str, Path)) else audio, model.dims.n_mels)
-    frame_seconds = 2 / FRAMES_PER_SECOND  # the encoder's stride-2 conv: one CTC frame per 20 ms
-    for seg in result["segments"]:
-        chunk = mel[None, :, seg["seek"]:seg["seek"] + window_frames(model)]
-        with torch.inference_mode():
-            xa, xa_lens = encode(model, chunk, torch.tensor([chunk.shape[-1]]))
-            log_probs = model.ctc_logits(xa).log_softmax(-1)[0, : int(xa_lens[0])].cpu()
-        try:
-            seg["words"] = word_timestamps(log_probs, seg["tokens"], tokenizer, frame_seconds, seg["start"])
-        except ValueError as e:
-            seg["words"], seg["alignment_error"] = [], str(e)
-    return result
+    with torch.inference_mode():
+        xa, xa_lens = encode(model, mel[None], torch.tensor([mel.shape[-1]]))
+        log_probs = model.ctc_logits(xa).log_softmax(-1)[0, : int(xa_lens[0])].cpu()
+    try:  # the encoder's stride-2 conv: one CTC frame per two mel frames (20 ms)
+        return {"words": word_timestamps(log_probs, tokens, tokenizer, 2 / FRAMES_PER_SECOND, start)}
+    except ValueError as e:
+        return {"words": [], "alignment_error": str(e)}

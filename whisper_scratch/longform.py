@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .audio import (FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, AudioError, audio_duration, load_audio,
                     log_mel_spectrogram)
+from .alignment import segment_words
 from .decoding import DecodingOptions, DecodingResult, FallbackOptions, decode_with_fallback
 from .model import Whisper
 from .tokenizer import Tokenizer
@@ -38,13 +39,14 @@ def fixed_windows(n_frames: int, window: int) -> Iterator[Tuple[int, int]]:
 
 def transcribe(model: Whisper, audio: Union[str, Path, np.ndarray, Tensor], tokenizer: Tokenizer,
                options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
-               condition_on_previous_text: bool = True) -> dict:
+               condition_on_previous_text: bool = True, word_timestamps: bool = False) -> dict:
     """Transcribe a file or 16 kHz waveform of any length, window by window.
 
     Windows are fixed (30 s) since this vocabulary has no timestamp tokens; each is decoded with
     the previous windows' text as prompt (<|startofprev|> ...), reset after a window decoded at a
     temperature above 0.5 (likely garbage, as openai-whisper). The last window is shorter and
-    decoded at its own length. Returns {text, segments: [{id, seek, start, end, text, ...}], ...}.
+    decoded at its own length. Returns {text, segments: [{id, seek, start, end, text, ...}], ...};
+    with word_timestamps, each segment also has `words` (alignment.segment_words).
     """
     if isinstance(audio, (str, Path)):
         audio = load_audio(audio)
@@ -60,6 +62,8 @@ def transcribe(model: Whisper, audio: Union[str, Path, np.ndarray, Tensor], toke
         r = decode_with_fallback(model, chunk, torch.tensor([chunk.shape[-1]]), tokenizer, opts, fallback)[0]
         end = min(stop / FRAMES_PER_SECOND, duration)
         segments.append(_segment(len(segments), seek, seek / FRAMES_PER_SECOND, end, r))
+        if word_timestamps:
+            segments[-1].update(segment_words(model, tokenizer, chunk[0], r.tokens, segments[-1]["start"]))
         history = [] if r.temperature > 0.5 else (history + [r.text] if r.text else history)
     return _transcript(segments, tokenizer, options, duration)
 
@@ -80,8 +84,8 @@ def _transcript(segments: list, tokenizer: Tokenizer, options: DecodingOptions, 
 
 def transcribe_files(model: Whisper, paths: Sequence[Union[str, Path]], tokenizer: Tokenizer,
                      options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
-                     batch_size: int = 16, condition_on_previous_text: bool = True
-                     ) -> Iterator[Tuple[str, Union[dict, Exception]]]:
+                     batch_size: int = 16, condition_on_previous_text: bool = True,
+                     word_timestamps: bool = False) -> Iterator[Tuple[str, Union[dict, Exception]]]:
     """Yield (path, transcript or the error) for every file, decoding files of at most one window
     in batches sorted by duration (longest first, so memory limits show at once), each batch
     padded to its longest file. Longer files go through `transcribe` one by one afterwards.
@@ -103,15 +107,15 @@ def transcribe_files(model: Whisper, paths: Sequence[Union[str, Path]], tokenize
     timed.sort(key=lambda x: -x[0])
     for start in range(0, len(timed), batch_size):
         batch = [p for _, p in timed[start:start + batch_size]]
-        yield from _transcribe_batch(model, batch, tokenizer, options, fallback, long)
+        yield from _transcribe_batch(model, batch, tokenizer, options, fallback, long, word_timestamps)
     for p in long:
         try:
-            yield p, transcribe(model, p, tokenizer, options, fallback, condition_on_previous_text)
+            yield p, transcribe(model, p, tokenizer, options, fallback, condition_on_previous_text, word_timestamps)
         except (AudioError, ValueError) as e:
             yield p, e
 
 
-def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list):
+def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list, word_timestamps: bool = False):
     """Load, featurise (each file alone, so features match `transcribe`), pad, decode one batch."""
     mels, ok, durations = [], [], []
     for p in paths:
@@ -132,5 +136,8 @@ def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list):
     lens = torch.tensor([m.shape[-1] for m in mels])
     batch = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
     results = decode_with_fallback(model, batch, lens, tokenizer, options, fallback)
-    for p, duration, r in zip(ok, durations, results):
-        yield p, _transcript([_segment(0, 0, 0.0, duration, r)], tokenizer, options, duration)
+    for p, mel, duration, r in zip(ok, mels, durations, results):
+        segment = _segment(0, 0, 0.0, duration, r)
+        if word_timestamps:
+            segment.update(segment_words(model, tokenizer, mel, r.tokens, 0.0))
+        yield p, _transcript([segment], tokenizer, options, duration)
