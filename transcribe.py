@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
 from whisper_scratch.checkpoint import load_model
-from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options
+from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
 from whisper_scratch.evaluation import decode_references, resolve_references
 from whisper_scratch.longform import transcribe, transcribe_files
@@ -64,25 +64,20 @@ class TranscribeOptions:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
-        _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
-        _require(Path(self.model_path).is_file(), f"--model_path {self.model_path}: no such file")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        require(Path(self.model_path).is_file(), f"--model_path {self.model_path}: no such file")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         if self.mode == "single":
-            _require(self.audio_path is not None, "--mode single needs --audio_path")
-            _require(Path(self.audio_path).is_file(), f"--audio_path {self.audio_path}: no such file")
+            require(self.audio_path is not None, "--mode single needs --audio_path")
+            require(Path(self.audio_path).is_file(), f"--audio_path {self.audio_path}: no such file")
         if self.mode in ("directory", "batch"):
-            _require(self.audio_dir is not None, f"--mode {self.mode} needs --audio_dir")
+            require(self.audio_dir is not None, f"--mode {self.mode} needs --audio_dir")
         if self.audio_dir is not None:
-            _require(Path(self.audio_dir).is_dir(), f"--audio_dir {self.audio_dir}: no such folder")
+            require(Path(self.audio_dir).is_dir(), f"--audio_dir {self.audio_dir}: no such folder")
         if self.mode == "evaluate":
-            _require(self.reference_file is not None, "--mode evaluate needs --reference_file")
-            _require(Path(self.reference_file).is_file(), f"--reference_file {self.reference_file}: no such file")
+            require(self.reference_file is not None, "--mode evaluate needs --reference_file")
+            require(Path(self.reference_file).is_file(), f"--reference_file {self.reference_file}: no such file")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def add_options(parser: argparse.ArgumentParser, cls: Type) -> None:
             raise TypeError(f"{cls.__name__}: flag --{f.name} is declared twice ({seen[f.name]} and {f})")
         seen[f.name] = f
         tp, optional = _base_type(hint)
-        names = [*f.metadata.get("aliases", ()), f"--{f.name.replace('_', '-')}"]
+        names = [*f.metadata.get("aliases", ()), flag(f.name)]
         if "_" in f.name:
             names.append(f"--{f.name}")
         required = default is dataclasses.MISSING
@@ -119,6 +119,12 @@ def parse_options(cls: Type[T], argv: Optional[Sequence[str]] = None, prog: Opti
         return build_options(cls, vars(ns))
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+
+
+def require(ok: bool, message: str) -> None:
+    """Options validation: a ValueError with the message (parse_options turns it into a usage error)."""
+    if not ok:
+        raise ValueError(message)
 
 
 def flag(name: str) -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import option
+from .config import option, require
 from .model import Whisper
 from .tokenizer import Tokenizer
 
@@ -48,22 +48,22 @@ class DecodingOptions:
     use_cache: bool = option(True, "False re-runs the decoder on the whole prefix (for tests)", cli=False)
 
     def __post_init__(self):
-        _check(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
-        _check(self.best_of >= 1, f"best_of must be >= 1, got {self.best_of}")
-        _check(self.patience > 0, f"patience must be > 0, got {self.patience}")
-        _check(self.length_penalty is None or self.length_penalty >= 0,
+        require(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
+        require(self.best_of >= 1, f"best_of must be >= 1, got {self.best_of}")
+        require(self.patience > 0, f"patience must be > 0, got {self.patience}")
+        require(self.length_penalty is None or self.length_penalty >= 0,
                f"length_penalty must be None or >= 0, got {self.length_penalty}")
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _check(self.max_new_tokens is None or self.max_new_tokens >= 1,
+        require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        require(self.max_new_tokens is None or self.max_new_tokens >= 1,
                f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
-        _check(0.0 <= self.ctc_weight <= 1.0, f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        require(0.0 <= self.ctc_weight <= 1.0, f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
         if self.temperature > 0:  # sampling: the beam settings would be silently unused
-            _check(self.beam_size == 1, f"beam_size {self.beam_size} cannot be used with sampling "
+            require(self.beam_size == 1, f"beam_size {self.beam_size} cannot be used with sampling "
                                         f"(temperature {self.temperature}); use temperature 0 for beam search")
-            _check(self.ctc_weight == 0, f"ctc_weight {self.ctc_weight} needs beam search; it cannot be used "
+            require(self.ctc_weight == 0, f"ctc_weight {self.ctc_weight} needs beam search; it cannot be used "
                                          f"with sampling (temperature {self.temperature})")
         if self.patience != 1.0:
-            _check(self.uses_beam_search, f"patience {self.patience} only applies to beam search, not to "
+            require(self.uses_beam_search, f"patience {self.patience} only applies to beam search, not to "
                    + (f"sampling (temperature {self.temperature})" if self.temperature > 0 else "greedy decoding "
                       "(beam_size 1, ctc_weight 0)"))
         object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
@@ -80,11 +80,6 @@ class DecodingOptions:
         return replace(self, temperature=t, beam_size=1, patience=1.0, ctc_weight=0.0)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 @dataclass(frozen=True)
 class FallbackOptions:
     """openai-whisper's temperature fallback: decode again at the next temperature while the text
@@ -98,7 +93,7 @@ class FallbackOptions:
 
     def __post_init__(self):
         inc = self.temperature_increment_on_fallback
-        _check(inc is None or inc > 0, f"temperature_increment_on_fallback must be > 0 or none, got {inc}")
+        require(inc is None or inc > 0, f"temperature_increment_on_fallback must be > 0 or none, got {inc}")
 
     def temperatures(self, first: float = 0.0) -> Tuple[float, ...]:
         inc = self.temperature_increment_on_fallback

@@ -31,7 +31,7 @@ from . import data as D
 from .audio import FRAMES_PER_SECOND
 from .augment import AugmentOptions
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import DTYPE_ALIASES, canonical_dtype, option
+from .config import DTYPE_ALIASES, canonical_dtype, flag, option
 from .decoding import DecodingOptions
 from .evaluation import evaluate
 from .model import PRESETS, ModelDimensions, Whisper, preset_dims
@@ -111,11 +111,11 @@ class TrainOptions:
                     "num_buckets", "max_nan_steps"]
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ["train_batch_size", "max_steps", "stop_after", "max_eval_utts"]:
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+                raise ValueError(f"{flag(name)} must be >= 1, got {v}")
         if self.max_batch_seconds is not None and self.max_batch_seconds < 30:
             raise ValueError(f"--max-batch-seconds must be >= 30 (one 30 s clip must fit), got {self.max_batch_seconds}")
         if self.max_batch_seconds is None and self.train_batch_size is None:
@@ -124,7 +124,7 @@ class TrainOptions:
                              ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10)]:
             v = getattr(self, name)
             if not lo <= v <= hi or (name == "learning_rate" and v == 0) or (name == "ctc_weight" and v == 1):
-                raise ValueError(f"--{name.replace('_', '-')} out of range, got {v}")
+                raise ValueError(f"{flag(name)} out of range, got {v}")
         if not 0 <= self.pad_to_30s_prob <= 1:
             raise ValueError(f"--pad-to-30s-prob must be in [0, 1], got {self.pad_to_30s_prob}")
         if not 0 <= self.eval_ctc_weight <= 1:
@@ -242,7 +242,7 @@ def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: tor
         old = ckpt.get("options", {})
         for name in ("whisper_size", "tokenizer", "n_mels"):
             if name in old and old[name] != getattr(opts, name):
-                raise SystemExit(f"error: {opts.output_dir}/last.pt was trained with --{name.replace('_', '-')} "
+                raise SystemExit(f"error: {opts.output_dir}/last.pt was trained with {flag(name)} "
                                  f"{old[name]}, not {getattr(opts, name)}; resume with the same model flags")
         dims = ModelDimensions.from_dict(ckpt["dims"])
     else:
