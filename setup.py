@@ -21,6 +21,11 @@ setup(
         "jiwer>=3.0",
         "sentencepiece>=0.2.0",
         "tqdm>=4.60",
+        "silero-vad>=5.1",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
     ],
-    extras_require={"dev": ["pytest>=8"]},
+    extras_require={"dev": ["pytest>=8", "openai>=1.30", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["whisper-scratch-server=whisper_scratch.server:main"]},
 )

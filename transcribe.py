@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +31,7 @@ from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
 from whisper_scratch.evaluation import decode_references, resolve_references
 from whisper_scratch.longform import transcribe, transcribe_files
+from whisper_scratch.vad import VadOptions
 from whisper_scratch.metrics import error_rates, utterance_errors, worst
 from whisper_scratch.writers import OUTPUT_FORMATS, write_result
 
@@ -46,15 +47,17 @@ class TranscribeOptions:
     audio_path: Optional[str] = option(None, "the audio file (--mode single)")
     audio_dir: Optional[str] = option(None, "folder searched recursively for wav/flac/mp3/ogg files")
     output_file: Optional[str] = option(None, "write one 'path<TAB>text' line per file here")
-    batch_size: int = option(16, "files decoded together (--mode batch/evaluate)")
+    batch_size: int = option(16, "chunks decoded together (--mode single/batch/evaluate; directory decodes "
+                                 "one file at a time)")
     reference_file: Optional[str] = option(None, "references for --mode evaluate: path<TAB>text, a Common "
                                                  "Voice TSV (path, sentence) or a manifest (path, text)")
     # every DecodingOptions / FallbackOptions field is a flag of its own (--beam_size, --temperature, ...)
     decoding: DecodingOptions = option(help="search settings", factory=lambda: DecodingOptions(best_of=5))
     fallback: FallbackOptions = option(help="temperature fallback", factory=FallbackOptions)
+    vad: VadOptions = option(help="voice-activity chunks (--vad, --chunk_seconds, ...)", factory=VadOptions)
     word_timestamps: bool = option(False, "add word start/end times from the CTC head (json: segments[].words; "
                                           "needs a model trained with --ctc-weight > 0)")
-    condition_on_previous_text: bool = option(True, "long audio: prompt each 30 s window with the text so far")
+    condition_on_previous_text: bool = option(True, "with --vad false: prompt each 30 s window with the text so far")
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
     dtype: Optional[str] = option(None, "float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: float16 "
                                         "on cuda, else float32)", choices=tuple(DTYPE_ALIASES))
@@ -136,7 +139,7 @@ def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
     with ResultWriter(opts, [Path(opts.audio_path).parent]) as out:
         try:
             result = transcribe(model, opts.audio_path, tokenizer, opts.decoding, opts.fallback,
-                                opts.condition_on_previous_text, opts.word_timestamps)
+                                opts.condition_on_previous_text, opts.word_timestamps, opts.vad, opts.batch_size)
         except (AudioError, ValueError) as e:
             out.write(opts.audio_path, e)
             return out.status(1)
@@ -151,7 +154,7 @@ def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
         for path in tqdm(paths, desc="transcribing", unit="file", disable=not opts.progress):
             try:
                 result = transcribe(model, path, tokenizer, opts.decoding, opts.fallback,
-                                    opts.condition_on_previous_text, opts.word_timestamps)
+                                    opts.condition_on_previous_text, opts.word_timestamps, opts.vad, opts.batch_size)
             except (AudioError, ValueError, RuntimeError) as e:
                 result = e
             out.write(path, result)
@@ -169,7 +172,8 @@ def _progress(results, n: int, opts: TranscribeOptions):
 
 def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
     return _progress(transcribe_files(model, paths, tokenizer, opts.decoding, opts.fallback, opts.batch_size,
-                                      opts.condition_on_previous_text, opts.word_timestamps), len(paths), opts)
+                                      opts.condition_on_previous_text, opts.word_timestamps, opts.vad),
+                     len(paths), opts)
 
 
 def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
@@ -192,7 +196,7 @@ def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
         pairs = [(p, text) for p, text in refs.items() if Path(p).is_file()]
         for path, result in _progress(decode_references(model, tokenizer, pairs, opts.decoding, opts.fallback,
                                                         opts.batch_size, opts.condition_on_previous_text,
-                                                        opts.word_timestamps),
+                                                        opts.word_timestamps, opts.vad),
                                       len(pairs), opts):
             out.write(path, result)
             if not isinstance(result, Exception):
@@ -277,10 +281,23 @@ def check_model(opts: TranscribeOptions, model, tokenizer) -> Optional[str]:
     return None
 
 
+def with_chunk_seconds(opts: TranscribeOptions, ckpt: dict) -> TranscribeOptions:
+    """--chunk_seconds, else the longest clip the checkpoint was trained on (else one window)."""
+    if not opts.vad.vad or opts.vad.chunk_seconds is not None:
+        return opts
+    longest = ckpt.get("longest_clip_seconds")
+    if longest is None:
+        print(f"note: {opts.model_path} does not record its longest training clip; voice-activity chunks "
+              "go up to one window (set --chunk_seconds to what it was trained on)", file=sys.stderr)
+        return opts
+    return replace(opts, vad=replace(opts.vad, chunk_seconds=max(1.0, float(longest))))
+
+
 def main(argv=None) -> int:
     opts = parse_options(TranscribeOptions, argv)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_model(opts.model_path, device)
+    model, tokenizer, ckpt = load_model(opts.model_path, device)
+    opts = with_chunk_seconds(opts, ckpt)
     problem = check_model(opts, model, tokenizer)
     if problem:  # fail before the first file rather than once per file
         print(f"transcribe.py: error: {problem}", file=sys.stderr)

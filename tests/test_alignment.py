@@ -4,6 +4,7 @@ import itertools
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from whisper_scratch.alignment import ctc_viterbi, word_timestamps
@@ -120,3 +121,88 @@ def test_batched_files_get_the_same_words_as_one_by_one(tmp_path):
         assert [(w["start"], w["end"]) for w in got["words"]] == [
             (w["start"], w["end"]) for w in alone["segments"][0]["words"]]
     assert any(r["segments"][0]["words"] for r in batched.values())  # not vacuous
+
+
+# -- word boundaries on real speech, from a CTC head trained here ------------------------------
+
+DIGITS = ["zero", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def ctc_digit_model():
+    """A tiny model (2 s context) fitted on three FSDD digits, each at a random offset in a 2 s
+    window: first the decoder with cross-entropy, then the CTC head alone on the encoder it left
+    (train.py's joint loss takes far longer to leave the text prior on 3 clips)."""
+    from conftest import DATA
+    from whisper_scratch.audio import load_audio, log_mel_spectrogram
+    from whisper_scratch.model import ModelDimensions, Whisper
+    from whisper_scratch.trainer import LossModule
+
+    tok = CharTokenizer("zerontw", languages=("en",))
+    clips = [load_audio(DATA / f"fsdd/recordings/{d}_george_5.wav") for d in range(3)]
+    clips = [0.5 * c / np.abs(c).max() for c in clips]
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = Whisper(ModelDimensions(80, 100, 64, 4, 2, tok.vocab_size, 16, 64, 4, 2, ctc=True))
+    sot = list(tok.sot_sequence())
+
+    def batch():
+        mels, tokens, targets = [], torch.full((6, 8), tok.pad), torch.full((6, 8), tok.pad)
+        for i, (clip, word) in enumerate((c, w) for c, w in zip(clips, DIGITS) for _ in range(2)):
+            window = np.zeros(2 * 16000, np.float32)
+            off = rng.integers(0, len(window) - len(clip))
+            window[off:off + len(clip)] = clip
+            mels.append(log_mel_spectrogram(window))
+            s = sot + tok.encode(word) + [tok.eot]
+            tokens[i, :len(s) - 1] = torch.tensor(s[:-1])
+            targets[i, len(sot) - 1:len(s) - 1] = torch.tensor(s[len(sot):])
+        return torch.stack(mels), torch.full((6,), 200), tokens, targets
+
+    for ctc_weight, params, steps in ((0.0, model.parameters(), 120), (1.0, model.ctc_head.parameters(), 150)):
+        loss_fn = LossModule(model, tok.pad, tok.n_text, 0.0, ctc_weight)
+        opt = torch.optim.AdamW(params, lr=3e-3 if ctc_weight == 0 else 3e-2)
+        for step in range(steps):
+            mel, lens, tokens, targets = batch()
+            loss, _, _ = loss_fn(mel, lens, tokens, targets)
+            opt.zero_grad()
+            (loss / (targets != tok.pad).sum()).backward()
+            opt.step()
+    return model.eval(), tok, clips
+
+
+def speech_extent(clip: np.ndarray) -> tuple:
+    """(first, last) second of the 10 ms frames within 20 dB of the clip's loudest."""
+    frames = clip[: len(clip) // 160 * 160].reshape(-1, 160)
+    energy = 10 * np.log10((frames ** 2).mean(1) + 1e-12)
+    loud = np.flatnonzero(energy > energy.max() - 20)
+    return loud[0] * 0.01, (loud[-1] + 1) * 0.01
+
+
+def test_word_boundaries_on_concatenated_clips(ctc_digit_model):
+    """15 digits joined with known 0.8-1.5 s gaps, decoded through voice-activity chunks with word
+    timestamps: every word found in order, and its start and end near the clip's loud part."""
+    from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions
+    from whisper_scratch.longform import transcribe
+    from whisper_scratch.vad import VadOptions
+
+    model, tok, clips = ctc_digit_model
+    rng = np.random.default_rng(3)
+    order = [int(d) for d in rng.integers(0, 3, 15)]
+    parts, truth, t = [], [], 0.0
+    for d in order:
+        gap = np.zeros(int(rng.uniform(0.8, 1.5) * 16000), np.float32)
+        a, b = speech_extent(clips[d])
+        truth.append((t + len(gap) / 16000 + a, t + len(gap) / 16000 + b))
+        parts += [gap, clips[d].astype(np.float32)]
+        t += (len(gap) + len(clips[d])) / 16000
+    audio = np.concatenate(parts + [np.zeros(16000, np.float32)])
+    result = transcribe(model, audio, tok, DecodingOptions(max_new_tokens=8), NO_FALLBACK, word_timestamps=True,
+                        vad=VadOptions(chunk_seconds=2.0))
+    words = [w for s in result["segments"] for w in s["words"]]
+    assert [w["word"] for w in words] == [DIGITS[d] for d in order]
+    errors = np.array([(abs(w["start"] - a), abs(w["end"] - b)) for w, (a, b) in zip(words, truth)])
+    median = np.median(errors, axis=0)
+    report = (f"median word-boundary error: start {1000 * median[0]:.0f} ms, end {1000 * median[1]:.0f} ms; "
+              f"worst {1000 * errors.max():.0f} ms")
+    print(report)
+    assert median.max() <= 0.1 and errors.max() <= 0.3, report

@@ -28,6 +28,7 @@ from whisper_scratch.longform import transcribe
 from whisper_scratch.writers import format_timestamp, to_srt, to_tsv, to_vtt, write_result
 from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer
+from whisper_scratch.vad import VadOptions
 from conftest import DATA, REPO
 
 # transcribe.py is a script at the repository root, not part of the installed package
@@ -41,9 +42,12 @@ WINDOW = 2 * SAMPLE_RATE
 FAST = ["--max_new_tokens", "8", "--no-progress"]
 
 
-def in_window(clip: np.ndarray, rng) -> np.ndarray:
+def in_window(clip: np.ndarray, rng, centred: bool = False) -> np.ndarray:
+    """The clip at a random offset in a 2 s window (centred: within 0.15 s of the middle, so
+    neighbouring windows' words are > 1 s apart and voice-activity chunks hold one word each)."""
     w = np.zeros(WINDOW, np.float32)
-    off = rng.integers(0, WINDOW - len(clip))
+    middle, jitter = (WINDOW - len(clip)) // 2, int(0.15 * SAMPLE_RATE)
+    off = middle + rng.integers(-jitter, jitter) if centred else rng.integers(0, WINDOW - len(clip))
     w[off:off + len(clip)] = clip
     return w
 
@@ -88,10 +92,10 @@ def digit_model(digit_clips):
 
 @pytest.fixture(scope="module")
 def long_audio(digit_clips):
-    """70 s: 35 digit clips, one per 2 s window at a random offset, in a random order."""
+    """70 s: 35 digit clips, one per 2 s window near its middle, in a random order."""
     rng = np.random.default_rng(1)
     order = [int(d) for d in rng.integers(0, 3, 35)]
-    return np.concatenate([in_window(digit_clips[d], rng) for d in order]), [WORDS[d] for d in order]
+    return np.concatenate([in_window(digit_clips[d], rng, centred=True) for d in order]), [WORDS[d] for d in order]
 
 
 def test_70s_file_is_transcribed_in_order_with_increasing_timestamps(digit_model, long_audio, monkeypatch):
@@ -140,6 +144,82 @@ def test_30s_windows_and_a_shorter_tail():
         longform.decode_with_fallback = real
     assert calls == [(3000, 3000), (3000, 3000), (500, 500)]  # the tail at its own length
     assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
+
+
+# -- voice-activity chunks --------------------------------------------------------------------
+
+def spaced_digits(digit_clips, order, rng, silence_after: int = -1, silence_s: float = 8.0):
+    """Digits one per 2 s window near its middle, and silence_s of digital silence after word
+    `silence_after`: (audio, [(first, end) sample of each word])."""
+    parts, spans, t = [], [], 0
+    for k, d in enumerate(order):
+        w = in_window(digit_clips[d], rng, centred=True)
+        nz = np.flatnonzero(w)
+        spans.append((t + nz[0], t + nz[-1] + 1))
+        parts.append(w)
+        t += len(w)
+        if k == silence_after:
+            parts.append(np.zeros(int(silence_s * SAMPLE_RATE), np.float32))
+            t += int(silence_s * SAMPLE_RATE)
+    return np.concatenate(parts), spans
+
+
+def test_vad_chunks_are_decoded_in_batches_with_their_real_times(digit_model, digit_clips, monkeypatch):
+    """20 digits and 8 s of silence: one chunk per word (chunk limit 2 s, words > 1 s apart),
+    decoded 8 at a time, longest first; every word in order, each segment holding its word's
+    samples, none in the silence."""
+    rng = np.random.default_rng(5)
+    order = [int(d) for d in rng.integers(0, 3, 20)]
+    audio, spans = spaced_digits(digit_clips, order, rng, silence_after=9)
+    batches = []
+    real = longform.encode
+
+    def spy(model, mel, mel_lens):
+        batches.append(mel_lens.tolist())
+        return real(model, mel, mel_lens)
+
+    monkeypatch.setattr(longform, "encode", spy)
+    vad = VadOptions(chunk_seconds=2.0)
+    result = transcribe(digit_model, audio, TOK, DecodingOptions(max_new_tokens=8), decoding.NO_FALLBACK, vad=vad,
+                        batch_size=8)
+    segs = result["segments"]
+    assert [s["text"] for s in segs] == [WORDS[d] for d in order]
+    assert [len(b) for b in batches] == [8, 8, 4]
+    lens = [n for b in batches for n in b]
+    assert lens == sorted(lens, reverse=True)
+    assert [s["id"] for s in segs] == list(range(20))
+    silence = (spans[9][1] / SAMPLE_RATE, spans[10][0] / SAMPLE_RATE)
+    for s, (a, b) in zip(segs, spans):
+        assert s["start"] <= a / SAMPLE_RATE and b / SAMPLE_RATE <= s["end"] <= s["start"] + 2.0, (s, a, b)
+        assert s["end"] <= silence[0] + 0.5 or s["start"] >= silence[1] - 0.5
+    assert result["duration"] == len(audio) / SAMPLE_RATE
+    silent = transcribe(digit_model, np.zeros(10 * SAMPLE_RATE, np.float32), TOK, DecodingOptions(max_new_tokens=8),
+                        vad=vad)
+    assert silent["text"] == "" and silent["segments"] == []
+
+
+def test_vad_batches_mix_long_and_short_files_and_equal_one_by_one(digit_model, digit_clips, tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    long_audio, _ = spaced_digits(digit_clips, [0, 1, 2, 2, 1], rng)
+    paths = [tmp_path / "long.wav", tmp_path / "broken.wav"] + [tmp_path / f"{w}.flac" for w in WORDS]
+    sf.write(paths[0], long_audio, SAMPLE_RATE)
+    paths[1].write_bytes(b"RIFF no")
+    for p, clip in zip(paths[2:], digit_clips):
+        sf.write(p, in_window(clip, rng), SAMPLE_RATE)
+    options, vad = DecodingOptions(max_new_tokens=8), VadOptions(chunk_seconds=2.0)
+    batches = []
+    real = longform.encode
+    monkeypatch.setattr(longform, "encode", lambda m, mel, lens: batches.append(len(lens)) or real(m, mel, lens))
+    batched = dict(longform.transcribe_files(digit_model, paths, TOK, options, decoding.NO_FALLBACK, batch_size=4,
+                                             vad=vad))
+    assert batches == [4, 4]  # 5 chunks of the long file and 3 short files, in two batches
+    assert isinstance(batched[str(paths[1])], Exception) and "broken.wav" in str(batched[str(paths[1])])
+    assert batched[str(paths[0])]["text"] == "zero one two two one"
+    for p in paths[2:] + paths[:1]:
+        alone = transcribe(digit_model, p, TOK, options, decoding.NO_FALLBACK, vad=vad)
+        assert batched[str(p)]["text"] == alone["text"]
+        assert [(s["start"], s["end"]) for s in batched[str(p)]["segments"]] == [
+            (s["start"], s["end"]) for s in alone["segments"]]
 
 
 SRT_CUE = re.compile(r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)\n(.+)\n")

@@ -91,16 +91,31 @@ def _word_index(tokenizer, tokens: list, i: int):
     return len(tokenizer.decode(tokens[:i + 1]).split()) - 1
 
 
-def segment_words(model, tokenizer, mel: Tensor, tokens: Sequence[int], start: float) -> dict:
-    """{"words": [...]} for one decoded segment, from the CTC head run on exactly the mel
-    (n_mels, T) it was decoded from; start: the segment's time in the file. Tokens that cannot be
-    aligned (more than the CTC frames allow) give no words and an `alignment_error` saying why."""
+def ctc_log_probs(model, xa: Tensor, xa_lens: Tensor) -> List[Tensor]:
+    """The CTC head's log-posteriors of each utterance of encoder output xa (B, S, C), trimmed to
+    its own frames, on the CPU."""
     if not model.dims.ctc:
         raise ValueError("word timestamps come from the CTC head; this model has none (train with --ctc-weight > 0)")
     with torch.inference_mode():
-        xa, xa_lens = encode(model, mel[None], torch.tensor([mel.shape[-1]]))
-        log_probs = model.ctc_logits(xa).log_softmax(-1)[0, : int(xa_lens[0])].cpu()
+        log_probs = model.ctc_logits(xa).float().log_softmax(-1).cpu()
+    return [lp[: int(n)] for lp, n in zip(log_probs, xa_lens)]
+
+
+def aligned_words(log_probs: Tensor, tokens: Sequence[int], tokenizer, start: float) -> dict:
+    """{"words": [...]} for one decoded segment on its own CTC log-probs (T, V); start: the
+    segment's time in the file. Tokens that cannot be aligned (more than the CTC frames allow)
+    give no words and an `alignment_error` saying why."""
     try:  # the encoder's stride-2 conv: one CTC frame per two mel frames (20 ms)
         return {"words": word_timestamps(log_probs, tokens, tokenizer, 2 / FRAMES_PER_SECOND, start)}
     except ValueError as e:
         return {"words": [], "alignment_error": str(e)}
+
+
+def segment_words(model, tokenizer, mel: Tensor, tokens: Sequence[int], start: float) -> dict:
+    """`aligned_words` for a segment given by the mel (n_mels, T) it was decoded from (runs the
+    encoder on it; the batched chunk path reuses its decoding's encoder output instead)."""
+    if not model.dims.ctc:
+        raise ValueError("word timestamps come from the CTC head; this model has none (train with --ctc-weight > 0)")
+    with torch.inference_mode():
+        xa, xa_lens = encode(model, mel[None], torch.tensor([mel.shape[-1]]))
+    return aligned_words(ctc_log_probs(model, xa, xa_lens)[0], tokens, tokenizer, start)

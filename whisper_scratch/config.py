@@ -69,6 +69,26 @@ def _parse_value(tp, optional: bool):
     return parse
 
 
+TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+class _BoolAction(argparse.BooleanOptionalAction):
+    """--x and --no-x, and also openai-whisper's spelling --x true|false (--vad false)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.nargs, self.metavar = "?", "BOOL"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-") or values is None:
+            if values is not None:
+                parser.error(f"{option_string} takes no value, got {values!r}")
+            return super().__call__(parser, namespace, values, option_string)
+        if values.lower() not in TRUE + FALSE:
+            parser.error(f"{option_string}: expected true or false, got {values!r}")
+        setattr(namespace, self.dest, values.lower() in TRUE)
+
+
 def add_options(parser: argparse.ArgumentParser, cls: Type) -> None:
     seen: dict = {}
     for f, hint, default in _cli_fields(cls):
@@ -85,7 +105,7 @@ def add_options(parser: argparse.ArgumentParser, cls: Type) -> None:
             continue
         kw = dict(dest=f.name, help=f.metadata.get("help", "") + ("" if required else f" (default: {default!r})"))
         if tp is bool:
-            kw.update(action=argparse.BooleanOptionalAction, default=None if required else default)
+            kw.update(action=_BoolAction, default=None if required else default)
         else:
             kw.update(type=_parse_value(tp, optional), metavar=f.name.upper(), required=required,
                       default=None if required else default)

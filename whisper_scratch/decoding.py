@@ -520,9 +520,18 @@ def decode_with_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor]
         xa, xa_lens = encode(model, mel, mel_lens)
         temperatures = fallback.temperatures(options.temperature)
         seeds = utterance_seeds(mel, mel_lens) if max(temperatures) > 0 else [0] * xa.shape[0]
+        return search_with_fallback(model, xa, xa_lens, tokenizer, options, fallback, seeds)
+
+
+def search_with_fallback(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
+                         options: DecodingOptions, fallback: FallbackOptions,
+                         seeds: Sequence[int]) -> List[DecodingResult]:
+    """`decode_with_fallback` on encoder output the caller already has (and may use again, for
+    the CTC alignment of the words); seeds: one per utterance (`utterance_seeds`)."""
+    with torch.inference_mode():
         results: list = [None] * xa.shape[0]
         todo = list(range(xa.shape[0]))
-        for t in temperatures:
+        for t in fallback.temperatures(options.temperature):
             idx = torch.tensor(todo, device=xa.device)
             found = decode_features(model, xa[idx], xa_lens[idx], tokenizer, options.at_temperature(t),
                                     [seeds[i] for i in todo])

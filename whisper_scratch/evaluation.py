@@ -12,6 +12,7 @@ from .longform import transcribe_files
 from .metrics import error_rates
 from .model import Whisper
 from .tokenizer import Tokenizer
+from .vad import VadOptions
 
 Pair = Tuple[str, str]  # (audio path, reference transcript)
 
@@ -25,14 +26,15 @@ def reference_budget(tokenizer: Tokenizer, texts: Sequence[str], n_text_ctx: int
 
 def decode_references(model: Whisper, tokenizer: Tokenizer, pairs: Sequence[Pair], options: DecodingOptions,
                       fallback: FallbackOptions = NO_FALLBACK, batch_size: int = 16,
-                      condition_on_previous_text: bool = True, word_timestamps: bool = False) -> Iterator[Tuple[str, Union[dict, Exception]]]:
+                      condition_on_previous_text: bool = True, word_timestamps: bool = False,
+                      vad: Optional[VadOptions] = None) -> Iterator[Tuple[str, Union[dict, Exception]]]:
     """Yield (path, transcript or the error) for every pair's audio, batched by duration; the
     budget is options.max_new_tokens, or `reference_budget` when that is unset."""
     if options.max_new_tokens is None and pairs:
         options = replace(options, max_new_tokens=reference_budget(tokenizer, [t for _, t in pairs],
                                                                    model.dims.n_text_ctx))
     yield from transcribe_files(model, [p for p, _ in pairs], tokenizer, options, fallback, batch_size,
-                                condition_on_previous_text, word_timestamps)
+                                condition_on_previous_text, word_timestamps, vad)
 
 
 def score(pairs: Sequence[Pair], hyps: dict, tokenizer: Tokenizer) -> dict:

@@ -1,14 +1,16 @@
-"""Audio files -> transcripts: one file of any length cut into windows, each decoded with
-`decoding.decode_with_fallback` and the previous text as prompt; many files batched by duration.
+"""Audio files -> transcripts, in two ways:
 
-The cut is `fixed_windows` (consecutive 30 s windows: this vocabulary has no timestamp tokens);
-any segmentation that yields spans of at most one window, voice activity for one, can replace it.
+- voice-activity chunks (`transcribe_chunks`, the default for transcribe.py and the server): each
+  file cut by vad.speech_chunks into speech of at most the training clip length, the chunks of
+  many files decoded together, sorted by length, with real start/end times; silence gives no text;
+- fixed windows (`transcribe` without vad): consecutive 30 s windows, each prompted with the text
+  so far (this vocabulary has no timestamp tokens to cut at).
 """
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence, Tuple, Union
+from typing import Hashable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,10 +19,14 @@ from torch import Tensor
 
 from .audio import (FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, AudioError, audio_duration, load_audio,
                     log_mel_spectrogram)
-from .alignment import segment_words
-from .decoding import DecodingOptions, DecodingResult, FallbackOptions, decode_with_fallback
+from .alignment import aligned_words, ctc_log_probs, segment_words
+from .decoding import (DecodingOptions, DecodingResult, FallbackOptions, decode_with_fallback, encode,
+                       search_with_fallback, utterance_seeds)
 from .model import Whisper
 from .tokenizer import Tokenizer
+from .vad import VadOptions, speech_chunks
+
+Source = Union[str, Path, np.ndarray, Tensor]  # a file, or 16 kHz mono samples
 
 
 def window_frames(model: Whisper) -> int:
@@ -37,17 +43,25 @@ def fixed_windows(n_frames: int, window: int) -> Iterator[Tuple[int, int]]:
 
 # -- one file of any length --------------------------------------------------------------------
 
-def transcribe(model: Whisper, audio: Union[str, Path, np.ndarray, Tensor], tokenizer: Tokenizer,
+def transcribe(model: Whisper, audio: Source, tokenizer: Tokenizer,
                options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
-               condition_on_previous_text: bool = True, word_timestamps: bool = False) -> dict:
-    """Transcribe a file or 16 kHz waveform of any length, window by window.
+               condition_on_previous_text: bool = True, word_timestamps: bool = False,
+               vad: Optional[VadOptions] = None, batch_size: int = 16) -> dict:
+    """Transcribe a file or 16 kHz waveform of any length.
 
-    Windows are fixed (30 s) since this vocabulary has no timestamp tokens; each is decoded with
-    the previous windows' text as prompt (<|startofprev|> ...), reset after a window decoded at a
-    temperature above 0.5 (likely garbage, as openai-whisper). The last window is shorter and
+    With `vad` (and vad.vad true): speech chunks decoded in batches (`transcribe_chunks`).
+    Without: fixed 30 s windows, since this vocabulary has no timestamp tokens; each is decoded
+    with the previous windows' text as prompt (<|startofprev|> ...), reset after a window decoded
+    at a temperature above 0.5 (likely garbage, as openai-whisper). The last window is shorter and
     decoded at its own length. Returns {text, segments: [{id, seek, start, end, text, ...}], ...};
     with word_timestamps, each segment also has `words` (alignment.segment_words).
     """
+    if vad is not None and vad.vad:
+        _, result = next(transcribe_chunks(model, [(0, audio)], tokenizer, options, fallback, vad, batch_size,
+                                           word_timestamps))
+        if isinstance(result, Exception):
+            raise result
+        return result
     if isinstance(audio, (str, Path)):
         audio = load_audio(audio)
     n_samples = audio.shape[-1]
@@ -80,18 +94,120 @@ def _transcript(segments: list, tokenizer: Tokenizer, options: DecodingOptions, 
             "duration": round(duration, 3)}
 
 
+# -- speech chunks of many files, decoded together ---------------------------------------------
+
+def chunk_limit(model: Whisper, vad: VadOptions) -> float:
+    """The longest chunk in seconds: vad.chunk_seconds (default one window), at most one window."""
+    window_s = window_frames(model) / FRAMES_PER_SECOND
+    return min(vad.chunk_seconds or window_s, window_s)
+
+
+def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]], tokenizer: Tokenizer,
+                      options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
+                      vad: VadOptions = VadOptions(), batch_size: int = 16, word_timestamps: bool = False,
+                      group_seconds: float = 600.0) -> Iterator[Tuple[Hashable, Union[dict, Exception]]]:
+    """Yield (key, transcript or the error) for every (key, file or waveform).
+
+    Each input is cut into speech chunks (vad.speech_chunks: the whole input when it is no longer
+    than one chunk, nothing when it holds no speech). The chunks of consecutive inputs, up to
+    group_seconds of audio, are decoded together: sorted by length, longest first, batch_size at a
+    time, each featurised alone (as the training clips were) and padded to its batch's longest.
+    A segment per chunk that says something, with the chunk's real start and end; no prompt (the
+    chunks of a file are decoded at the same time). Results come in input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = chunk_limit(model, vad)
+    for group in _groups(sources, group_seconds):
+        pieces = []  # (input index, first sample, end sample)
+        for i, (_, audio) in enumerate(group):
+            if not isinstance(audio, Exception):
+                pieces += [(i, a, b) for a, b in speech_chunks(audio, limit, vad)]
+        pieces.sort(key=lambda p: p[1] - p[2])
+        segments: dict = {i: [] for i in range(len(group))}
+        for k in range(0, len(pieces), batch_size):
+            batch = pieces[k:k + batch_size]
+            decoded = _decode_audio(model, [group[i][1][a:b] for i, a, b in batch], tokenizer, options, fallback,
+                                    word_timestamps)
+            for (i, a, b), (r, log_probs) in zip(batch, decoded):
+                if r.text.strip():
+                    segment = _segment(0, a * FRAMES_PER_SECOND // SAMPLE_RATE, a / SAMPLE_RATE, b / SAMPLE_RATE, r)
+                    if word_timestamps:
+                        segment.update(aligned_words(log_probs, r.tokens, tokenizer, segment["start"]))
+                    segments[i].append(segment)
+        for i, (key, audio) in enumerate(group):
+            if isinstance(audio, Exception):
+                yield key, audio
+                continue
+            found = sorted(segments[i], key=lambda s: s["start"])
+            for n, segment in enumerate(found):
+                segment["id"] = n
+            yield key, _transcript(found, tokenizer, options, len(audio) / SAMPLE_RATE)
+
+
+def _groups(sources: Iterable[Tuple[Hashable, Source]], group_seconds: float):
+    """Lists of (key, samples or the load error) holding about group_seconds of audio each, so a
+    folder of long recordings is never all in memory at once."""
+    group, seconds = [], 0.0
+    for key, source in sources:
+        try:
+            audio = load_audio(source) if isinstance(source, (str, Path)) else _samples(source)
+        except (AudioError, ValueError) as e:
+            audio = e
+        group.append((key, audio))
+        seconds += 0.0 if isinstance(audio, Exception) else len(audio) / SAMPLE_RATE
+        if seconds >= group_seconds:
+            yield group
+            group, seconds = [], 0.0
+    if group:
+        yield group
+
+
+def _samples(audio) -> np.ndarray:
+    """A waveform argument as 1-D float32 samples, or ValueError saying what is wrong with it."""
+    x = audio.detach().cpu().numpy() if isinstance(audio, Tensor) else np.asarray(audio)
+    if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"a waveform must be non-empty 1-D float samples at {SAMPLE_RATE} Hz, "
+                         f"got shape {x.shape} dtype {x.dtype}")
+    return x.astype(np.float32, copy=False)
+
+
+def _decode_audio(model: Whisper, audios: list, tokenizer: Tokenizer, options: DecodingOptions,
+                  fallback: FallbackOptions, word_timestamps: bool) -> list:
+    """[(DecodingResult, CTC log-probs or None)] for a batch of waveforms: one encoder pass serves
+    the search, its fallback and the word alignment."""
+    mels = [log_mel_spectrogram(x, model.dims.n_mels) for x in audios]
+    lens = torch.tensor([m.shape[-1] for m in mels])
+    mel = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
+    with torch.inference_mode():
+        xa, xa_lens = encode(model, mel, lens)
+        temperatures = fallback.temperatures(options.temperature)
+        seeds = utterance_seeds(mel, lens) if max(temperatures) > 0 else [0] * len(mels)
+        results = search_with_fallback(model, xa, xa_lens, tokenizer, options, fallback, seeds)
+        log_probs = ctc_log_probs(model, xa, xa_lens) if word_timestamps else [None] * len(mels)
+    return list(zip(results, log_probs))
+
+
 # -- many files: batched across files ----------------------------------------------------------
 
 def transcribe_files(model: Whisper, paths: Sequence[Union[str, Path]], tokenizer: Tokenizer,
                      options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
                      batch_size: int = 16, condition_on_previous_text: bool = True,
-                     word_timestamps: bool = False) -> Iterator[Tuple[str, Union[dict, Exception]]]:
-    """Yield (path, transcript or the error) for every file, decoding files of at most one window
-    in batches sorted by duration (longest first, so memory limits show at once), each batch
-    padded to its longest file. Longer files go through `transcribe` one by one afterwards.
-    A result equals `transcribe(model, path, ...)` of that file alone (up to float rounding)."""
+                     word_timestamps: bool = False,
+                     vad: Optional[VadOptions] = None) -> Iterator[Tuple[str, Union[dict, Exception]]]:
+    """Yield (path, transcript or the error) for every file.
+
+    With `vad`: `transcribe_chunks` (chunks of long and short files in the same batches).
+    Without: files of at most one window in batches sorted by duration (longest first, so memory
+    limits show at once), each batch padded to its longest file; longer files go through the
+    window path of `transcribe` one by one afterwards. Either way a result equals `transcribe` of
+    that file alone with the same `vad` (up to float rounding)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if vad is not None and vad.vad:
+        yield from transcribe_chunks(model, [(str(p), p) for p in paths], tokenizer, options, fallback, vad,
+                                     batch_size, word_timestamps)
+        return
     window_s = window_frames(model) / FRAMES_PER_SECOND
     timed, long = [], []
     for p in paths:

@@ -1,0 +1,116 @@
+"""Voice-activity chunks: the merge rule (cut at the longest pause, never longer than the limit),
+silero-vad on real Common Voice speech joined into long recordings, and silence."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from whisper_scratch.audio import SAMPLE_RATE, load_audio
+from whisper_scratch.vad import VadOptions, merge_regions, speech_chunks, speech_regions
+from conftest import DATA
+
+
+# -- merge_regions: pure ---------------------------------------------------------------------
+
+def test_regions_that_fit_become_one_chunk_with_their_pauses():
+    assert merge_regions([(100, 200), (300, 400), (450, 900)], 1000) == [(100, 900)]
+
+
+def test_the_cut_is_at_the_longest_pause():
+    # pauses of 100, 500 and 50 samples: a 1000-sample limit forces one cut, at the 500 one
+    regions = [(0, 300), (400, 700), (1200, 1500), (1550, 1700)]
+    assert merge_regions(regions, 1000) == [(0, 700), (1200, 1700)]
+
+
+def test_a_region_longer_than_the_limit_is_cut_into_equal_parts():
+    assert merge_regions([(0, 2500)], 1000) == [(0, 833), (833, 1666), (1666, 2500)]
+    assert merge_regions([], 1000) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 3000)), min_size=1, max_size=30),
+       st.integers(200, 4000))
+def test_chunks_are_short_ordered_and_keep_every_sample_of_speech(raw, max_len):
+    regions, t = [], 0
+    for gap, length in raw:  # disjoint, sorted regions
+        regions.append((t + gap, t + gap + length))
+        t += gap + length
+    chunks = merge_regions(regions, max_len)
+    assert all(0 < b - a <= max_len for a, b in chunks)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(chunks, chunks[1:]))
+    covered = sum(max(0, min(b, y) - max(a, x)) for a, b in regions for x, y in chunks)
+    assert covered == sum(b - a for a, b in regions)
+    # a cut between two regions is never inside one: each region lies in one chunk unless it alone is too long
+    for a, b in regions:
+        if b - a <= max_len:
+            assert any(x <= a and b <= y for x, y in chunks), (a, b, chunks)
+
+
+# -- silero-vad ------------------------------------------------------------------------------
+
+def test_importing_silero_keeps_our_thread_count():
+    """silero_vad's import runs torch.set_num_threads(1); import it afresh and check ours stays."""
+    import sys
+    from whisper_scratch import vad
+    for name in [m for m in sys.modules if m == "silero_vad" or m.startswith("silero_vad.")]:
+        del sys.modules[name]
+    vad._model = None
+    torch.set_num_threads(2)
+    before = torch.get_num_threads()
+    vad.speech_probabilities(np.zeros(SAMPLE_RATE, np.float32))
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("kind", ["zeros", "noise"])
+def test_silence_and_noise_give_no_chunk(kind):
+    rng = np.random.default_rng(0)
+    audio = np.zeros(20 * SAMPLE_RATE, np.float32) if kind == "zeros" else \
+        (0.05 * rng.standard_normal(20 * SAMPLE_RATE)).astype(np.float32)
+    assert speech_chunks(audio, 10.0) == []
+    assert speech_chunks(audio[:SAMPLE_RATE * 3], 10.0) == []  # a short file too
+
+
+def joined_clips(lang: str, n: int, gap_s: float = 0.5):
+    """n Common Voice clips of `lang` joined with gap_s of digital silence: (audio, clip offsets, clips)."""
+    folder = DATA / "cv_sample" / lang
+    with open(folder / "validated.tsv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))[:n]
+    clips = [load_audio(folder / "clips" / r["path"]) for r in rows]
+    gap = np.zeros(int(gap_s * SAMPLE_RATE), np.float32)
+    offsets = np.cumsum([0] + [len(c) + len(gap) for c in clips[:-1]])
+    return np.concatenate([x for c in clips for x in (c, gap)]), offsets, clips
+
+
+@pytest.mark.parametrize("lang", ["en", "sah"])
+def test_real_speech_is_found_and_never_cut_inside_a_word(lang):
+    """≈ 60 s of real recordings (microphones, rooms, leading/trailing silence) joined: chunks of
+    at most 10 s hold ≥ 85 % of every clip's speech (silero on the clip alone, unpadded), and no
+    chunk edge falls inside a speech region of any clip."""
+    audio, offsets, clips = joined_clips(lang, 10)
+    assert len(audio) > 45 * SAMPLE_RATE
+    chunks = speech_chunks(audio, 10.0)
+    assert all(b - a <= 10 * SAMPLE_RATE for a, b in chunks)
+    unpadded = VadOptions(speech_pad_ms=0)
+    margin = int(0.1 * SAMPLE_RATE)  # region edges of silero's 32 ms frames are not exact
+    for i, (offset, clip) in enumerate(zip(offsets, clips)):
+        speech = [(offset + a, offset + b) for a, b in speech_regions(clip, unpadded)]
+        assert speech, f"clip {i}: silero finds no speech in the clip alone"
+        kept = sum(max(0, min(b, y) - max(a, x)) for a, b in speech for x, y in chunks)
+        total = sum(b - a for a, b in speech)
+        assert kept >= 0.85 * total, f"clip {i}: only {kept / total:.0%} of its speech is in a chunk"
+        inside = [edge for x, y in chunks for edge in (x, y) for a, b in speech if a + margin < edge < b - margin]
+        assert not inside, f"clip {i}: chunk edges at {[e / SAMPLE_RATE for e in inside]} s cut its speech"
+
+
+def test_a_short_file_with_speech_is_one_chunk_as_is():
+    clip = load_audio(DATA / "fsdd" / "recordings" / "3_theo_1.wav")
+    assert speech_chunks(clip, 10.0) == [(0, len(clip))]
+
+
+def test_bad_vad_options_are_rejected_with_the_value():
+    with pytest.raises(ValueError, match="chunk_seconds must be >= 1, got 0.5"):
+        VadOptions(chunk_seconds=0.5)
+    with pytest.raises(ValueError, match="vad_threshold must be in"):
+        VadOptions(vad_threshold=1.5)

@@ -1,0 +1,123 @@
+"""Audio -> speech chunks: silero-vad's speech regions, merged into chunks no longer than the
+clips a model was trained on, cut at the longest pauses.
+
+A model trained on 1-10 s clips decodes 30 s windows badly (an input length it never saw, words
+cut at the window edge, more tokens than the decoding budget); chunks of speech of training length
+are what it knows, and the variable-length encoder decodes them in one batch with no padding.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .audio import SAMPLE_RATE
+from .config import option, require
+
+Span = Tuple[int, int]  # [start, end) in samples
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    """How long audio is cut into chunks (transcribe.py's --vad* and --chunk_seconds flags)."""
+
+    vad: bool = option(True, "cut audio longer than one chunk at pauses found by silero-vad; false: fixed 30 s "
+                             "windows, each prompted with the text so far")
+    chunk_seconds: Optional[float] = option(None, "longest chunk decoded at once (default: the longest clip the "
+                                                  "model was trained on, saved in its checkpoint; else 30)")
+    vad_threshold: float = option(0.5, "speech probability above which a 32 ms frame is speech")
+    min_silence_ms: int = option(100, "a pause at least this long ends a speech region")
+    min_speech_ms: int = option(250, "speech regions shorter than this are dropped")
+    speech_pad_ms: int = option(200, "silence kept on each side of a speech region")
+
+    def __post_init__(self):
+        require(self.chunk_seconds is None or self.chunk_seconds >= 1,
+                f"chunk_seconds must be >= 1, got {self.chunk_seconds}")
+        require(0 < self.vad_threshold < 1, f"vad_threshold must be in (0, 1), got {self.vad_threshold}")
+        for name in ("min_silence_ms", "min_speech_ms", "speech_pad_ms"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+_model = None
+_lock = threading.Lock()  # the silero model keeps state between frames: one file at a time
+
+
+def _silero():
+    """The silero-vad model shipped in its wheel, loaded once. Importing silero_vad sets torch to
+    one thread for the whole process; the caller's setting is put back."""
+    global _model
+    if _model is None:
+        threads = torch.get_num_threads()
+        try:
+            from silero_vad import load_silero_vad
+        except ImportError:
+            raise RuntimeError("voice-activity segmentation needs silero-vad: pip install silero-vad "
+                               "(or pass --vad false)") from None
+        finally:
+            torch.set_num_threads(threads)
+        with warnings.catch_warnings():  # its loader uses APIs deprecated in torch and importlib
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _model = load_silero_vad()
+    return _model
+
+
+def speech_probabilities(audio: np.ndarray) -> np.ndarray:
+    """silero-vad's speech probability for every 512-sample (32 ms) frame of 16 kHz mono audio."""
+    x = torch.as_tensor(np.ascontiguousarray(audio, dtype=np.float32))
+    if x.numel() == 0:
+        return np.zeros(0, dtype=np.float32)
+    # silero runs on the CPU in fp32 whatever precision the caller decodes in
+    with _lock, torch.inference_mode(), torch.autocast("cpu", enabled=False):
+        return _silero().audio_forward(x[None], SAMPLE_RATE)[0].float().numpy()
+
+
+def speech_regions(audio: np.ndarray, options: VadOptions = VadOptions(),
+                   max_seconds: float = float("inf"), probs: Optional[np.ndarray] = None) -> List[Span]:
+    """Speech regions of `audio` (padded by speech_pad_ms), none longer than max_seconds: silero
+    splits a longer one at its longest inner pause, else at max_seconds."""
+    from silero_vad import get_speech_timestamps_from_probs
+    probs = speech_probabilities(audio) if probs is None else probs
+    found = get_speech_timestamps_from_probs(
+        probs.tolist(), sampling_rate=SAMPLE_RATE, threshold=options.vad_threshold,
+        min_speech_duration_ms=options.min_speech_ms, max_speech_duration_s=max_seconds,
+        min_silence_duration_ms=options.min_silence_ms, speech_pad_ms=options.speech_pad_ms,
+        audio_length_samples=len(audio))
+    return [(int(r["start"]), int(r["end"])) for r in found]
+
+
+def merge_regions(regions: Sequence[Span], max_len: int) -> List[Span]:
+    """Chunks of consecutive regions, each spanning at most max_len samples (pauses inside a
+    chunk are kept, so the model hears them). Cut at the longest pause first, so a chunk ends
+    where the speaker stopped longest; a single region longer than max_len is cut into equal
+    parts (silero has already cut it at a pause where it found one)."""
+    require(max_len >= 1, f"max_len must be >= 1, got {max_len}")
+    regions = sorted(regions)
+    if not regions:
+        return []
+    if regions[-1][1] - regions[0][0] <= max_len:
+        return [(regions[0][0], regions[-1][1])]
+    if len(regions) == 1:
+        (a, b), = regions
+        n = -(-(b - a) // max_len)
+        edges = [a + (b - a) * i // n for i in range(n + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+    gaps = [regions[i + 1][0] - regions[i][1] for i in range(len(regions) - 1)]
+    cut = int(np.argmax(gaps)) + 1
+    return merge_regions(regions[:cut], max_len) + merge_regions(regions[cut:], max_len)
+
+
+def speech_chunks(audio: np.ndarray, max_seconds: float, options: VadOptions = VadOptions()) -> List[Span]:
+    """[start, end) sample spans to decode: the whole file when it is no longer than max_seconds
+    and has any speech; else its speech regions merged into chunks of at most max_seconds.
+    Audio with no frame above the threshold gives no chunk (silence is not decoded)."""
+    probs = speech_probabilities(audio)
+    if not len(probs) or probs.max() < options.vad_threshold:
+        return []
+    max_len = int(max_seconds * SAMPLE_RATE)
+    if len(audio) <= max_len:
+        return [(0, len(audio))]
+    return merge_regions(speech_regions(audio, options, max_seconds, probs), max_len)
