@@ -1,0 +1,409 @@
+"""An OpenAI-compatible transcription server:
+
+  python -m whisper_scratch.server --model_path OUT/best_model.pt --port 8000
+  POST /v1/audio/transcriptions  (multipart: file, model, language, prompt, temperature,
+                                  response_format, timestamp_granularities[])
+  GET  /v1/models, GET /health
+
+One worker thread owns the model (torch modules are not decoded from two threads at once). Requests
+wait in a queue; the worker takes what has arrived, up to --batch_size chunks or --max_wait_ms
+after the first, and decodes requests with the same decoding options together through
+longform.transcribe_chunks, so a busy server decodes batches. The event loop only parses uploads
+and formats replies. The `model` field is accepted whatever it says (clients written for
+"whisper-1" work unchanged); /v1/models lists --model_name. Errors use OpenAI's JSON shape
+{"error": {message, type, param, code}}, so the openai client raises BadRequestError etc.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import queue
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from .audio import SAMPLE_RATE, AudioError, load_audio
+from .checkpoint import load_model
+from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
+from .decoding import DecodingOptions, FallbackOptions
+from .longform import chunk_limit, transcribe_chunks
+from .vad import VadOptions
+from .writers import to_srt, to_txt, to_vtt
+
+log = logging.getLogger("whisper_scratch.server")
+FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("word", "segment")
+MB = 1 << 20
+FORM_SLACK = 64 << 10  # room for the text fields and multipart headers beside the file
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Serve a whisper_scratch checkpoint through OpenAI's /v1/audio/transcriptions API."""
+
+    model_path: str = option(help="checkpoint written by train.py, e.g. OUT/best_model.pt")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "TCP port")
+    model_name: str = option("whisper-scratch", "the model id /v1/models lists (any `model` field is accepted)")
+    batch_size: int = option(16, "chunks decoded together")
+    max_wait_ms: float = option(10.0, "how long the first queued request waits for others to share its batch")
+    max_upload_mb: float = option(25.0, "largest accepted upload in MiB (413 above; OpenAI's limit is 25)")
+    api_key: Optional[str] = option(None, "if set, /v1 requests need 'Authorization: Bearer KEY'")
+    device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
+    dtype: Optional[str] = option(None, "float32 | float16 | bfloat16 (default: float16 on cuda, else float32)",
+                                  choices=tuple(DTYPE_ALIASES))
+    decoding: DecodingOptions = option(help="default search settings", factory=lambda: DecodingOptions(best_of=5))
+    fallback: FallbackOptions = option(help="temperature fallback", factory=FallbackOptions)
+    vad: VadOptions = option(help="voice-activity chunks (--chunk_seconds, ...)", factory=VadOptions)
+
+    def __post_init__(self):
+        require(Path(self.model_path).is_file(), f"--model_path {self.model_path}: no such file")
+        require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        require(self.max_upload_mb > 0, f"max_upload_mb must be > 0, got {self.max_upload_mb}")
+        require(self.vad.vad, "the server decodes voice-activity chunks in batches; --vad false (prompted 30 s "
+                              "windows, one file at a time) is transcribe.py's")
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def error_response(status: int, message: str, param=None, code=None, type="invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status)
+
+
+# -- the decoding worker -----------------------------------------------------------------------
+
+@dataclass
+class Job:
+    audio: np.ndarray
+    key: tuple  # (DecodingOptions, word_timestamps): only equal keys share a transcribe_chunks call
+    chunks: int  # about how many chunks the audio will be cut into (what --batch_size counts)
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    abandoned: bool = False  # the client went away: skip it if not started
+
+
+class Batcher:
+    """A queue of jobs and the one thread that decodes them, a batch at a time. `decode(key,
+    audios)` returns a result or an Exception per audio; an exception it raises fails that
+    group only, never the thread."""
+
+    def __init__(self, decode: Callable[[tuple, list], list], batch_size: int, max_wait_s: float):
+        self.decode, self.batch_size, self.max_wait_s = decode, batch_size, max_wait_s
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="whisper-decoder", daemon=True)
+
+    def submit(self, audio: np.ndarray, key: tuple, chunks: int) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job(audio, key, chunks, loop.create_future(), loop)
+        self.queue.put(job)
+        return job
+
+    def close(self) -> None:
+        self.queue.put(None)  # finish what is queued, then stop
+        self.thread.join()
+
+    def _collect(self) -> Optional[list]:
+        """The next batch: the first job to arrive, then whatever comes within max_wait_s, up to
+        batch_size chunks. None once close() was called and the queue is empty."""
+        first = self.queue.get()
+        if first is None:
+            return None
+        jobs, deadline = [first], time.monotonic() + self.max_wait_s
+        while sum(j.chunks for j in jobs) < self.batch_size:
+            try:
+                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                self.queue.put(None)  # stop after this batch
+                break
+            jobs.append(job)
+        return jobs
+
+    def _run(self) -> None:
+        while (jobs := self._collect()) is not None:
+            groups: dict = {}
+            for job in jobs:
+                if not job.abandoned:
+                    groups.setdefault(job.key, []).append(job)
+            for key, group in groups.items():
+                try:
+                    results = self.decode(key, [j.audio for j in group])
+                except Exception as e:  # e.g. out of memory: this group fails, the server goes on
+                    log.exception("decoding a batch of %d failed", len(group))
+                    results = [e] * len(group)
+                for job, result in zip(group, results):
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                        job.loop.call_soon_threadsafe(_settle, job.future, result)
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    if not future.done():
+        future.set_exception(result) if isinstance(result, BaseException) else future.set_result(result)
+
+
+def precision(dtype: Optional[str], device: str):
+    """Autocast for float16/bfloat16 (as transcribe.py); nothing for float32."""
+    name = dtype or ("float16" if device.startswith("cuda") else "float32")
+    if name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, name))
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Asked:
+    """What one request asks for, validated."""
+
+    options: DecodingOptions
+    response_format: str
+    words: bool
+    segments: bool
+
+
+def parse_fields(form, defaults: DecodingOptions, tokenizer, has_ctc: bool) -> Asked:
+    """The form's text fields -> Asked, or ApiError(400) naming the bad field. Per-request
+    temperature, prompt and language replace the server's defaults."""
+    fmt = form.get("response_format") or "json"
+    if fmt not in FORMATS:
+        raise ApiError(400, f"response_format must be one of {', '.join(FORMATS)}, got {fmt!r}", "response_format")
+    grains = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
+    bad = [g for g in grains if g not in GRANULARITIES]
+    if bad:
+        raise ApiError(400, f"timestamp_granularities must be word and/or segment, got {bad}", "timestamp_granularities")
+    if grains and fmt != "verbose_json":
+        raise ApiError(400, "timestamp_granularities needs response_format=verbose_json", "timestamp_granularities")
+    if "word" in grains and not has_ctc:
+        raise ApiError(400, "word timestamps come from a CTC head; this server's model has none", "timestamp_granularities")
+    if str(form.get("stream", "false")).lower() == "true":
+        raise ApiError(400, "streaming transcription is not supported", "stream")
+    options = defaults
+    language = form.get("language") or None
+    if language is not None:
+        if language not in tokenizer.languages:
+            raise ApiError(400, f"language {language!r} is not one of the model's languages {list(tokenizer.languages)}",
+                           "language", "unsupported_language")
+        options = replace(options, language=language)
+    if form.get("temperature") not in (None, ""):
+        try:
+            t = float(form.get("temperature"))
+        except ValueError:
+            t = math.nan
+        if not 0 <= t <= 1:
+            raise ApiError(400, f"temperature must be a number from 0 to 1, got {form.get('temperature')!r}",
+                           "temperature")
+        options = options.at_temperature(t)  # sampling drops the beam settings
+    if form.get("prompt"):
+        options = replace(options, prompt=tuple(tokenizer.encode(form.get("prompt"))))
+    return Asked(options, fmt, "word" in grains, "segment" in grains or not grains)
+
+
+async def read_form(request: Request, limit_mb: float):
+    """The multipart form, read through a byte counter: 413 as soon as Content-Length or the
+    count passes `limit`, so an oversized upload is never taken in whole. Starlette spools the
+    file part to disk past 1 MiB."""
+    limit = int(limit_mb * MB)
+    too_large = ApiError(413, f"the upload is larger than this server's limit of {limit_mb:g} MiB "
+                              f"(--max_upload_mb)", "file", "file_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + FORM_SLACK:
+        raise too_large
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "the request body must be multipart/form-data with a 'file' field")
+
+    async def counted():
+        n = 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit + FORM_SLACK:
+                raise too_large
+            yield chunk
+    try:
+        return await MultiPartParser(request.headers, counted(), max_files=1, max_fields=32).parse()
+    except MultiPartException as e:
+        raise ApiError(400, f"malformed multipart body: {e.message}") from None
+
+
+def load_upload(upload: UploadFile) -> np.ndarray:
+    """16 kHz samples of the uploaded file (decoded from a temporary copy that keeps its suffix,
+    since soundfile reads paths); AudioError messages name the upload, not the copy."""
+    name = upload.filename or "upload"
+    with tempfile.NamedTemporaryFile(suffix=Path(name).suffix[:16]) as tmp:
+        upload.file.seek(0)
+        shutil.copyfileobj(upload.file, tmp)
+        tmp.flush()
+        try:
+            return load_audio(tmp.name)
+        except AudioError as e:
+            raise ApiError(400, str(e).replace(tmp.name, name), "file", "invalid_audio") from None
+
+
+async def wait_for(job: Job, request: Request):
+    """The job's result, unless the client disconnects first: then it is marked abandoned (the
+    worker skips it if it has not started) and ClientDisconnect is raised."""
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({job.future, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not job.future.done():
+        job.abandoned = True
+        raise ClientDisconnect()
+    return job.future.result()
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio")
+
+
+def render(result: dict, asked: Asked) -> Response:
+    fmt = asked.response_format
+    if fmt in ("text", "srt", "vtt"):
+        return PlainTextResponse({"text": to_txt, "srt": to_srt, "vtt": to_vtt}[fmt](result))
+    usage = {"type": "duration", "seconds": result["duration"]}
+    if fmt == "json":
+        return JSONResponse({"text": result["text"], "usage": usage})
+    body = {"task": "transcribe", "language": result["language"], "duration": result["duration"],
+            "text": result["text"], "usage": usage}
+    if asked.segments:
+        body["segments"] = [{k: s[k] for k in SEGMENT_KEYS} for s in result["segments"]]
+    if asked.words:
+        body["words"] = [{k: w[k] for k in ("word", "start", "end")}
+                         for s in result["segments"] for w in s.get("words", [])]
+    return JSONResponse(body)
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+def create_app(opts: ServerOptions) -> FastAPI:
+    """Load the model and build the app; the worker runs while the app is served."""
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, ckpt = load_model(opts.model_path, device)
+    vad = opts.vad
+    if vad.chunk_seconds is None and ckpt.get("longest_clip_seconds") is not None:  # transcribe.py's rule
+        vad = replace(vad, chunk_seconds=max(1.0, float(ckpt["longest_clip_seconds"])))
+    require(opts.decoding.language in (None, *tokenizer.languages),  # fail at start, not on every request
+            f"--language {opts.decoding.language!r} is not one of the model's languages {tokenizer.languages}")
+    require(opts.decoding.ctc_weight == 0 or model.dims.ctc, "--ctc_weight needs a model with a CTC head")
+    chunk_s = chunk_limit(model, vad)
+
+    def decode(key: tuple, audios: list) -> list:
+        options, words = key
+        with precision(opts.dtype, device):
+            return [r for _, r in transcribe_chunks(model, list(enumerate(audios)), tokenizer, options,
+                                                    opts.fallback, vad, opts.batch_size, words)]
+
+    batcher = Batcher(decode, opts.batch_size, opts.max_wait_ms / 1000)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.thread.start()
+        yield
+        await asyncio.to_thread(batcher.close)
+
+    app = FastAPI(title="whisper_scratch", lifespan=lifespan)
+    app.state.batcher = batcher  # tests hold and spy on the worker through it
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return error_response(e.status, e.message, e.param, e.code, e.type)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # 404, 405: OpenAI's shape too
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):  # a bug: uvicorn logs the traceback, the client gets one line
+        return error_response(500, f"internal error ({type(e).__name__}); see the server log", type="server_error")
+
+    def authorize(request: Request) -> None:
+        if opts.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {opts.api_key}".encode()):
+            raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": opts.model_name, "queued": batcher.queue.qsize()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        created = int(Path(opts.model_path).stat().st_mtime)
+        return {"object": "list", "data": [{"id": opts.model_name, "object": "model", "created": created,
+                                            "owned_by": "whisper_scratch"}]}
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        authorize(request)  # before reading the body
+        try:
+            form = await read_form(request, opts.max_upload_mb)
+            try:
+                asked = parse_fields(form, opts.decoding, tokenizer, bool(model.dims.ctc))
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    raise ApiError(400, "no audio: send the file in the multipart field 'file'", "file")
+                audio = await asyncio.to_thread(load_upload, upload)
+            finally:
+                await form.close()
+            chunks = max(1, math.ceil(len(audio) / SAMPLE_RATE / chunk_s))
+            result = await wait_for(batcher.submit(audio, (asked.options, asked.words), chunks), request)
+        except ClientDisconnect:  # nobody to answer; the other requests go on
+            log.info("client disconnected before its transcription was sent")
+            return Response(status_code=499)
+        except (AudioError, ValueError) as e:  # the library's word on this input (e.g. no usable samples)
+            raise ApiError(400, str(e), "file", "invalid_audio") from None
+        except Exception as e:  # the worker has logged the traceback; the client gets one line
+            raise ApiError(500, f"decoding failed: {type(e).__name__}: {e}", type="server_error") from None
+        return render(result, asked)
+
+    return app
+
+
+def main(argv=None) -> int:
+    opts = parse_options(ServerOptions, argv, prog="whisper-scratch-server")
+    try:
+        app = create_app(opts)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"whisper-scratch-server: error: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=opts.host, port=opts.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
