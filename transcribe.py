@@ -57,6 +57,9 @@ class TranscribeOptions:
     vad: VadOptions = option(help="voice-activity chunks (--vad, --chunk_seconds, ...)", factory=VadOptions)
     word_timestamps: bool = option(False, "add word start/end times from the CTC head (json: segments[].words; "
                                           "needs a model trained with --ctc-weight > 0)")
+    max_words_per_cue: Optional[int] = option(None, "srt/vtt: cut cues at word times, at most this many words "
+                                                    "each (needs --word_timestamps)")
+    highlight_words: bool = option(False, "srt/vtt: a cue per word, the word underlined (needs --word_timestamps)")
     condition_on_previous_text: bool = option(True, "with --vad false: prompt each 30 s window with the text so far")
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
     dtype: Optional[str] = option(None, "float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: float16 "
@@ -80,6 +83,11 @@ class TranscribeOptions:
         if self.mode == "evaluate":
             require(self.reference_file is not None, "--mode evaluate needs --reference_file")
             require(Path(self.reference_file).is_file(), f"--reference_file {self.reference_file}: no such file")
+        for name in ("max_words_per_cue", "highlight_words"):
+            require(not getattr(self, name) or self.word_timestamps,
+                    f"--{name} {getattr(self, name)} needs --word_timestamps (cues are cut at word times)")
+        require(self.max_words_per_cue is None or self.max_words_per_cue >= 1,
+                f"max_words_per_cue must be >= 1, got {self.max_words_per_cue}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
 
 
@@ -125,7 +133,8 @@ class ResultWriter:
             self.file.write(f"{name}\t{result['text']}\n")
             self.file.flush()
         if self.opts.output_format:
-            write_result(result, Path(self.opts.output_dir) / Path(name).with_suffix(""), [self.opts.output_format])
+            write_result(result, Path(self.opts.output_dir) / Path(name).with_suffix(""), [self.opts.output_format],
+                         self.opts.max_words_per_cue, self.opts.highlight_words)
 
     def status(self, n: int) -> int:
         if self.failed:

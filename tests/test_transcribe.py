@@ -268,6 +268,20 @@ def test_srt_vtt_tsv_json_parse(tmp_path):
         write_result(result, tmp_path / "x", ["doc"])
 
 
+def test_word_level_srt_and_vtt_cues():
+    words = [{"word": w, "start": a, "end": b, "probability": 0.9}
+             for w, a, b in (("сайн", 1.0, 1.4), ("байна", 1.5, 2.0), ("уу", 2.1, 2.3))]
+    result = {"text": "сайн байна уу", "language": "mn", "duration": 3.0,
+              "segments": [{"start": 0.8, "end": 2.6, "text": "сайн байна уу", "words": words},
+                           {"start": 2.6, "end": 3.0, "text": "no words here"}]}
+    assert parse_srt(to_srt(result, max_words=2)) == [(1.0, 2.0, "сайн байна"), (2.1, 2.3, "уу"),
+                                                       (2.6, 3.0, "no words here")]
+    assert parse_vtt(to_vtt(result, max_words=1))[:3] == [(1.0, 1.4, "сайн"), (1.5, 2.0, "байна"), (2.1, 2.3, "уу")]
+    assert parse_vtt(to_vtt(result, highlight=True))[:2] == [(1.0, 1.4, "<u>сайн</u> байна уу"),
+                                                              (1.5, 2.0, "сайн <u>байна</u> уу")]
+    assert parse_srt(to_srt(result)) == [(0.8, 2.6, "сайн байна уу"), (2.6, 3.0, "no words here")]
+
+
 # -- the command line --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -325,6 +339,20 @@ def test_batch_mode_equals_directory_mode(checkpoint, audio_dir, tmp_path):
         assert (tmp_path / "batch" / name).read_text() == (tmp_path / "directory" / name).read_text()
     long_srt = parse_srt((tmp_path / "batch" / "long.srt").read_text())
     assert len(long_srt) == 35 and all(a[1] <= b[0] for a, b in zip(long_srt, long_srt[1:]))
+
+
+def test_vad_false_keeps_the_window_path(checkpoint, audio_dir, long_audio, tmp_path):
+    segments = {}
+    for vad in ("true", "false"):
+        out = tmp_path / vad
+        assert cli.main(["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "long.wav"), "--vad", vad,
+                         "--output_format", "json", "--output_dir", str(out), *FAST]) == 0
+        result = json.loads((out / "long.json").read_text())
+        assert result["text"] == " ".join(long_audio[1])
+        segments[vad] = [(s["start"], s["end"]) for s in result["segments"]]
+    assert segments["false"] == [(2.0 * i, 2.0 * i + 2) for i in range(35)]  # fixed windows
+    # speech chunks: each inside its word's 2 s window, shorter than it
+    assert all(2 * i <= a < b <= 2 * i + 2 and b - a < 1.9 for i, (a, b) in enumerate(segments["true"]))
 
 
 def test_single_mode(checkpoint, audio_dir, tmp_path, capsys):
@@ -406,6 +434,9 @@ def test_bad_command_lines_are_clear(checkpoint, audio_dir, tmp_path, capsys):
         (["--mode", "directory", "--audio_dir", str(tmp_path / "nope")], "nope: no such folder"),
         (["--mode", "single", "--audio_path", str(audio_dir / "zero.wav"), "--beam_size", "0"], "beam_size must be >= 1"),
         (["--mode", "single", "--audio_path", str(audio_dir / "zero.wav"), "--output_format", "doc"], "invalid choice"),
+        (["--audio_path", str(audio_dir / "zero.wav"), "--highlight_words"], "--highlight_words True needs --word_timestamps"),
+        (["--audio_path", str(audio_dir / "zero.wav"), "--chunk_seconds", "0"], "chunk_seconds must be >= 1, got 0.0"),
+        (["--audio_path", str(audio_dir / "zero.wav"), "--vad", "perhaps"], "expected true or false, got 'perhaps'"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from whisper_scratch.audio import SAMPLE_RATE, load_audio
-from whisper_scratch.vad import VadOptions, merge_regions, speech_chunks, speech_regions
+from whisper_scratch.vad import VadOptions, check_against_clips, merge_regions, speech_chunks
 from conftest import DATA
 
 
@@ -92,15 +92,8 @@ def test_real_speech_is_found_and_never_cut_inside_a_word(lang):
     assert len(audio) > 45 * SAMPLE_RATE
     chunks = speech_chunks(audio, 10.0)
     assert all(b - a <= 10 * SAMPLE_RATE for a, b in chunks)
-    unpadded = VadOptions(speech_pad_ms=0)
-    margin = int(0.1 * SAMPLE_RATE)  # region edges of silero's 32 ms frames are not exact
-    for i, (offset, clip) in enumerate(zip(offsets, clips)):
-        speech = [(offset + a, offset + b) for a, b in speech_regions(clip, unpadded)]
-        assert speech, f"clip {i}: silero finds no speech in the clip alone"
-        kept = sum(max(0, min(b, y) - max(a, x)) for a, b in speech for x, y in chunks)
-        total = sum(b - a for a, b in speech)
-        assert kept >= 0.85 * total, f"clip {i}: only {kept / total:.0%} of its speech is in a chunk"
-        inside = [edge for x, y in chunks for edge in (x, y) for a, b in speech if a + margin < edge < b - margin]
+    for i, (kept, inside) in enumerate(check_against_clips(chunks, offsets, clips)):
+        assert kept >= 0.85, f"clip {i}: only {kept:.0%} of its speech is in a chunk"
         assert not inside, f"clip {i}: chunk edges at {[e / SAMPLE_RATE for e in inside]} s cut its speech"
 
 
@@ -114,3 +107,11 @@ def test_bad_vad_options_are_rejected_with_the_value():
         VadOptions(chunk_seconds=0.5)
     with pytest.raises(ValueError, match="vad_threshold must be in"):
         VadOptions(vad_threshold=1.5)
+
+
+def test_the_clip_check_sees_a_cut_word_and_lost_speech():
+    audio, offsets, clips = joined_clips("en", 2)
+    mid = offsets[0] + len(clips[0]) // 2
+    (kept0, inside0), (kept1, inside1) = check_against_clips([(0, mid)], offsets, clips)
+    assert 0.2 < kept0 < 0.8 and inside0 == [mid]
+    assert kept1 == 0 and inside1 == []

@@ -121,3 +121,19 @@ def speech_chunks(audio: np.ndarray, max_seconds: float, options: VadOptions = V
     if len(audio) <= max_len:
         return [(0, len(audio))]
     return merge_regions(speech_regions(audio, options, max_seconds, probs), max_len)
+
+
+def check_against_clips(chunks: Sequence[Span], offsets: Sequence[int], clips: Sequence[np.ndarray],
+                        margin_s: float = 0.1) -> List[Tuple[float, list]]:
+    """For a recording joined from `clips` (clip i starting at sample offsets[i]): per clip, the
+    share of its speech (silero on the clip alone, unpadded) that the chunks keep, and the chunk
+    edges (samples) that fall inside that speech, more than margin_s from its region edges
+    (silero's 32 ms frames make edges inexact). Used by the tests and bench/long_audio.py."""
+    margin, report = int(margin_s * SAMPLE_RATE), []
+    for offset, clip in zip(offsets, clips):
+        speech = [(offset + a, offset + b) for a, b in speech_regions(clip, VadOptions(speech_pad_ms=0))]
+        total = sum(b - a for a, b in speech)
+        kept = sum(max(0, min(b, y) - max(a, x)) for a, b in speech for x, y in chunks)
+        inside = [e for x, y in chunks for e in (x, y) for a, b in speech if a + margin < e < b - margin]
+        report.append((kept / total if total else float("nan"), inside))
+    return report

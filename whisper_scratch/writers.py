@@ -1,10 +1,11 @@
 """Transcripts -> files: a `transcribe` result ({text, segments, ...}) written as txt, json, srt,
-vtt or tsv, with openai-whisper's timestamp and cue conventions."""
+vtt or tsv, with openai-whisper's timestamp and cue conventions. With word timestamps, srt/vtt
+cues can be cut at words (max_words per cue) and show the word being spoken underlined."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
 
@@ -21,23 +22,42 @@ def format_timestamp(seconds: float, decimal_marker: str = ".", always_include_h
     return f"{hours}{m:02d}:{s:02d}{decimal_marker}{ms:03d}"
 
 
-def _cues(result: dict) -> Iterable[dict]:
+def _segments(result: dict) -> Iterable[dict]:
     return (s for s in result["segments"] if s["text"].strip())
 
 
-def to_srt(result: dict) -> str:
-    return "".join(f"{i}\n{format_timestamp(s['start'], ',')} --> {format_timestamp(s['end'], ',')}\n"
-                   f"{s['text'].strip()}\n\n" for i, s in enumerate(_cues(result), start=1))
+def _cues(result: dict, max_words: Optional[int] = None, highlight: bool = False) -> Iterator[tuple]:
+    """(start, end, text) of each cue: a segment, or with its words known, groups of at most
+    max_words words; highlight: one cue per word, its group shown with that word underlined
+    (openai-whisper's --highlight_words)."""
+    for s in _segments(result):
+        words = s.get("words")
+        if not words or (max_words is None and not highlight):
+            yield s["start"], s["end"], s["text"].strip()
+            continue
+        n = max_words or len(words)
+        for group in (words[i:i + n] for i in range(0, len(words), n)):
+            if not highlight:
+                yield group[0]["start"], group[-1]["end"], " ".join(w["word"] for w in group)
+                continue
+            for k, w in enumerate(group):
+                text = " ".join(f"<u>{x['word']}</u>" if j == k else x["word"] for j, x in enumerate(group))
+                yield w["start"], w["end"], text
 
 
-def to_vtt(result: dict) -> str:
-    return "WEBVTT\n\n" + "".join(f"{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}\n"
-                                  f"{s['text'].strip()}\n\n" for s in _cues(result))
+def to_srt(result: dict, max_words: Optional[int] = None, highlight: bool = False) -> str:
+    return "".join(f"{i}\n{format_timestamp(a, ',')} --> {format_timestamp(b, ',')}\n{text}\n\n"
+                   for i, (a, b, text) in enumerate(_cues(result, max_words, highlight), start=1))
+
+
+def to_vtt(result: dict, max_words: Optional[int] = None, highlight: bool = False) -> str:
+    return "WEBVTT\n\n" + "".join(f"{format_timestamp(a)} --> {format_timestamp(b)}\n{text}\n\n"
+                                  for a, b, text in _cues(result, max_words, highlight))
 
 
 def to_tsv(result: dict) -> str:
     """openai-whisper's tsv: start and end in integer milliseconds."""
-    rows = (f"{round(1000 * s['start'])}\t{round(1000 * s['end'])}\t{s['text'].strip()}\n" for s in _cues(result))
+    rows = (f"{round(1000 * s['start'])}\t{round(1000 * s['end'])}\t{s['text'].strip()}\n" for s in _segments(result))
     return "start\tend\ttext\n" + "".join(rows)
 
 
@@ -52,8 +72,10 @@ def to_json(result: dict) -> str:
 WRITERS = {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv}
 
 
-def write_result(result: dict, stem: Union[str, Path], formats: Sequence[str]) -> List[Path]:
-    """Write `result` as stem.<format> for each format ("all" = every one); returns the paths."""
+def write_result(result: dict, stem: Union[str, Path], formats: Sequence[str], max_words: Optional[int] = None,
+                 highlight: bool = False) -> List[Path]:
+    """Write `result` as stem.<format> for each format ("all" = every one); returns the paths.
+    max_words, highlight: word-level srt/vtt cues (see `_cues`)."""
     formats = OUTPUT_FORMATS if "all" in formats else formats
     written = []
     for fmt in formats:
@@ -61,6 +83,7 @@ def write_result(result: dict, stem: Union[str, Path], formats: Sequence[str]) -
             raise ValueError(f"output format must be one of {OUTPUT_FORMATS} or 'all', got {fmt!r}")
         path = Path(f"{stem}.{fmt}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(WRITERS[fmt](result), encoding="utf-8")
+        cue_options = (max_words, highlight) if fmt in ("srt", "vtt") else ()
+        path.write_text(WRITERS[fmt](result, *cue_options), encoding="utf-8")
         written.append(path)
     return written
