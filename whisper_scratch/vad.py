@@ -65,14 +65,22 @@ def _silero():
     return _model
 
 
+FRAME = 512  # silero's frame at 16 kHz (32 ms)
+LEAD_IN = 32 * FRAME  # ≈ 1 s of silence around the audio: silero misses speech that starts at once
+
+
 def speech_probabilities(audio: np.ndarray) -> np.ndarray:
-    """silero-vad's speech probability for every 512-sample (32 ms) frame of 16 kHz mono audio."""
-    x = torch.as_tensor(np.ascontiguousarray(audio, dtype=np.float32))
-    if x.numel() == 0:
+    """silero-vad's speech probability for every 512-sample (32 ms) frame of 16 kHz mono audio.
+    The audio is framed with LEAD_IN of silence on both sides (without it, 18 of FSDD's 250
+    tightly cut test digits score below 0.5; with it, none) and those frames are dropped."""
+    if len(audio) == 0:
         return np.zeros(0, dtype=np.float32)
+    silence = np.zeros(LEAD_IN, np.float32)
+    x = torch.as_tensor(np.concatenate([silence, np.asarray(audio, dtype=np.float32), silence]))
     # silero runs on the CPU in fp32 whatever precision the caller decodes in
     with _lock, torch.inference_mode(), torch.autocast("cpu", enabled=False):
-        return _silero().audio_forward(x[None], SAMPLE_RATE)[0].float().numpy()
+        probs = _silero().audio_forward(x[None], SAMPLE_RATE)[0].float().numpy()
+    return probs[LEAD_IN // FRAME: LEAD_IN // FRAME + -(-len(audio) // FRAME)]
 
 
 def speech_regions(audio: np.ndarray, options: VadOptions = VadOptions(),
