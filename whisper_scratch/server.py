@@ -118,6 +118,7 @@ class Batcher:
     def __init__(self, decode: Callable[[tuple, list], list], batch_size: int, max_wait_s: float):
         self.decode, self.batch_size, self.max_wait_s = decode, batch_size, max_wait_s
         self.queue: queue.Queue = queue.Queue()
+        self.decoded = {"requests": 0, "batches": 0}  # /health: how well requests share batches
         self.thread = threading.Thread(target=self._run, name="whisper-decoder", daemon=True)
 
     def submit(self, audio: np.ndarray, key: tuple, chunks: int) -> Job:
@@ -155,6 +156,8 @@ class Batcher:
                 if not job.abandoned:
                     groups.setdefault(job.key, []).append(job)
             for key, group in groups.items():
+                self.decoded["requests"] += len(group)
+                self.decoded["batches"] += 1
                 try:
                     results = self.decode(key, [j.audio for j in group])
                 except Exception as e:  # e.g. out of memory: this group fails, the server goes on
@@ -269,7 +272,8 @@ def load_upload(upload: UploadFile) -> np.ndarray:
 
 async def wait_for(job: Job, request: Request):
     """The job's result, unless the client disconnects first: then it is marked abandoned (the
-    worker skips it if it has not started) and ClientDisconnect is raised."""
+    worker skips it if it has not started) and ClientDisconnect is raised. A decoding error is
+    an ApiError: 400 for what the library says of the input, else 500."""
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -281,7 +285,12 @@ async def wait_for(job: Job, request: Request):
     if not job.future.done():
         job.abandoned = True
         raise ClientDisconnect()
-    return job.future.result()
+    try:
+        return job.future.result()
+    except (AudioError, ValueError) as e:  # the library's word on this input (e.g. no usable samples)
+        raise ApiError(400, str(e), "file", "invalid_audio") from None
+    except Exception as e:  # the worker has logged the traceback; the client gets one line
+        raise ApiError(500, f"decoding failed: {type(e).__name__}: {e}", type="server_error") from None
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -358,7 +367,7 @@ def create_app(opts: ServerOptions) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": opts.model_name, "queued": batcher.queue.qsize()}
+        return {"status": "ok", "model": opts.model_name, "queued": batcher.queue.qsize(), "decoded": batcher.decoded}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -385,10 +394,6 @@ def create_app(opts: ServerOptions) -> FastAPI:
         except ClientDisconnect:  # nobody to answer; the other requests go on
             log.info("client disconnected before its transcription was sent")
             return Response(status_code=499)
-        except (AudioError, ValueError) as e:  # the library's word on this input (e.g. no usable samples)
-            raise ApiError(400, str(e), "file", "invalid_audio") from None
-        except Exception as e:  # the worker has logged the traceback; the client gets one line
-            raise ApiError(500, f"decoding failed: {type(e).__name__}: {e}", type="server_error") from None
         return render(result, asked)
 
     return app
