@@ -14,7 +14,6 @@ length in longform.py, scoring in evaluation.py; this script only parses options
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -26,12 +25,12 @@ import torch
 from tqdm import tqdm
 
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
-from whisper_scratch.checkpoint import load_model
+from whisper_scratch.checkpoint import load_model, precision
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
 from whisper_scratch.evaluation import decode_references, resolve_references
 from whisper_scratch.longform import transcribe, transcribe_files
-from whisper_scratch.vad import VadOptions
+from whisper_scratch.vad import VadOptions, with_checkpoint_chunks
 from whisper_scratch.metrics import error_rates, utterance_errors, worst
 from whisper_scratch.writers import OUTPUT_FORMATS, write_result
 
@@ -270,14 +269,6 @@ def _print_evaluation(report: dict) -> None:
 RUNNERS = {"single": run_single, "directory": run_directory, "batch": run_batch, "evaluate": run_evaluate}
 
 
-def precision(dtype: Optional[str], device: str):
-    """Autocast for float16/bfloat16 (LayerNorm and the logits stay fp32); nothing for float32."""
-    name = dtype or ("float16" if device.startswith("cuda") else "float32")
-    if name == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, name))
-
-
 def check_model(opts: TranscribeOptions, model, tokenizer) -> Optional[str]:
     """Options that only the checkpoint can validate; the problem, or None."""
     if opts.decoding.ctc_weight > 0 and not model.dims.ctc:
@@ -294,12 +285,10 @@ def with_chunk_seconds(opts: TranscribeOptions, ckpt: dict) -> TranscribeOptions
     """--chunk_seconds, else the longest clip the checkpoint was trained on (else one window)."""
     if not opts.vad.vad or opts.vad.chunk_seconds is not None:
         return opts
-    longest = ckpt.get("longest_clip_seconds")
-    if longest is None:
+    if ckpt.get("longest_clip_seconds") is None:
         print(f"note: {opts.model_path} does not record its longest training clip; voice-activity chunks "
               "go up to one window (set --chunk_seconds to what it was trained on)", file=sys.stderr)
-        return opts
-    return replace(opts, vad=replace(opts.vad, chunk_seconds=max(1.0, float(longest))))
+    return replace(opts, vad=with_checkpoint_chunks(opts.vad, ckpt))
 
 
 def main(argv=None) -> int:

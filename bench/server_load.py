@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +38,9 @@ from whisper_scratch.checkpoint import load_model  # noqa: E402
 from whisper_scratch.config import option, parse_options, require  # noqa: E402
 from whisper_scratch.evaluation import resolve_references  # noqa: E402
 from whisper_scratch.longform import transcribe_files  # noqa: E402
-from whisper_scratch.server import ServerOptions, precision  # noqa: E402
+from whisper_scratch.checkpoint import precision  # noqa: E402
+from whisper_scratch.server import ServerOptions  # noqa: E402
+from whisper_scratch.vad import with_checkpoint_chunks  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,7 @@ def references(server: ServerOptions, paths: list) -> dict:
     """{path: text} from the library with the server's options and its chunk-length rule."""
     device = server.device or ("cuda" if torch.cuda.is_available() else "cpu")  # the server's rules
     model, tokenizer, ckpt = load_model(server.model_path, device)
-    vad = server.vad
-    if vad.chunk_seconds is None and ckpt.get("longest_clip_seconds") is not None:
-        vad = replace(vad, chunk_seconds=max(1.0, float(ckpt["longest_clip_seconds"])))
+    vad = with_checkpoint_chunks(server.vad, ckpt)
     with precision(server.dtype, device):
         return {p: r if isinstance(r, Exception) else r["text"]
                 for p, r in transcribe_files(model, sorted(set(paths)), tokenizer, server.decoding, server.fallback,

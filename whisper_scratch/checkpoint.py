@@ -3,6 +3,7 @@ states), primitives and tensors only, so they load with torch.load(weights_only=
 themselves."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -96,3 +97,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def precision(dtype: Optional[str], device: Union[str, torch.device]):
+    """The context to run a loaded model in: autocast for float16/bfloat16 (LayerNorm and the
+    logits stay fp32), nothing for float32; dtype None = float16 on cuda, else float32."""
+    device = str(device)
+    name = dtype or ("float16" if device.startswith("cuda") else "float32")
+    if name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, name))

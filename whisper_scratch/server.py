@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,11 +41,11 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
-from .checkpoint import load_model
+from .checkpoint import load_model, precision
 from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from .decoding import DecodingOptions, FallbackOptions
 from .longform import chunk_limit, transcribe_chunks
-from .vad import VadOptions
+from .vad import VadOptions, with_checkpoint_chunks
 from .writers import to_srt, to_txt, to_vtt
 
 log = logging.getLogger("whisper_scratch.server")
@@ -171,14 +171,6 @@ class Batcher:
 def _settle(future: asyncio.Future, result) -> None:
     if not future.done():
         future.set_exception(result) if isinstance(result, BaseException) else future.set_result(result)
-
-
-def precision(dtype: Optional[str], device: str):
-    """Autocast for float16/bfloat16 (as transcribe.py); nothing for float32."""
-    name = dtype or ("float16" if device.startswith("cuda") else "float32")
-    if name == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, name))
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -321,9 +313,7 @@ def create_app(opts: ServerOptions) -> FastAPI:
     """Load the model and build the app; the worker runs while the app is served."""
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, ckpt = load_model(opts.model_path, device)
-    vad = opts.vad
-    if vad.chunk_seconds is None and ckpt.get("longest_clip_seconds") is not None:  # transcribe.py's rule
-        vad = replace(vad, chunk_seconds=max(1.0, float(ckpt["longest_clip_seconds"])))
+    vad = with_checkpoint_chunks(opts.vad, ckpt)
     require(opts.decoding.language in (None, *tokenizer.languages),  # fail at start, not on every request
             f"--language {opts.decoding.language!r} is not one of the model's languages {tokenizer.languages}")
     require(opts.decoding.ctc_weight == 0 or model.dims.ctc, "--ctc_weight needs a model with a CTC head")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,6 +40,15 @@ class VadOptions:
         require(0 < self.vad_threshold < 1, f"vad_threshold must be in (0, 1), got {self.vad_threshold}")
         for name in ("min_silence_ms", "min_speech_ms", "speech_pad_ms"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def with_checkpoint_chunks(vad: VadOptions, ckpt: dict) -> VadOptions:
+    """vad with chunk_seconds = the longest clip the checkpoint was trained on, when unset (no
+    model should be fed longer inputs than it learned from); unchanged if the checkpoint does
+    not say (then chunks go up to one window)."""
+    if not vad.vad or vad.chunk_seconds is not None or ckpt.get("longest_clip_seconds") is None:
+        return vad
+    return replace(vad, chunk_seconds=max(1.0, float(ckpt["longest_clip_seconds"])))
 
 
 _model = None
