@@ -5,8 +5,8 @@ silero-vad cuts real speech.
    seeded random order) with --pause seconds of silence (written to --work_dir, with their
    references). Each is transcribed three ways with the same model, search and threads:
    - clips: the same clips decoded one by one (the CER a long recording should match);
-   - vad: `transcribe(..., vad=VadOptions())`, the default of transcribe.py: speech chunks of at
-     most the longest training clip, decoded together in batches;
+   - vad: the default of transcribe.py: speech chunks of at most the longest training clip, cut
+     at pauses where longer than the median clip, decoded together in batches;
    - windows: `--vad false`, consecutive 30 s windows prompted with the text so far.
    Prints CER/WER of each, the CER ratio vad / clips (target ≤ 1.1) and the speed of vad vs
    windows on the longest recording in audio seconds per second (target ≥ 3×).
@@ -37,7 +37,7 @@ from whisper_scratch.data import read_references  # noqa: E402
 from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions  # noqa: E402
 from whisper_scratch.longform import transcribe, transcribe_files  # noqa: E402
 from whisper_scratch.metrics import error_rates  # noqa: E402
-from whisper_scratch.vad import VadOptions, check_against_clips, speech_chunks  # noqa: E402
+from whisper_scratch.vad import VadOptions, check_against_clips, speech_chunks, with_checkpoint_chunks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WHISPER_SCRATCH_SHARED", REPO.parent / "shared"))
@@ -73,17 +73,18 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def accuracy_and_speed(args, model, tokenizer, longest: float) -> None:
+def accuracy_and_speed(args, model, tokenizer, ckpt: dict) -> None:
     lang_dir = Path(args.corpus)
     refs, _ = read_references(lang_dir / "test.tsv")
     recordings = build_recordings(lang_dir / "clips", refs, args.lengths, args.pause, args.seed, Path(args.work_dir))
     options = DecodingOptions(beam_size=args.beam_size, ctc_weight=args.ctc_weight)
-    vad = VadOptions(chunk_seconds=args.chunk_seconds or longest)
-    print(f"model {args.model_path}; chunks ≤ {vad.chunk_seconds:.1f} s; beam {args.beam_size}, CTC {args.ctc_weight}; "
+    vad = with_checkpoint_chunks(VadOptions(chunk_seconds=args.chunk_seconds, target_seconds=args.target_seconds),
+                                 ckpt)
+    print(f"model {args.model_path}; chunks ≤ {vad.chunk_seconds} s, cut at pauses above {vad.target_seconds} s; beam {args.beam_size}, CTC {args.ctc_weight}; "
           f"{torch.get_num_threads()} threads; pause {args.pause} s\n")
     print("| recording | clips | CER clips one by one | CER vad | ratio | CER 30 s windows | WER clips / vad / windows |")
     print("|---|---|---|---|---|---|---|")
-    speeds = {}
+    speeds, pooled = {}, ([], [], [], [])
     for wav, used, seconds in recordings:
         ref = " ".join(t for _, t in used)
         per_clip = dict(transcribe_files(model, [p for p, _ in used], tokenizer, options, NO_FALLBACK, args.batch_size))
@@ -97,6 +98,11 @@ def accuracy_and_speed(args, model, tokenizer, longest: float) -> None:
         print(f"| {wav.name} ({seconds:.0f} s) | {len(used)} | {c:.1f} % | {v:.1f} % | **{v / c:.2f}×** | {w:.1f} % | "
               + " / ".join(f"{100 * s['wer']:.0f} %" for s in scores) + " |")
         speeds[wav.name] = (seconds, vad_s, win_s)
+        for texts, text in zip(pooled, (ref, clips_hyp, vad_result["text"], win_result["text"])):
+            texts.append(text)
+    c, v, w = (100 * error_rates(pooled[0], h, tokenizer.normalize)["cer"] for h in pooled[1:])
+    print(f"| all {len(recordings)} (errors pooled) | {sum(len(u) for _, u, _ in recordings)} | {c:.1f} % | {v:.1f} % | "
+          f"**{v / c:.2f}×** | {w:.1f} % | |")
     name = max(speeds, key=lambda k: speeds[k][0])
     seconds, vad_s, win_s = speeds[name]
     print(f"\nspeed on {name}: vad {seconds / vad_s:.1f} audio s/s ({vad_s:.1f} s), windows "
@@ -132,6 +138,7 @@ def main() -> None:
     ap.add_argument("--ctc_weight", type=float, default=0.3)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--chunk_seconds", type=float, default=None, help="default: the checkpoint's longest clip")
+    ap.add_argument("--target_seconds", type=float, default=None, help="default: the checkpoint's median clip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cv_clips", type=int, default=15)
     ap.add_argument("--skip_model", action="store_true", help="only the real-speech segmentation check")
@@ -143,7 +150,7 @@ def main() -> None:
         if not (Path(args.corpus) / "test.tsv").is_file():
             raise SystemExit(f"{args.corpus}/test.tsv not found (./run.sh builds the demo corpus)")
         model, tokenizer, ckpt = load_model(args.model_path)
-        accuracy_and_speed(args, model, tokenizer, float(ckpt.get("longest_clip_seconds") or 30.0))
+        accuracy_and_speed(args, model, tokenizer, ckpt)
     real_speech(args)
 
 

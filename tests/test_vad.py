@@ -24,6 +24,17 @@ def test_the_cut_is_at_the_longest_pause():
     assert merge_regions(regions, 1000) == [(0, 700), (1200, 1700)]
 
 
+def test_chunks_over_the_target_are_cut_at_long_pauses_only():
+    # two "sentences" 300 samples apart, each with a 50-sample pause inside: within the limit,
+    # over the target, so cut at the long pause; not at the short ones (below split_pause)
+    regions = [(0, 400), (450, 900), (1200, 1600), (1650, 2000)]
+    assert merge_regions(regions, 5000) == [(0, 2000)]
+    assert merge_regions(regions, 5000, target_len=1000, split_pause=200) == [(0, 900), (1200, 2000)]
+    assert merge_regions(regions, 5000, target_len=500, split_pause=200) == [(0, 900), (1200, 2000)]
+    assert merge_regions(regions, 5000, target_len=500, split_pause=40) == [(0, 400), (450, 900), (1200, 1600),
+                                                                             (1650, 2000)]
+
+
 def test_a_region_longer_than_the_limit_is_cut_into_equal_parts():
     assert merge_regions([(0, 2500)], 1000) == [(0, 833), (833, 1666), (1666, 2500)]
     assert merge_regions([], 1000) == []
@@ -31,13 +42,13 @@ def test_a_region_longer_than_the_limit_is_cut_into_equal_parts():
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 3000)), min_size=1, max_size=30),
-       st.integers(200, 4000))
-def test_chunks_are_short_ordered_and_keep_every_sample_of_speech(raw, max_len):
+       st.integers(200, 4000), st.one_of(st.none(), st.integers(100, 3000)), st.integers(0, 1000))
+def test_chunks_are_short_ordered_and_keep_every_sample_of_speech(raw, max_len, target, split_pause):
     regions, t = [], 0
     for gap, length in raw:  # disjoint, sorted regions
         regions.append((t + gap, t + gap + length))
         t += gap + length
-    chunks = merge_regions(regions, max_len)
+    chunks = merge_regions(regions, max_len, target, split_pause)
     assert all(0 < b - a <= max_len for a, b in chunks)
     assert all(b1 <= a2 for (_, b1), (a2, _) in zip(chunks, chunks[1:]))
     covered = sum(max(0, min(b, y) - max(a, x)) for a, b in regions for x, y in chunks)

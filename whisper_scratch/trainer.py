@@ -602,9 +602,10 @@ class Trainer:
 
     def save(self, name: str) -> None:
         if self.ddp.main:
-            # longest_clip_seconds: the longest input it learned from, so long-form cuts chunks no longer
+            # the longest and the median input it learned from: long-form cuts chunks of that shape
+            durations = sorted(u.duration for u in self.train_utts)
             save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts),
-                            longest_clip_seconds=max(u.duration for u in self.train_utts),
+                            longest_clip_seconds=durations[-1], median_clip_seconds=durations[len(durations) // 2],
                             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                             sampler=self.sampler.state_dict(self.state.batches_done), state=asdict(self.state),
                             rng=rng_state())

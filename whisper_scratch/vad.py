@@ -29,26 +29,37 @@ class VadOptions:
                              "windows, each prompted with the text so far")
     chunk_seconds: Optional[float] = option(None, "longest chunk decoded at once (default: the longest clip the "
                                                   "model was trained on, saved in its checkpoint; else 30)")
+    target_seconds: Optional[float] = option(None, "chunks longer than this are cut at their longest pause if it "
+                                                   "is >= --split_pause_ms (default: the median training clip, "
+                                                   "saved in the checkpoint)")
+    split_pause_ms: int = option(300, "the shortest pause a chunk over --target_seconds is cut at")
     vad_threshold: float = option(0.5, "speech probability above which a 32 ms frame is speech")
     min_silence_ms: int = option(100, "a pause at least this long ends a speech region")
     min_speech_ms: int = option(250, "speech regions shorter than this are dropped")
-    speech_pad_ms: int = option(200, "silence kept on each side of a speech region")
+    speech_pad_ms: int = option(50, "silence kept on each side of a speech region (a model trained on "
+                                    "tightly cut clips misreads long leading silence)")
 
     def __post_init__(self):
         require(self.chunk_seconds is None or self.chunk_seconds >= 1,
                 f"chunk_seconds must be >= 1, got {self.chunk_seconds}")
+        require(self.target_seconds is None or self.target_seconds > 0,
+                f"target_seconds must be > 0, got {self.target_seconds}")
         require(0 < self.vad_threshold < 1, f"vad_threshold must be in (0, 1), got {self.vad_threshold}")
-        for name in ("min_silence_ms", "min_speech_ms", "speech_pad_ms"):
+        for name in ("min_silence_ms", "min_speech_ms", "speech_pad_ms", "split_pause_ms"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def with_checkpoint_chunks(vad: VadOptions, ckpt: dict) -> VadOptions:
-    """vad with chunk_seconds = the longest clip the checkpoint was trained on, when unset (no
-    model should be fed longer inputs than it learned from); unchanged if the checkpoint does
-    not say (then chunks go up to one window)."""
-    if not vad.vad or vad.chunk_seconds is not None or ckpt.get("longest_clip_seconds") is None:
+    """vad with chunk_seconds = the longest clip the checkpoint was trained on and target_seconds
+    = its median clip, where unset (a model should be fed inputs shaped like those it learned
+    from); what the checkpoint does not record stays unset (chunks go up to one window)."""
+    if not vad.vad:
         return vad
-    return replace(vad, chunk_seconds=max(1.0, float(ckpt["longest_clip_seconds"])))
+    if vad.chunk_seconds is None and ckpt.get("longest_clip_seconds") is not None:
+        vad = replace(vad, chunk_seconds=max(1.0, float(ckpt["longest_clip_seconds"])))
+    if vad.target_seconds is None and ckpt.get("median_clip_seconds") is not None:
+        vad = replace(vad, target_seconds=float(ckpt["median_clip_seconds"]))
+    return vad
 
 
 _model = None
@@ -106,25 +117,31 @@ def speech_regions(audio: np.ndarray, options: VadOptions = VadOptions(),
     return [(int(r["start"]), int(r["end"])) for r in found]
 
 
-def merge_regions(regions: Sequence[Span], max_len: int) -> List[Span]:
+def merge_regions(regions: Sequence[Span], max_len: int, target_len: Optional[int] = None,
+                  split_pause: int = 0) -> List[Span]:
     """Chunks of consecutive regions, each spanning at most max_len samples (pauses inside a
     chunk are kept, so the model hears them). Cut at the longest pause first, so a chunk ends
-    where the speaker stopped longest; a single region longer than max_len is cut into equal
-    parts (silero has already cut it at a pause where it found one)."""
+    where the speaker stopped longest. A chunk longer than target_len (the typical training
+    clip) is also cut, at its longest pause if that is at least split_pause samples: a model
+    trained on one sentence per clip decodes two sentences in one chunk worse than each alone.
+    A single region longer than max_len is cut into equal parts (silero has already cut it at a
+    pause where it found one)."""
     require(max_len >= 1, f"max_len must be >= 1, got {max_len}")
     regions = sorted(regions)
     if not regions:
         return []
-    if regions[-1][1] - regions[0][0] <= max_len:
+    span = regions[-1][1] - regions[0][0]
+    gaps = [regions[i + 1][0] - regions[i][1] for i in range(len(regions) - 1)]
+    if span <= max_len and (target_len is None or span <= target_len or not gaps or max(gaps) < split_pause):
         return [(regions[0][0], regions[-1][1])]
-    if len(regions) == 1:
+    if not gaps:
         (a, b), = regions
         n = -(-(b - a) // max_len)
         edges = [a + (b - a) * i // n for i in range(n + 1)]
         return list(zip(edges[:-1], edges[1:]))
-    gaps = [regions[i + 1][0] - regions[i][1] for i in range(len(regions) - 1)]
     cut = int(np.argmax(gaps)) + 1
-    return merge_regions(regions[:cut], max_len) + merge_regions(regions[cut:], max_len)
+    return (merge_regions(regions[:cut], max_len, target_len, split_pause)
+            + merge_regions(regions[cut:], max_len, target_len, split_pause))
 
 
 def speech_chunks(audio: np.ndarray, max_seconds: float, options: VadOptions = VadOptions()) -> List[Span]:
@@ -137,7 +154,9 @@ def speech_chunks(audio: np.ndarray, max_seconds: float, options: VadOptions = V
     max_len = int(max_seconds * SAMPLE_RATE)
     if len(audio) <= max_len:
         return [(0, len(audio))]
-    return merge_regions(speech_regions(audio, options, max_seconds, probs), max_len)
+    target = int(options.target_seconds * SAMPLE_RATE) if options.target_seconds else None
+    return merge_regions(speech_regions(audio, options, max_seconds, probs), max_len, target,
+                         int(options.split_pause_ms * SAMPLE_RATE / 1000))
 
 
 def check_against_clips(chunks: Sequence[Span], offsets: Sequence[int], clips: Sequence[np.ndarray],
