@@ -126,3 +126,14 @@ def test_the_clip_check_sees_a_cut_word_and_lost_speech():
     (kept0, inside0), (kept1, inside1) = check_against_clips([(0, mid)], offsets, clips)
     assert 0.2 < kept0 < 0.8 and inside0 == [mid]
     assert kept1 == 0 and inside1 == []
+
+
+def test_batched_speech_probabilities_equal_one_by_one():
+    from whisper_scratch.vad import speech_probabilities, speech_probabilities_many
+    _, _, clips = joined_clips("ru", 5)
+    clips = clips + [clips[0][:3000], np.zeros(SAMPLE_RATE, np.float32)]
+    alone = [speech_probabilities(c) for c in clips]
+    for max_samples in (10 ** 9, 3 * 8 * SAMPLE_RATE):  # one batch; several
+        together = speech_probabilities_many(clips, max_samples)
+        for a, b in zip(alone, together):
+            assert a.shape == b.shape and np.abs(a - b).max() < 1e-4

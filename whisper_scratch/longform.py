@@ -24,7 +24,7 @@ from .decoding import (DecodingOptions, DecodingResult, FallbackOptions, decode_
                        search_with_fallback, utterance_seeds)
 from .model import Whisper
 from .tokenizer import Tokenizer
-from .vad import VadOptions, speech_chunks
+from .vad import VadOptions, speech_chunks, speech_probabilities_many
 
 Source = Union[str, Path, np.ndarray, Tensor]  # a file, or 16 kHz mono samples
 
@@ -120,9 +120,9 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
     limit = chunk_limit(model, vad)
     for group in _groups(sources, group_seconds):
         pieces = []  # (input index, first sample, end sample)
-        for i, (_, audio) in enumerate(group):
-            if not isinstance(audio, Exception):
-                pieces += [(i, a, b) for a, b in speech_chunks(audio, limit, vad)]
+        loaded = [i for i, (_, audio) in enumerate(group) if not isinstance(audio, Exception)]
+        for i, probs in zip(loaded, speech_probabilities_many([group[i][1] for i in loaded])):
+            pieces += [(i, a, b) for a, b in speech_chunks(group[i][1], limit, vad, probs)]
         pieces.sort(key=lambda p: p[1] - p[2])
         segments: dict = {i: [] for i in range(len(group))}
         for k in range(0, len(pieces), batch_size):

@@ -6,8 +6,8 @@
   GET  /v1/models, GET /health
 
 One worker thread owns the model (torch modules are not decoded from two threads at once). Requests
-wait in a queue; the worker takes what has arrived, up to --batch_size chunks or --max_wait_ms
-after the first, and decodes requests with the same decoding options together through
+wait in a queue; the worker takes what has arrived, up to --batch_size chunks, and while busy waits
+up to --max_wait_ms for more, and decodes requests with the same decoding options together through
 longform.transcribe_chunks, so a busy server decodes batches. The event loop only parses uploads
 and formats replies. The `model` field is accepted whatever it says (clients written for
 "whisper-1" work unchanged); /v1/models lists --model_name. Errors use OpenAI's JSON shape
@@ -64,7 +64,8 @@ class ServerOptions:
     port: int = option(8000, "TCP port")
     model_name: str = option("whisper-scratch", "the model id /v1/models lists (any `model` field is accepted)")
     batch_size: int = option(16, "chunks decoded together")
-    max_wait_ms: float = option(10.0, "how long the first queued request waits for others to share its batch")
+    max_wait_ms: float = option(60.0, "while the server is busy, how long a batch waits to fill up (an idle "
+                                       "server decodes a lone request at once)")
     max_upload_mb: float = option(25.0, "largest accepted upload in MiB (413 above; OpenAI's limit is 25)")
     api_key: Optional[str] = option(None, "if set, /v1 requests need 'Authorization: Bearer KEY'")
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -119,6 +120,8 @@ class Batcher:
         self.decode, self.batch_size, self.max_wait_s = decode, batch_size, max_wait_s
         self.queue: queue.Queue = queue.Queue()
         self.decoded = {"requests": 0, "batches": 0}  # /health: how well requests share batches
+        self.arriving = 0  # requests being uploaded or read, not yet queued (changed on the event loop)
+        self.last_batch = 0  # requests in the previous batch
         self.thread = threading.Thread(target=self._run, name="whisper-decoder", daemon=True)
 
     def submit(self, audio: np.ndarray, key: tuple, chunks: int) -> Job:
@@ -132,15 +135,20 @@ class Batcher:
         self.thread.join()
 
     def _collect(self) -> Optional[list]:
-        """The next batch: the first job to arrive, then whatever comes within max_wait_s, up to
-        batch_size chunks. None once close() was called and the queue is empty."""
+        """The next batch: the first job to arrive, what is queued behind it, and while the server
+        is busy (the last batch was shared, or requests are being uploaded) whatever comes within
+        max_wait_s, up to batch_size chunks. A lone client never waits; a crowd's returning
+        clients get into the same batch instead of alternating in half-full ones.
+        None once close() was called and the queue is empty."""
         first = self.queue.get()
         if first is None:
             return None
         jobs, deadline = [first], time.monotonic() + self.max_wait_s
         while sum(j.chunks for j in jobs) < self.batch_size:
+            busy = self.last_batch > 1 or self.arriving > 0
             try:
-                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = self.queue.get(timeout=max(0.0, deadline - time.monotonic())) if busy else \
+                    self.queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
@@ -151,6 +159,7 @@ class Batcher:
 
     def _run(self) -> None:
         while (jobs := self._collect()) is not None:
+            self.last_batch = len(jobs)
             groups: dict = {}
             for job in jobs:
                 if not job.abandoned:
@@ -370,15 +379,19 @@ def create_app(opts: ServerOptions) -> FastAPI:
     async def transcriptions(request: Request):
         authorize(request)  # before reading the body
         try:
-            form = await read_form(request, opts.max_upload_mb)
+            batcher.arriving += 1  # the worker may wait for it
             try:
-                asked = parse_fields(form, opts.decoding, tokenizer, bool(model.dims.ctc))
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    raise ApiError(400, "no audio: send the file in the multipart field 'file'", "file")
-                audio = await asyncio.to_thread(load_upload, upload)
+                form = await read_form(request, opts.max_upload_mb)
+                try:
+                    asked = parse_fields(form, opts.decoding, tokenizer, bool(model.dims.ctc))
+                    upload = form.get("file")
+                    if not isinstance(upload, UploadFile):
+                        raise ApiError(400, "no audio: send the file in the multipart field 'file'", "file")
+                    audio = await asyncio.to_thread(load_upload, upload)
+                finally:
+                    await form.close()
             finally:
-                await form.close()
+                batcher.arriving -= 1
             chunks = max(1, math.ceil(len(audio) / SAMPLE_RATE / chunk_s))
             result = await wait_for(batcher.submit(audio, (asked.options, asked.words), chunks), request)
         except ClientDisconnect:  # nobody to answer; the other requests go on
