@@ -395,3 +395,35 @@ def test_command_line_errors(ckpt, tmp_path, capsys):
     assert "voice-activity chunks" in capsys.readouterr().err
     assert main(["--model_path", str(ckpt), "--language", "fr"]) == 2
     assert "not one of the model's languages" in capsys.readouterr().err
+
+
+def test_a_lone_request_is_not_held_back_but_a_busy_server_fills_its_batch():
+    """The worker waits up to max_wait for company only while busy (the last batch was shared or
+    requests are uploading). max_wait here is 60 s: a wait would show as a collect that has not
+    returned after 10 s."""
+    from types import SimpleNamespace
+    from whisper_scratch.server import Batcher
+    batcher = Batcher(lambda key, audios: [], batch_size=4, max_wait_s=60.0)
+
+    def collect():
+        out = []
+        t = threading.Thread(target=lambda: out.append(batcher._collect()), daemon=True)
+        t.start()
+        return t, out
+    job = lambda: SimpleNamespace(chunks=1)  # noqa: E731
+    first = job()
+    batcher.last_batch = 1
+    batcher.queue.put(first)
+    t, out = collect()
+    t.join(10)
+    assert not t.is_alive() and out == [[first]]  # idle: decoded at once
+    batcher.last_batch = 2  # busy: the batch waits for the next ones, until it is full
+    jobs = [job() for _ in range(4)]
+    batcher.queue.put(jobs[0])
+    t, out = collect()
+    for j in jobs[1:]:
+        time.sleep(0.05)
+        assert t.is_alive()  # still waiting for company
+        batcher.queue.put(j)
+    t.join(10)
+    assert not t.is_alive() and out == [jobs]
