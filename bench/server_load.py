@@ -138,14 +138,14 @@ def run(base: str, paths: list, concurrency: int, api_key: Optional[str]) -> dic
     after = httpx.get(base + "/health").json()["decoded"]
     per_batch = (after["requests"] - before["requests"]) / max(1, after["batches"] - before["batches"])
     return {"wall": wall, "answers": [a for a, _ in done], "latency": np.array([t for _, t in done]),
-            "per_batch": per_batch}
+            "per_batch": per_batch, "decoding": after["seconds"] - before["seconds"]}
 
 
 def summary(name: str, r: dict, audio_s: float) -> str:
     p50, p95 = np.percentile(r["latency"], [50, 95])
     n = len(r["answers"])
     return (f"| {name} | {r['wall']:.2f} | {n / r['wall']:.2f} | {audio_s / r['wall']:.2f} | "
-            f"{p50:.3f} | {p95:.3f} | {r['per_batch']:.1f} |")
+            f"{p50:.3f} | {p95:.3f} | {r['per_batch']:.1f} | {r['decoding']:.2f} |")
 
 
 def check(name: str, answers: list, paths: list, refs: dict) -> list:
@@ -188,8 +188,8 @@ def main(argv=None) -> int:
     problems = check("sequential", sequential["answers"], paths, refs) + check("concurrent", loaded["answers"], paths, refs)
     ratio = sequential["wall"] / loaded["wall"]
     print(f"\n## server load: {opts.n_requests} requests, {opts.model_path}\n")
-    print("| run | wall s | requests/s | audio s/s | p50 latency s | p95 latency s | requests per batch |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | wall s | requests/s | audio s/s | p50 latency s | p95 latency s | requests per batch | worker decoding s |")
+    print("|---|---|---|---|---|---|---|---|")
     print(summary("one at a time", sequential, audio_s))
     print(summary(f"{opts.concurrency} concurrent clients", loaded, audio_s))
     print(f"\nthroughput ratio (concurrent / one at a time): {ratio:.2f}x (target >= 3x)")

@@ -119,7 +119,8 @@ class Batcher:
     def __init__(self, decode: Callable[[tuple, list], list], batch_size: int, max_wait_s: float):
         self.decode, self.batch_size, self.max_wait_s = decode, batch_size, max_wait_s
         self.queue: queue.Queue = queue.Queue()
-        self.decoded = {"requests": 0, "batches": 0}  # /health: how well requests share batches
+        # /health: how well requests share batches, and how much of the wall time the worker decodes
+        self.decoded = {"requests": 0, "batches": 0, "seconds": 0.0}
         self.arriving = 0  # requests being uploaded or read, not yet queued (changed on the event loop)
         self.last_batch = 0  # requests in the previous batch
         self.thread = threading.Thread(target=self._run, name="whisper-decoder", daemon=True)
@@ -167,11 +168,13 @@ class Batcher:
             for key, group in groups.items():
                 self.decoded["requests"] += len(group)
                 self.decoded["batches"] += 1
+                start = time.perf_counter()
                 try:
                     results = self.decode(key, [j.audio for j in group])
                 except Exception as e:  # e.g. out of memory: this group fails, the server goes on
                     log.exception("decoding a batch of %d failed", len(group))
                     results = [e] * len(group)
+                self.decoded["seconds"] += time.perf_counter() - start
                 for job, result in zip(group, results):
                     with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
                         job.loop.call_soon_threadsafe(_settle, job.future, result)
