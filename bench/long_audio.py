@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from whisper_scratch.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from whisper_scratch.checkpoint import load_model  # noqa: E402
 from whisper_scratch.data import read_references  # noqa: E402
-from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions  # noqa: E402
+from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions, FallbackOptions  # noqa: E402
 from whisper_scratch.longform import transcribe, transcribe_files  # noqa: E402
 from whisper_scratch.metrics import error_rates  # noqa: E402
 from whisper_scratch.vad import VadOptions, check_against_clips, speech_chunks, with_checkpoint_chunks  # noqa: E402
@@ -77,21 +77,22 @@ def accuracy_and_speed(args, model, tokenizer, ckpt: dict) -> None:
     lang_dir = Path(args.corpus)
     refs, _ = read_references(lang_dir / "test.tsv")
     recordings = build_recordings(lang_dir / "clips", refs, args.lengths, args.pause, args.seed, Path(args.work_dir))
-    options = DecodingOptions(beam_size=args.beam_size, ctc_weight=args.ctc_weight)
+    options = DecodingOptions(beam_size=args.beam_size, ctc_weight=args.ctc_weight, best_of=5)
+    fallback = FallbackOptions() if args.fallback else NO_FALLBACK
     vad = with_checkpoint_chunks(VadOptions(chunk_seconds=args.chunk_seconds, target_seconds=args.target_seconds),
                                  ckpt)
     print(f"model {args.model_path}; chunks ≤ {vad.chunk_seconds} s, cut at pauses above {vad.target_seconds} s; beam {args.beam_size}, CTC {args.ctc_weight}; "
-          f"{torch.get_num_threads()} threads; pause {args.pause} s\n")
+          f"temperature fallback {'on' if args.fallback else 'off'}; {torch.get_num_threads()} threads; pause {args.pause} s\n")
     print("| recording | clips | CER clips one by one | CER vad | ratio | CER 30 s windows | WER clips / vad / windows |")
     print("|---|---|---|---|---|---|---|")
     speeds, pooled = {}, ([], [], [], [])
     for wav, used, seconds in recordings:
         ref = " ".join(t for _, t in used)
-        per_clip = dict(transcribe_files(model, [p for p, _ in used], tokenizer, options, NO_FALLBACK, args.batch_size))
+        per_clip = dict(transcribe_files(model, [p for p, _ in used], tokenizer, options, fallback, args.batch_size))
         clips_hyp = " ".join(per_clip[p]["text"] for p, _ in used)
-        vad_result, vad_s = timed(lambda: transcribe(model, wav, tokenizer, options, NO_FALLBACK, vad=vad,
+        vad_result, vad_s = timed(lambda: transcribe(model, wav, tokenizer, options, fallback, vad=vad,
                                                      batch_size=args.batch_size))
-        win_result, win_s = timed(lambda: transcribe(model, wav, tokenizer, options, NO_FALLBACK))
+        win_result, win_s = timed(lambda: transcribe(model, wav, tokenizer, options, fallback))
         scores = [error_rates([ref], [h], tokenizer.normalize) for h in (clips_hyp, vad_result["text"],
                                                                          win_result["text"])]
         c, v, w = (100 * s["cer"] for s in scores)
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--chunk_seconds", type=float, default=None, help="default: the checkpoint's longest clip")
     ap.add_argument("--target_seconds", type=float, default=None, help="default: the checkpoint's median clip")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fallback", action="store_true", help="temperature fallback as transcribe.py (best_of 5)")
     ap.add_argument("--cv_clips", type=int, default=15)
     ap.add_argument("--skip_model", action="store_true", help="only the real-speech segmentation check")
     args = ap.parse_args()
