@@ -8,6 +8,9 @@
 directory: every audio file under DIR (recursive), one at a time, written as it goes.
 batch: the same files decoded in batches sorted by duration (same results, much faster).
 evaluate: batch-decodes the files a reference TSV names and prints WER/CER (see --help).
+Audio longer than one chunk (default: the longest clip the model was trained on) is cut at pauses
+by voice activity (silero-vad) and its chunks decoded in batches; --vad false decodes 30 s windows
+one after another, each prompted with the text so far.
 Every flag is also accepted with dashes (--model-path); the search flags are DecodingOptions'
 and FallbackOptions' own fields. The search lives in whisper_scratch/decoding.py, files of any
 length in longform.py, scoring in evaluation.py; this script only parses options and reads/writes.
