@@ -185,8 +185,10 @@ def test_every_response_format(client, clips, library):
     verbose = ask(client, clips["long"], response_format="verbose_json")
     assert (verbose.text, verbose.language, verbose.duration) == (ref["text"], "en", ref["duration"])
     assert verbose.words is None
-    got = [(s.id, s.start, s.end, s.text, s.tokens, s.temperature) for s in verbose.segments]
-    assert got == [(s["id"], s["start"], s["end"], s["text"], s["tokens"], s["temperature"]) for s in ref["segments"]]
+    got = [(s.id, s.start, s.end, s.text, s.tokens, s.temperature, s.no_speech_prob) for s in verbose.segments]
+    assert got == [(s["id"], s["start"], s["end"], s["text"], s["tokens"], s["temperature"], s["no_speech_prob"])
+                   for s in ref["segments"]]
+    assert all(0 <= s.no_speech_prob < 0.5 for s in verbose.segments)  # silero heard speech in every chunk
 
 
 def test_word_timestamps(client, clips, library):

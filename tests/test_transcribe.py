@@ -188,6 +188,7 @@ def test_vad_chunks_are_decoded_in_batches_with_their_real_times(digit_model, di
     lens = [n for b in batches for n in b]
     assert lens == sorted(lens, reverse=True)
     assert [s["id"] for s in segs] == list(range(20))
+    assert all(0 <= s["no_speech_prob"] < 0.5 for s in segs)  # silero's word: each chunk holds speech
     silence = (spans[9][1] / SAMPLE_RATE, spans[10][0] / SAMPLE_RATE)
     for s, (a, b) in zip(segs, spans):
         # the clip's first and last non-zero samples (FSDD clips start and end with quiet noise)

@@ -24,7 +24,7 @@ from .decoding import (DecodingOptions, DecodingResult, FallbackOptions, decode_
                        search_with_fallback, utterance_seeds)
 from .model import Whisper
 from .tokenizer import Tokenizer
-from .vad import VadOptions, speech_chunks, speech_probabilities_many
+from .vad import FRAME, VadOptions, speech_chunks, speech_probabilities_many
 
 Source = Union[str, Path, np.ndarray, Tensor]  # a file, or 16 kHz mono samples
 
@@ -121,7 +121,8 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
     for group in _groups(sources, group_seconds):
         pieces = []  # (input index, first sample, end sample)
         loaded = [i for i, (_, audio) in enumerate(group) if not isinstance(audio, Exception)]
-        for i, probs in zip(loaded, speech_probabilities_many([group[i][1] for i in loaded])):
+        speech = dict(zip(loaded, speech_probabilities_many([group[i][1] for i in loaded])))
+        for i, probs in speech.items():
             pieces += [(i, a, b) for a, b in speech_chunks(group[i][1], limit, vad, probs)]
         pieces.sort(key=lambda p: p[1] - p[2])
         segments: dict = {i: [] for i in range(len(group))}
@@ -132,6 +133,8 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
             for (i, a, b), (r, log_probs) in zip(batch, decoded):
                 if r.text.strip():
                     segment = _segment(0, a * FRAMES_PER_SECOND // SAMPLE_RATE, a / SAMPLE_RATE, b / SAMPLE_RATE, r)
+                    # openai-whisper's field, from silero: 1 - its surest speech frame in the chunk
+                    segment["no_speech_prob"] = round(1.0 - float(speech[i][a // FRAME: -(-b // FRAME)].max()), 4)
                     if word_timestamps:
                         segment.update(aligned_words(log_probs, r.tokens, tokenizer, segment["start"]))
                     segments[i].append(segment)

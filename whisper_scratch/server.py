@@ -299,7 +299,8 @@ async def wait_for(job: Job, request: Request):
 
 # -- responses ---------------------------------------------------------------------------------
 
-SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio")
+SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio",
+                "no_speech_prob")
 
 
 def render(result: dict, asked: Asked) -> Response:
