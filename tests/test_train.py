@@ -6,6 +6,7 @@ import signal
 import socket
 
 import pytest
+import soundfile as sf
 import torch
 import torch.multiprocessing as mp
 
@@ -54,6 +55,10 @@ def test_mini_overfits_a_handful_of_clips_to_cer_zero(tmp_path, digits):
     assert {"dims", "tokenizer", "options", "model", "optimizer", "scaler", "sampler", "state", "rng"} <= set(ckpt)
     model, tok, _ = load_model(out / "best_model.pt")
     assert model.dims.ctc and tok.languages == ("en",)
+    # the clip lengths long-form chunks are shaped after: the 6 training clips' longest and median
+    durations = sorted(sf.info(line.split("\t")[0]).duration for line in open(digits).read().splitlines()[1::2])
+    assert ckpt["longest_clip_seconds"] == pytest.approx(durations[-1], abs=1e-3)
+    assert ckpt["median_clip_seconds"] == pytest.approx(durations[3], abs=1e-3)
 
 
 def test_resume_continues_exactly(tmp_path, digits):

@@ -172,13 +172,13 @@ def test_vad_chunks_are_decoded_in_batches_with_their_real_times(digit_model, di
     order = [int(d) for d in rng.integers(0, 3, 20)]
     audio, spans = spaced_digits(digit_clips, order, rng, silence_after=9)
     batches = []
-    real = longform.encode
+    real = decoding.encode
 
     def spy(model, mel, mel_lens):
         batches.append(mel_lens.tolist())
         return real(model, mel, mel_lens)
 
-    monkeypatch.setattr(longform, "encode", spy)
+    monkeypatch.setattr(decoding, "encode", spy)
     vad = VadOptions(chunk_seconds=2.0)
     result = transcribe(digit_model, audio, TOK, DecodingOptions(max_new_tokens=8), decoding.NO_FALLBACK, vad=vad,
                         batch_size=8)
@@ -210,8 +210,8 @@ def test_vad_batches_mix_long_and_short_files_and_equal_one_by_one(digit_model, 
         sf.write(p, in_window(clip, rng), SAMPLE_RATE)
     options, vad = DecodingOptions(max_new_tokens=8), VadOptions(chunk_seconds=2.0)
     batches = []
-    real = longform.encode
-    monkeypatch.setattr(longform, "encode", lambda m, mel, lens: batches.append(len(lens)) or real(m, mel, lens))
+    real = decoding.encode
+    monkeypatch.setattr(decoding, "encode", lambda m, mel, lens: batches.append(len(lens)) or real(m, mel, lens))
     batched = dict(longform.transcribe_files(digit_model, paths, TOK, options, decoding.NO_FALLBACK, batch_size=4,
                                              vad=vad))
     assert batches == [4, 4]  # 5 chunks of the long file and 3 short files, in two batches

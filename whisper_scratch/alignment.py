@@ -113,9 +113,7 @@ def aligned_words(log_probs: Tensor, tokens: Sequence[int], tokenizer, start: fl
 
 def segment_words(model, tokenizer, mel: Tensor, tokens: Sequence[int], start: float) -> dict:
     """`aligned_words` for a segment given by the mel (n_mels, T) it was decoded from (runs the
-    encoder on it; the batched chunk path reuses its decoding's encoder output instead)."""
-    if not model.dims.ctc:
-        raise ValueError("word timestamps come from the CTC head; this model has none (train with --ctc-weight > 0)")
+    encoder on it; the batched paths reuse their decoding's encoder output instead)."""
     with torch.inference_mode():
         xa, xa_lens = encode(model, mel[None], torch.tensor([mel.shape[-1]]))
     return aligned_words(ctc_log_probs(model, xa, xa_lens)[0], tokens, tokenizer, start)

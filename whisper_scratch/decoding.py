@@ -516,22 +516,20 @@ def decode_with_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor]
                          fallback: FallbackOptions = FallbackOptions()) -> List[DecodingResult]:
     """`decode` at each temperature in turn, re-decoding only the utterances that still need it
     (the last temperature's result is kept whatever it is, as openai-whisper). Encodes once."""
+    return encode_and_decode(model, mel, mel_lens, tokenizer, options, fallback)[0]
+
+
+def encode_and_decode(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor], tokenizer: Tokenizer,
+                      options: DecodingOptions, fallback: FallbackOptions) -> Tuple[List[DecodingResult], Tensor, Tensor]:
+    """`decode_with_fallback`, also returning the encoder output (xa, xa_lens) it decoded from,
+    so the CTC word alignment needs no second encoder pass."""
     with torch.inference_mode():
         xa, xa_lens = encode(model, mel, mel_lens)
         temperatures = fallback.temperatures(options.temperature)
         seeds = utterance_seeds(mel, mel_lens) if max(temperatures) > 0 else [0] * xa.shape[0]
-        return search_with_fallback(model, xa, xa_lens, tokenizer, options, fallback, seeds)
-
-
-def search_with_fallback(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
-                         options: DecodingOptions, fallback: FallbackOptions,
-                         seeds: Sequence[int]) -> List[DecodingResult]:
-    """`decode_with_fallback` on encoder output the caller already has (and may use again, for
-    the CTC alignment of the words); seeds: one per utterance (`utterance_seeds`)."""
-    with torch.inference_mode():
         results: list = [None] * xa.shape[0]
         todo = list(range(xa.shape[0]))
-        for t in fallback.temperatures(options.temperature):
+        for t in temperatures:
             idx = torch.tensor(todo, device=xa.device)
             found = decode_features(model, xa[idx], xa_lens[idx], tokenizer, options.at_temperature(t),
                                     [seeds[i] for i in todo])
@@ -540,4 +538,4 @@ def search_with_fallback(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer:
             todo = [i for i in todo if needs_fallback(results[i], fallback)]
             if not todo:
                 break
-        return results
+        return results, xa, xa_lens

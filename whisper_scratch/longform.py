@@ -20,8 +20,7 @@ from torch import Tensor
 from .audio import (FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, AudioError, audio_duration, load_audio,
                     log_mel_spectrogram)
 from .alignment import aligned_words, ctc_log_probs, segment_words
-from .decoding import (DecodingOptions, DecodingResult, FallbackOptions, decode_with_fallback, encode,
-                       search_with_fallback, utterance_seeds)
+from .decoding import DecodingOptions, DecodingResult, FallbackOptions, decode_with_fallback, encode_and_decode
 from .model import Whisper
 from .tokenizer import Tokenizer
 from .vad import FRAME, VadOptions, speech_chunks, speech_probabilities_many
@@ -128,8 +127,8 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
         segments: dict = {i: [] for i in range(len(group))}
         for k in range(0, len(pieces), batch_size):
             batch = pieces[k:k + batch_size]
-            decoded = _decode_audio(model, [group[i][1][a:b] for i, a, b in batch], tokenizer, options, fallback,
-                                    word_timestamps)
+            mels = [log_mel_spectrogram(group[i][1][a:b], model.dims.n_mels) for i, a, b in batch]
+            decoded = _decode_mels(model, mels, tokenizer, options, fallback, word_timestamps)
             for (i, a, b), (r, log_probs) in zip(batch, decoded):
                 if r.text.strip():
                     segment = _segment(0, a * FRAMES_PER_SECOND // SAMPLE_RATE, a / SAMPLE_RATE, b / SAMPLE_RATE, r)
@@ -175,19 +174,14 @@ def _samples(audio) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def _decode_audio(model: Whisper, audios: list, tokenizer: Tokenizer, options: DecodingOptions,
-                  fallback: FallbackOptions, word_timestamps: bool) -> list:
-    """[(DecodingResult, CTC log-probs or None)] for a batch of waveforms: one encoder pass serves
-    the search, its fallback and the word alignment."""
-    mels = [log_mel_spectrogram(x, model.dims.n_mels) for x in audios]
+def _decode_mels(model: Whisper, mels: list, tokenizer: Tokenizer, options: DecodingOptions,
+                 fallback: FallbackOptions, word_timestamps: bool) -> list:
+    """[(DecodingResult, CTC log-probs or None)] for log-mels (n_mels, T_i) padded into one batch:
+    one encoder pass serves the search, its fallback and the word alignment."""
     lens = torch.tensor([m.shape[-1] for m in mels])
     mel = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
-    with torch.inference_mode():
-        xa, xa_lens = encode(model, mel, lens)
-        temperatures = fallback.temperatures(options.temperature)
-        seeds = utterance_seeds(mel, lens) if max(temperatures) > 0 else [0] * len(mels)
-        results = search_with_fallback(model, xa, xa_lens, tokenizer, options, fallback, seeds)
-        log_probs = ctc_log_probs(model, xa, xa_lens) if word_timestamps else [None] * len(mels)
+    results, xa, xa_lens = encode_and_decode(model, mel, lens, tokenizer, options, fallback)
+    log_probs = ctc_log_probs(model, xa, xa_lens) if word_timestamps else [None] * len(mels)
     return list(zip(results, log_probs))
 
 
@@ -252,11 +246,9 @@ def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list, wo
         durations.append(len(audio) / SAMPLE_RATE)
     if not ok:
         return
-    lens = torch.tensor([m.shape[-1] for m in mels])
-    batch = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
-    results = decode_with_fallback(model, batch, lens, tokenizer, options, fallback)
-    for p, mel, duration, r in zip(ok, mels, durations, results):
+    for p, duration, (r, log_probs) in zip(ok, durations, _decode_mels(model, mels, tokenizer, options, fallback,
+                                                                        word_timestamps)):
         segment = _segment(0, 0, 0.0, duration, r)
         if word_timestamps:
-            segment.update(segment_words(model, tokenizer, mel, r.tokens, 0.0))
+            segment.update(aligned_words(log_probs, r.tokens, tokenizer, 0.0))
         yield p, _transcript([segment], tokenizer, options, duration)

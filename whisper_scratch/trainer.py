@@ -480,6 +480,9 @@ class Trainer:
         self.model = build_model(o, self.tokenizer, ckpt, self.device)
         self.splits = usable_splits(o, splits, self.tokenizer, self.model.dims.n_text_ctx, self.report)
         self.train_utts, self.dev_utts = self.splits[o.train_split], self.splits[o.dev_split]
+        # saved with every checkpoint: long-form cuts chunks shaped like the clips it learned from
+        durations = sorted(u.duration for u in self.train_utts)
+        self.clip_seconds = {"longest_clip_seconds": durations[-1], "median_clip_seconds": durations[len(durations) // 2]}
         self.sampler, self.dataset = build_batches(o, self.train_utts, self.tokenizer, self.model.dims.n_mels, self.ddp)
         self.steps_per_epoch = math.ceil(len(self.sampler) / o.grad_accum)
         self.total_steps = o.max_steps or o.num_epochs * self.steps_per_epoch
@@ -602,10 +605,7 @@ class Trainer:
 
     def save(self, name: str) -> None:
         if self.ddp.main:
-            # the longest and the median input it learned from: long-form cuts chunks of that shape
-            durations = sorted(u.duration for u in self.train_utts)
-            save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts),
-                            longest_clip_seconds=durations[-1], median_clip_seconds=durations[len(durations) // 2],
+            save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts), **self.clip_seconds,
                             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                             sampler=self.sampler.state_dict(self.state.batches_done), state=asdict(self.state),
                             rng=rng_state())
