@@ -285,13 +285,13 @@ def check_model(opts: TranscribeOptions, model, tokenizer) -> Optional[str]:
 
 
 def with_chunk_seconds(opts: TranscribeOptions, ckpt: dict) -> TranscribeOptions:
-    """--chunk_seconds, else the longest clip the checkpoint was trained on (else one window)."""
-    if not opts.vad.vad or opts.vad.chunk_seconds is not None:
-        return opts
-    if ckpt.get("longest_clip_seconds") is None:
+    """The chunk lengths the checkpoint records, where the flags leave them unset
+    (vad.with_checkpoint_chunks); a note when neither says how long a chunk may be."""
+    vad = with_checkpoint_chunks(opts.vad, ckpt)
+    if vad.vad and vad.chunk_seconds is None:
         print(f"note: {opts.model_path} does not record its longest training clip; voice-activity chunks "
               "go up to one window (set --chunk_seconds to what it was trained on)", file=sys.stderr)
-    return replace(opts, vad=with_checkpoint_chunks(opts.vad, ckpt))
+    return replace(opts, vad=vad)
 
 
 def main(argv=None) -> int:

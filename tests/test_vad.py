@@ -137,3 +137,14 @@ def test_batched_speech_probabilities_equal_one_by_one():
         together = speech_probabilities_many(clips, max_samples)
         for a, b in zip(alone, together):
             assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+
+
+def test_chunk_lengths_come_from_the_checkpoint_where_the_flags_leave_them_unset():
+    from whisper_scratch.vad import with_checkpoint_chunks
+    ckpt = {"longest_clip_seconds": 12.27, "median_clip_seconds": 5.16}
+    got = with_checkpoint_chunks(VadOptions(), ckpt)
+    assert (got.chunk_seconds, got.target_seconds) == (12.27, 5.16)
+    got = with_checkpoint_chunks(VadOptions(chunk_seconds=8.0), ckpt)  # a flag wins, the other still comes
+    assert (got.chunk_seconds, got.target_seconds) == (8.0, 5.16)
+    assert with_checkpoint_chunks(VadOptions(), {}) == VadOptions()  # an older checkpoint: nothing to add
+    assert with_checkpoint_chunks(VadOptions(vad=False), ckpt) == VadOptions(vad=False)
