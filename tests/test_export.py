@@ -11,6 +11,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from whisper_scratch.checkpoint import save_checkpoint
 from whisper_scratch.decoding import DecodingOptions, decode
@@ -185,15 +186,56 @@ def test_hf_bpe_tokenizer_round_trips(mn_sentences, normalizer):
     bpe = train_bpe(mn_sentences[:1000], 200, normalizer)
     hf_tok = hf.hf_tokenizer(bpe)
     assert len(hf_tok) == bpe.vocab_size
-    checked = 0
-    for s in mn_sentences[:1000]:
+    for s in mn_sentences[:1000] + ["Сайн, байна уу?  OK ёо"]:
         ids = bpe.encode(s)
-        if 0 in ids:  # an unknown character inside a word decodes as "a⁇b", ours "a ⁇ b"
-            continue
         assert hf_tok.encode(s, add_special_tokens=False) == ids, s
         assert hf_tok.decode(ids, skip_special_tokens=True) == bpe.decode(ids), s
-        checked += 1
-    assert checked > 900
+
+
+# a small sentencepiece BPE whose alphabet lacks some letters, for unknown characters anywhere
+BPE_TEXTS = ["сайн байна уу", "баяртай найз минь", "өнөөдөр сайхан өдөр байна", "ном уншиж байна",
+             "монгол хэл", "гэр бүл", "ус уух", "шинэ жил"]
+BPE_UNKNOWN = "qц7äω€ё"  # ц and ё are Mongolian letters missing from BPE_TEXTS
+
+
+@pytest.fixture(scope="module")
+def small_bpe():
+    bpe = train_bpe(BPE_TEXTS * 10, 60)
+    assert not set(BPE_UNKNOWN) & bpe.alphabet_set
+    return bpe, hf.hf_tokenizer(bpe)
+
+
+BPE_CHARS = "".join(sorted(set("".join(BPE_TEXTS)))) + BPE_UNKNOWN + "  ,-'Ө"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=st.text(alphabet=BPE_CHARS, max_size=24))
+def test_hf_bpe_tokenizer_matches_ours_with_unknown_characters(small_bpe, text):
+    """Unknown characters at the start, inside or at the end of a word, next to each other or to
+    spaces: the exported tokenizer encodes and decodes as ours ("аб ⁇ в", not "аб⁇в")."""
+    bpe, hf_tok = small_bpe
+    ids = bpe.encode(text)
+    assert hf_tok.encode(text, add_special_tokens=False) == ids
+    assert hf_tok.decode(ids, skip_special_tokens=True) == bpe.decode(ids)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_hf_bpe_tokenizer_decodes_any_ids_as_ours(small_bpe, data):
+    """Any id sequence a model may emit (pieces in any order, <|unk|> runs, specials between)."""
+    bpe, hf_tok = small_bpe
+    ids = data.draw(st.lists(st.one_of(st.integers(0, bpe.n_text - 1), st.sampled_from([0, 0, bpe.eot, bpe.pad])),
+                             max_size=20))
+    assert hf_tok.decode(ids, skip_special_tokens=True) == bpe.decode(ids)
+
+
+def test_hf_bpe_decodes_unknown_characters_as_ours(small_bpe):
+    bpe, hf_tok = small_bpe
+    for text, want in [("байqна", "бай ⁇ на"), ("qбайна", "⁇ байна"), ("байнаq", "байна ⁇"),
+                       ("байqqна ц", "бай ⁇ на ⁇"), ("q q", "⁇ ⁇")]:
+        ids = bpe.encode(text)
+        assert bpe.decode(ids) == want
+        assert hf_tok.decode(ids, skip_special_tokens=True) == want, text
 
 
 # -- CTranslate2 -------------------------------------------------------------------------------

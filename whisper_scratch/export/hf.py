@@ -182,10 +182,11 @@ def _text_model(tokenizer: Tokenizer):
         model = M.BPE({p: i for i, p in enumerate(pieces)}, _bpe_merges(pieces), unk_token=pieces[0], fuse_unk=True)
         # sentencepiece: a "▁" before the text and for every space, pieces never cross a "▁"
         pre = P.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-        # sentencepiece renders <unk> as " ⁇ " and our decode collapses the spaces; a plain "⁇" gives
-        # the same text except for an unknown character inside a word ("аб⁇в", ours "аб ⁇ в")
-        decoder = D.Sequence([D.Replace(pieces[0], UNK_TEXT),
-                              D.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)])
+        # BPETokenizer._decode: sentencepiece's text ("▁" -> " ", <unk> -> " ⁇ ") with runs of spaces
+        # collapsed and the ends trimmed, so "аб⁇в" decodes as "аб ⁇ в" here too, for any ids
+        # (not D.Strip: tokenizers 0.23 panics on an empty token)
+        decoder = D.Sequence([D.Replace(pieces[0], f" {UNK_TEXT} "), D.Replace("\u2581", " "), D.Fuse(),
+                              D.Replace(Regex("^ +| +$"), ""), D.Replace(Regex(" {2,}"), " ")])
         return model, _normalizer(tokenizer), pre, decoder
     raise ValueError(f"no Hugging Face tokenizer for a {type(tokenizer).__name__}")
 
