@@ -364,14 +364,63 @@ def test_faster_whisper_tokenizer_speaks_our_layout(fw_setup, tok):
     assert t.eot == tok.eot and t.sot_prev == tok.startofprev
     # its non-speech list (suppressed by default) touches none of our tokens, and does not crash
     assert min(t.non_speech_tokens) >= tok.vocab_size
-    # a prompt with a symbol it matches before normalising: the added token embeds as our space
-    names, symbols = ct2.fw_extra_tokens(tok)
-    stand_in = {tok.vocab_size + names.index(c): ct2._stand_in(tok, c) for c in symbols}
-    text = "Шинэ жил, сайхан-сайхан өдөр"
-    ids = t.encode(text)
-    assert any(i in stand_in for i in ids)
-    assert [stand_in.get(i, i) for i in ids] == tok.encode(text)
-    assert t.decode(tok.encode(text)) == tok.normalize(text)
+    assert t.decode(tok.encode("Шинэ жил, сайхан-сайхан өдөр")) == "шинэ жил сайхан сайхан өдөр"
+
+
+def fw_prompt_ids(fw_tokenizer, bpe_or_char, prompt: str) -> list:
+    """faster-whisper's initial_prompt ids (" " + prompt.strip()), each added symbol replaced by
+    the id of ours whose embedding it carries."""
+    names, symbols = ct2.fw_extra_tokens(bpe_or_char)
+    stand_in = {bpe_or_char.vocab_size + names.index(c): ct2._stand_in(bpe_or_char, c) for c in symbols}
+    return [stand_in.get(i, i) for i in fw_tokenizer.encode(" " + prompt.strip())]
+
+
+# prompts whose apostrophes and hyphens our normaliser deletes (') or turns into a space (-)
+FW_PROMPTS = ["бид'ний ном", "don't stop", "сайн-сайхан өдөр", "Шинэ жил, сайхан-сайхан өдөр", "a - b",
+              "нэг 'хоёр' гурав", "ном -ын", "үг' үг", "үг ' үг", "a--b", "it's -- ok-ish"]
+
+
+def test_faster_whisper_prompt_with_apostrophes_encodes_as_ours(fw_setup, tok):
+    """An apostrophe in faster-whisper's initial_prompt used to become <|unk|> ("'" was an added
+    token matched before normalising, embedded as <|unk|>); now " '" and " -" are the added
+    tokens, so inside a word the normaliser sees them, and between words they embed as the space."""
+    from faster_whisper.tokenizer import Tokenizer as FWTokenizer
+
+    _, fw = fw_setup
+    t = FWTokenizer(fw.hf_tokenizer, multilingual=True, task="transcribe", language="mn")
+    for prompt in FW_PROMPTS:
+        assert fw_prompt_ids(t, tok, prompt) == tok.encode(prompt), prompt
+    assert 0 not in t.encode(" бид'ний ном")
+    # at the very start (faster-whisper prepends " "): our space first, the text is the same
+    space = tok.encode("а а")[1]
+    assert fw_prompt_ids(t, tok, "'хоёр' гурав") == [space] + tok.encode("хоёр гурав")
+
+
+@pytest.mark.parametrize("kind", ["char_keep", "bpe", "bpe_keep"])
+def test_faster_whisper_tokenizer_other_tokenizers(kind, small_bpe, mn_sentences, tmp_path):
+    """Through tokenizers.Tokenizer.from_file on the exported tokenizer.json, as faster-whisper
+    reads it: its non-speech list takes none of our ids (a keep tokenizer's own "-" and "'"
+    included), and prompts with apostrophes or hyphens inside words encode as ours."""
+    import tokenizers
+    from faster_whisper.tokenizer import Tokenizer as FWTokenizer
+
+    keep = TextNormalizer(punctuation="keep")
+    ours = {"char_keep": lambda: CharTokenizer(MN + "-'.,", keep), "bpe": lambda: small_bpe[0],
+            "bpe_keep": lambda: train_bpe(mn_sentences[:300] + ["сайн-сайхан don't"], 150, keep)}[kind]()
+    hf.hf_tokenizer(ours, ct2.fw_extra_tokens(ours)).save_pretrained(tmp_path)
+    t = FWTokenizer(tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), multilingual=True,
+                    task="transcribe", language="mn")
+    taken = [i for i in t.non_speech_tokens if i < ours.vocab_size]
+    if kind == "bpe_keep":  # '"' is a piece of ours, so no token can be added for it: "▁\"" is taken
+        assert taken and all(ours.sp.id_to_piece(i).lstrip("\u2581") in ct2.FW_NON_SPEECH for i in taken)
+    else:
+        assert taken == []
+    for prompt in ["бид'ний ном", "сайн-сайхан өдөр", "байна-уу", "үг'үг, байна"]:
+        assert fw_prompt_ids(t, ours, prompt) == ours.encode(prompt), prompt
+    if kind == "bpe":  # between words, a BPE's "▁" comes in addition to the next word's own: the same text
+        for prompt in ["сайн - байна", "сайн 'байна'"]:
+            ids = fw_prompt_ids(t, ours, prompt)
+            assert len(ids) == len(ours.encode(prompt)) + 1 and ours.decode(ids) == ours.decode(ours.encode(prompt))
 
 
 def test_faster_whisper_transcribe_gives_our_transcript(fw_setup, tok, data_dir):

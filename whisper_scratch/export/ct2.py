@@ -18,7 +18,7 @@ from typing import Union
 import torch
 
 from ..model import Whisper
-from ..tokenizer import Tokenizer
+from ..tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from .hf import export_hf
 
 CT2_QUANTIZATIONS = ("float32", "int8", "int8_float32", "float16", "int8_float16", "bfloat16", "int16")
@@ -33,7 +33,7 @@ CT2_QUANTIZATIONS = ("float32", "int8", "int8_float32", "float16", "int8_float16
 #  2. The number of languages is taken as id(<|nospeech|>) - id(<|startoftranscript|>) - 5.
 #  3. faster-whisper's tokenizer must know <|translate|>, <|startoflm|> and <|nospeech|> (it
 #     suppresses them) and encode " -" and " '" to at least one token (its non-speech list takes
-#     the first).
+#     the first; our normaliser deletes both), see fw_extra_tokens.
 #  4. It suppresses its own list of ids, not ours: our languages, <|notimestamps|> and <|pad|>,
 #     and the ids added for 1-3, would be free to win.
 # So the CTranslate2 export appends <|nospeech|> right after <|pad|> (which makes 2 come out as our
@@ -45,8 +45,13 @@ CT2_QUANTIZATIONS = ("float32", "int8", "int8_float32", "float16", "int8_float16
 # the caller passes.
 FW_VOCAB = 51865
 FW_SPECIALS = ("<|nospeech|>", "<|translate|>", "<|startoflm|>")
-# the single characters that faster-whisper's non_speech_tokens encodes, " -" and " '" included
-FW_SYMBOLS = tuple('"#()*+/:;<=>@[\\]^_`{|}~「」『』' + "-'" + "♩♪♫♬♭♮♯")
+# faster-whisper's non-speech list (faster_whisper/tokenizer.py, non_speech_tokens): the first
+# token of " -" and " '" (these must encode to something), and the token of every symbol that
+# encodes, alone or after a space, to a single token (to the first token, for FW_MUSIC)
+FW_REQUIRED = (" -", " '")
+FW_NON_SPEECH = tuple('"#()*+/:;<=>@[\\]^_`{|}~「」『』') + tuple(
+    "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }} ♪♪ ♪♪♪".split())
+FW_MUSIC = tuple("♩♪♫♬♭♮♯")
 PINNED_LOGIT = -1e4
 
 
@@ -67,14 +72,44 @@ def pinned_row(gain: torch.Tensor, bias: torch.Tensor, target: float = PINNED_LO
     return (c / g).to(gain.dtype), float(c * s)
 
 
+def _fw_needs_token(encode, symbol: str, n_ours: int) -> bool:
+    """Whether faster-whisper's non-speech list, computed with `encode` (our exported tokenizer),
+    would fail on `symbol` or take one of our ids from it (faster_whisper/tokenizer.py)."""
+    forms = (symbol,) if symbol in FW_REQUIRED else (symbol, " " + symbol)
+    for form in forms:
+        ids = encode(form)
+        if symbol in FW_REQUIRED or symbol in FW_MUSIC:
+            if not ids or ids[0] < n_ours:  # it takes ids[0]: an IndexError, or ours suppressed
+                return True
+        elif len(ids) == 1 and ids[0] < n_ours:
+            return True
+    return False
+
+
 def fw_extra_tokens(tokenizer: Tokenizer) -> tuple:
     """(names, symbols): the tokens appended to our vocabulary up to FW_VOCAB, in order
-    FW_SPECIALS, the characters of FW_SYMBOLS that our tokenizer has no token of its own for
-    (`symbols`), fillers."""
-    def own_token(ch):
-        ids = tokenizer._encode(tokenizer.normalize(ch))
-        return len(ids) == 1 and ids[0] != 0  # 0 = <|unk|>
-    symbols = [c for c in FW_SYMBOLS if not own_token(c)]
+    FW_SPECIALS, `symbols`, fillers.
+
+    `symbols` are plain tokens that faster-whisper's tokenizer matches in the text before
+    normalising: " -" and " '" (space included, so that a hyphen or an apostrophe inside a word,
+    "сайн-сайхан", "don't", is left to our normaliser), then only those of faster-whisper's
+    non-speech symbols that would otherwise encode to one of our ids (which it would suppress):
+    with the default normaliser the music signs and the non-punctuation symbols (+ < = > ^ ` | ~)
+    of a char tokenizer, none of the punctuation (it normalises to nothing)."""
+    from .hf import hf_tokenizer
+
+    candidates = FW_REQUIRED + FW_NON_SPEECH + FW_MUSIC
+    symbols = list(FW_REQUIRED)
+    for _ in range(len(candidates)):
+        hf = hf_tokenizer(tokenizer, (list(FW_SPECIALS) + symbols, symbols)).backend_tokenizer
+        def encode(text, hf=hf):
+            return hf.encode(text, add_special_tokens=False).ids
+        # a symbol that is a token of ours already (a keep BPE's '"') cannot be added: that one stays ours
+        wanted = [c for c in candidates if c not in symbols and c not in hf.get_vocab()
+                  and _fw_needs_token(encode, c, tokenizer.vocab_size)]
+        if not wanted:
+            break
+        symbols = [c for c in candidates if c in symbols or c in wanted]
     names = list(FW_SPECIALS) + symbols
     n_fill = FW_VOCAB - tokenizer.vocab_size - len(names)
     if n_fill < 1:
@@ -83,13 +118,20 @@ def fw_extra_tokens(tokenizer: Tokenizer) -> tuple:
     return names + [f"<|unused_{i}|>" for i in range(n_fill)], symbols
 
 
-def _stand_in(tokenizer: Tokenizer, ch: str) -> int:
-    """Our id for symbol `ch` inside a prompt: what our normaliser makes of it between two
-    letters (punctuation -> the space token), else <|unk|>. faster-whisper's tokenizer matches the
-    added symbol before normalising, so embedding it as this keeps prompts close to ours."""
-    mid = tokenizer.normalize(f"x{ch}x")[1:-1]
-    ids = tokenizer._encode(mid) if mid else []
-    return ids[0] if len(ids) == 1 else 0
+def _stand_in(tokenizer: Tokenizer, symbol: str) -> int:
+    """Our id for added `symbol` inside a prompt (its input embedding): what our normaliser makes
+    of it between two letters. Nothing but space ("x -x", "x 'x" -> "x x"): our word boundary (a
+    char tokenizer's space, exactly ours; sentencepiece's "▁", the same text with one token more,
+    since the word after it gets its own "▁"). Else the last id of what is left ("+" -> <|unk|>)."""
+    core = tokenizer.normalize(f"x{symbol}x")[1:-1].strip()
+    if core:
+        ids = tokenizer._encode(core)
+        return ids[-1] if ids else 0
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer._ids[" "]
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer.sp.piece_to_id("\u2581")  # 0 (<|unk|>) if it has no such piece
+    return 0
 
 
 def fw_weights(model: Whisper, tokenizer: Tokenizer) -> tuple:
