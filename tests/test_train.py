@@ -8,12 +8,13 @@ import socket
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 from whisper_scratch.checkpoint import load_checkpoint, load_model
 from whisper_scratch.config import parse_options
 from whisper_scratch.data import Collator
-from whisper_scratch.trainer import Trainer, TrainOptions, train
+from whisper_scratch.trainer import Trainer, TrainOptions, get_lr, train
 from conftest import DATA
 
 FSDD = str(DATA / "fsdd" / "manifest.tsv")
@@ -96,25 +97,54 @@ def test_accumulation_normalises_by_the_tokens_of_the_whole_step(tmp_path, digit
 def test_pad_to_30s_prob_pads_like_the_30s_tools(tmp_path, digits):
     t = Trainer(opts(tmp_path, digits, max_steps=2, pad_to_30s_prob=1.0))
     batch = Collator(t.tokenizer)([t.dataset[i] for i in range(6)])
-    fills = set()
-    for step in range(4):
+    batch = {**batch, "mel": F.pad(batch["mel"], (0, 1200 - batch["mel"].shape[-1]))}  # as if 12 s clips
+    fills, seen = set(), set()
+    for step in range(6):
         t.state.step = step
-        out = t.maybe_pad_to_window(batch, 0)
-        assert out["mel"].shape[-1] == 3000 and out["mel_lens"].tolist() == [3000] * 6
-        assert out["audio_frames"] == int(batch["mel_lens"].sum())
-        for b, n in enumerate(batch["mel_lens"].tolist()):
-            assert torch.equal(out["mel"][b, :, :n], batch["mel"][b, :, :n])
-            tail = out["mel"][b, :, n:]
+        padded, rest = t.maybe_pad_to_window(batch, 0)
+        # the padded share holds no more frames than the batch did (6 x 1200 -> 2 x 3000)
+        assert padded["mel"].shape == (2, 80, 3000) and padded["mel_lens"].tolist() == [3000] * 2
+        assert rest["size"] == 4 and sorted(padded["ids"] + rest["ids"]) == sorted(batch["ids"])  # no clip lost
+        assert padded["audio_frames"] == sum(int(batch["mel_lens"][batch["ids"].index(i)]) for i in padded["ids"])
+        for part in (padded, rest):
+            for j, clip in enumerate(part["ids"]):
+                b, n = batch["ids"].index(clip), int(batch["mel_lens"][batch["ids"].index(clip)])
+                assert torch.equal(part["mel"][j, :, :n], batch["mel"][b, :, :n])
+                assert torch.equal(part["targets"][j], batch["targets"][b])
+        assert rest["mel_lens"].tolist() == [int(batch["mel_lens"][batch["ids"].index(i)]) for i in rest["ids"]]
+        assert rest["mel"].shape[-1] == int(rest["mel_lens"].max())
+        for j, clip in enumerate(padded["ids"]):
+            n = int(batch["mel_lens"][batch["ids"].index(clip)])
+            tail = padded["mel"][j, :, n:]
             assert torch.all(tail == tail[0, 0])  # one fill value per clip
-            floor = float(batch["mel"][b, :, :n].max()) - 2.0
+            floor = float(batch["mel"][batch["ids"].index(clip), :, :n].max()) - 2.0
             assert float(tail[0, 0]) in (0.0, pytest.approx(floor))
             fills.add(float(tail[0, 0]) == 0.0)
+            seen.add(clip)
     assert fills == {True, False}  # both kinds of padding occur
+    assert len(seen) > 2  # which clips are padded changes from step to step
     t0 = Trainer(opts(tmp_path / "z", digits, max_steps=2))
-    assert t0.maybe_pad_to_window(batch, 0) is batch
+    assert t0.maybe_pad_to_window(batch, 0) == [batch]
     t.state.step = 0
     result = t.run()  # trains through padded batches
     assert result["step"] == 2 and all(torch.isfinite(torch.tensor(h[1])) for h in result["history"])
+
+
+def test_pad_adapt_steps_follow_the_schedule_and_pick_best_among_adapted(tmp_path, digits):
+    t = Trainer(opts(tmp_path, digits, max_steps=2, pad_adapt_steps=2, eval_every=100, warmup_steps=1))
+    assert (t.schedule_steps, t.total_steps) == (2, 4)
+    assert get_lr(3, t.opts, t.schedule_steps) == pytest.approx(t.opts.learning_rate * t.opts.min_lr_ratio)
+    batch = Collator(t.tokenizer)([t.dataset[i] for i in range(4)])
+    assert t.maybe_pad_to_window(batch, 0) == [batch]  # in the schedule: P = --pad-to-30s-prob = 0
+    t.state.step = 2
+    assert t.maybe_pad_to_window(batch, 0)[0]["mel"].shape[-1] == 3000  # adapting: every batch
+    t.state.step = 0
+    result = t.run()
+    assert result["step"] == 4 and t.state.adapting
+    # evaluated at the end of the schedule and of adaptation; best_model.pt is the adapted one
+    assert load_checkpoint(tmp_path / "out" / "best_model.pt")["state"]["step"] == 4
+    with pytest.raises(ValueError, match="-1"):
+        TrainOptions(**{**t.opts.__dict__, "pad_adapt_steps": -1})
 
 
 def _free_port():

@@ -96,10 +96,13 @@ class TrainOptions:
     num_buckets: int = option(10, "duration buckets of the batch sampler")
     spec_augment: bool = option(False, "SpecAugment frequency and time masks")
     speed_perturb: bool = option(False, "speed perturbation 0.9 / 1.0 / 1.1")
-    pad_to_30s_prob: float = option(0.0, "fraction of micro-batches padded to the full 30 s window with no mask, half "
-                                       "with zero features (faster-whisper), half with silence (openai, HF): lets "
-                                       "the exported model work in tools that always pad to 30 s; such a batch "
-                                       "costs up to 30 s / clip length more")
+    pad_to_30s_prob: float = option(0.0, "fraction of micro-batches of which a share (as many clips as fit in the "
+                                       "batch's frames) is padded to the full 30 s window with no mask, half with "
+                                       "zero features (faster-whisper), half with silence (openai, HF, whisper.cpp): "
+                                       "lets the exported model work in tools that always pad to 30 s")
+    pad_adapt_steps: int = option(0, "after the learning-rate schedule, this many more steps at its final rate in "
+                                     "which every micro-batch has a padded share (as --pad-to-30s-prob 1): adapts "
+                                     "the model to the 30 s tools; best_model.pt is then chosen among these steps")
     noise_dir: Optional[str] = option(None, "folder of noise clips mixed in at a random SNR")
     snr_low: float = option(5.0, "lowest SNR (dB) for --noise-dir")
     snr_high: float = option(20.0, "highest SNR (dB) for --noise-dir")
@@ -109,6 +112,8 @@ class TrainOptions:
     def __post_init__(self):
         positive = ["eval_batch_size", "eval_beam_size", "num_epochs", "grad_accum", "eval_every", "log_every", "bpe_vocab_size",
                     "num_buckets", "max_nan_steps"]
+        if self.pad_adapt_steps < 0:
+            raise ValueError(f"--pad-adapt-steps must be >= 0, got {self.pad_adapt_steps}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -325,23 +330,48 @@ class LossModule(torch.nn.Module):
         return (1 - self.ctc_weight) * ce + self.ctc_weight * ctc, ce, ctc
 
 
-def pad_to_window(batch: dict, p: float, rng_key: list, n_frames: int) -> dict:
-    """With probability p, the batch as openai-whisper, HF and faster-whisper feed it: every clip
-    padded to the encoder's full window (n_frames), no mask. The padding is zero features
-    (faster-whisper pads the log-mel) or the clip's silence floor, max - 2 (openai and HF pad the
-    audio with zeros, which the log-mel clamps to max - 8 dB, i.e. max - 2 after scaling)."""
+def pad_to_window(batch: dict, p: float, rng_key: list, n_frames: int) -> list:
+    """The batch as micro-batches. With probability p, part of it is shaped as openai-whisper, HF,
+    faster-whisper and whisper.cpp feed it: clips padded to the encoder's full window (n_frames),
+    no mask. The padding is zero features (faster-whisper pads the log-mel) or the clip's silence
+    floor, max - 2 (the others pad the audio with zeros, which the log-mel clamps to max - 8 dB,
+    i.e. max - 2 after scaling), half and half.
+
+    Only k clips are padded, k such that the padded micro-batch holds no more frames than the batch
+    tensor did: a whole batch of 5 s clips padded to 30 s would cost 6-8 times as much. The other
+    clips stay a micro-batch of their own length in the same step, so no clip is lost."""
     if p == 0:
-        return batch
+        return [batch]
     rng = np.random.default_rng(rng_key)
     if rng.random() >= p:
-        return batch
+        return [batch]
     mel, lens = batch["mel"], batch["mel_lens"]
-    full = torch.zeros(mel.shape[0], mel.shape[1], n_frames)
-    for b, n in enumerate(lens.tolist()):
+    B = mel.shape[0]
+    k = min(B, max(1, B * mel.shape[-1] // n_frames))
+    rows = sorted(rng.choice(B, k, replace=False).tolist())
+    rest = [b for b in range(B) if b not in rows]
+    full = torch.zeros(k, mel.shape[1], n_frames)
+    for i, b in enumerate(rows):
+        n = int(lens[b])
         if rng.random() < 0.5:
-            full[b] = float(mel[b, :, :n].max()) - 2.0
-        full[b, :, :n] = mel[b, :, :n]
-    return {**batch, "mel": full, "mel_lens": torch.full_like(lens, full.shape[-1]), "audio_frames": int(lens.sum())}
+            full[i] = float(mel[b, :, :n].max()) - 2.0
+        full[i, :, :n] = mel[b, :, :n]
+    padded = {**take_rows(batch, rows), "mel": full, "mel_lens": torch.full((k,), n_frames),
+              "audio_frames": int(lens[rows].sum())}
+    return [padded] + ([take_rows(batch, rest)] if rest else [])
+
+
+def take_rows(batch: dict, rows: list) -> dict:
+    """The clips `rows` of a collated batch, their mels trimmed to the longest of them (tokens keep
+    the batch's length: the extra positions are padding, which the loss ignores)."""
+    idx = torch.tensor(rows)
+    lens = batch["mel_lens"][idx]
+    out = {**batch, "mel": batch["mel"][idx, :, : int(lens.max())], "mel_lens": lens,
+           "tokens_in": batch["tokens_in"][idx], "targets": batch["targets"][idx], "size": len(rows)}
+    for key in ("ids", "indices"):
+        if key in batch:
+            out[key] = [batch[key][r] for r in rows]
+    return out
 
 
 def placeholder_batch(tokenizer, language: str, n_mels: int) -> dict:
@@ -382,6 +412,7 @@ class TrainState:
     nan_streak: int = 0
     nan_skipped: int = 0
     data_errors: int = 0
+    adapting: bool = False  # in the --pad-adapt-steps phase
 
 
 class StopRequest:
@@ -485,7 +516,8 @@ class Trainer:
         self.clip_seconds = {"longest_clip_seconds": durations[-1], "median_clip_seconds": durations[len(durations) // 2]}
         self.sampler, self.dataset = build_batches(o, self.train_utts, self.tokenizer, self.model.dims.n_mels, self.ddp)
         self.steps_per_epoch = math.ceil(len(self.sampler) / o.grad_accum)
-        self.total_steps = o.max_steps or o.num_epochs * self.steps_per_epoch
+        self.schedule_steps = o.max_steps or o.num_epochs * self.steps_per_epoch
+        self.total_steps = self.schedule_steps + o.pad_adapt_steps
         self.optim = OptimizerStep(self.model, self.tokenizer, o, self.device, self.ddp)
         # the same objects, named as tests and benchmarks reach them
         self.loss_module, self.optimizer, self.scaler, self.amp = (self.optim.loss_module, self.optim.optimizer,
@@ -507,12 +539,13 @@ class Trainer:
         with StopRequest() as stop:
             while not self.finished(stop):
                 for micro, consumed, partial in self.epoch_steps():
+                    self.maybe_start_adapting()
                     stats = self.step_or_explain_oom(micro)
                     self.check_finite(stats)
                     st.step, st.batches_done = st.step + 1, consumed
                     self.history.append((st.step, stats["ce"], stats["ctc"]))
                     self.log.step(st.step, st.epoch, stats)
-                    if st.step % o.eval_every == 0 or st.step == self.total_steps:
+                    if st.step % o.eval_every == 0 or st.step in (self.schedule_steps, self.total_steps):
                         self.evaluate_and_save()
                     if not partial and self.finished(stop):
                         break
@@ -540,32 +573,42 @@ class Trainer:
         o, st = self.opts, self.state
         self.sampler.set_epoch(st.epoch)
         self.dataset.set_epoch(st.epoch)
-        consumed, micro = st.batches_done, []
+        consumed, micro, n_batches = st.batches_done, [], 0
         for batch in D.make_loader(self.dataset, self.sampler, o.num_workers):
             consumed += 1
             for err in batch["errors"]:
                 st.data_errors += 1
                 tqdm.write(f"skipped unreadable clip: {err}", file=sys.stderr)
             if batch["size"]:
-                micro.append(self.maybe_pad_to_window(batch, len(micro)))
+                micro += self.maybe_pad_to_window(batch, n_batches)
             elif self.ddp.world > 1:
                 # every clip of this batch was unreadable on this rank alone: the others still run a
                 # forward/backward for it, so this rank must too or the gradient all-reduce hangs
                 micro.append(placeholder_batch(self.tokenizer, self.opts.language, self.model.dims.n_mels))
-            if len(micro) == o.grad_accum:
+            n_batches += 1
+            if n_batches == o.grad_accum:
                 yield micro, consumed, False
-                micro = []
+                micro, n_batches = [], 0
         if micro:
             yield micro, consumed, True
 
     def step(self, micro: list) -> dict:
         """One optimizer step over the micro-batches at this step's learning rate."""
-        return self.optim(micro, get_lr(self.state.step, self.opts, self.total_steps))
+        return self.optim(micro, get_lr(self.state.step, self.opts, self.schedule_steps))
 
-    def maybe_pad_to_window(self, batch: dict, index: int) -> dict:
-        """See pad_to_window; seeded by (seed, step, micro-batch), so exact resume still holds."""
+    def maybe_pad_to_window(self, batch: dict, index: int) -> list:
+        """See pad_to_window; seeded by (seed, step, batch), so exact resume still holds."""
         rng_key = [self.opts.seed, self.state.step, index, PAD_SALT]
-        return pad_to_window(batch, self.opts.pad_to_30s_prob, rng_key, 2 * self.model.dims.n_audio_ctx)
+        p = 1.0 if self.state.step >= self.schedule_steps else self.opts.pad_to_30s_prob
+        return pad_to_window(batch, p, rng_key, 2 * self.model.dims.n_audio_ctx)
+
+    def maybe_start_adapting(self) -> None:
+        """At the first --pad-adapt-steps step: best_model.pt is chosen among adapted models only
+        (an earlier one, better on unpadded dev clips, would not survive the 30 s tools)."""
+        st = self.state
+        if self.opts.pad_adapt_steps and st.step >= self.schedule_steps and not st.adapting:
+            st.adapting, st.best_cer = True, float("inf")
+            tqdm.write(f"step {st.step}: {self.opts.pad_adapt_steps} steps of 30 s padding adaptation begin")
 
     def step_or_explain_oom(self, micro: list) -> dict:
         try:

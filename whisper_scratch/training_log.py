@@ -131,7 +131,8 @@ def opening(t) -> str:
         f"device  {t.device} × {t.ddp.world}, dtype {o.dtype}, {torch.get_num_threads()} threads"
         + (", grad checkpointing" if o.grad_checkpointing else ""),
         f"batches {batch} × accum {o.grad_accum} × {t.ddp.world} rank(s); {t.steps_per_epoch} steps/epoch;"
-        f" {t.total_steps} steps; lr {o.learning_rate:g}, warmup {o.warmup_steps}, {o.optimizer}",
+        f" {t.schedule_steps} steps" + (f" + {o.pad_adapt_steps} padding-adaptation steps" if o.pad_adapt_steps else "")
+        + f"; lr {o.learning_rate:g}, warmup {o.warmup_steps}, {o.optimizer}",
         "=" * 78,
     ]
     return "\n".join(lines)
