@@ -1,15 +1,22 @@
 """Export to openai-whisper: a `.pt` file that `whisper.load_model(path)` reads.
 
 Our state-dict keys are openai-whisper's, so the file is the weights (minus the CTC head, which
-openai-whisper has no place for) plus the 10 dims.
+openai-whisper has no place for) plus the 10 dims. openai-whisper builds its tokenizer from its own
+tiktoken files, not from the model, so it needs ours handed to it: `openai_tokenizer`.
+
+    model = whisper.load_model("model.pt")
+    with openai_tokenizer("best_model.pt"):
+        text = whisper.transcribe(model, "a.wav", language="mn", without_timestamps=True)["text"]
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, load_model
 from ..model import Whisper
+from ..tokenizer import Tokenizer
 
 OPENAI_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
                "n_vocab", "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
@@ -40,3 +47,61 @@ def load_openai_model(path: Union[str, Path]):
     if not path.is_file():  # load_model would take a missing path for a model name to download
         raise FileNotFoundError(f"{path}: openai-whisper checkpoint not found")
     return whisper.load_model(str(path), device="cpu").eval()
+
+
+class OpenAITokenizerShim:
+    """What openai-whisper's `transcribe` and `decode` read from its tiktoken tokenizer, with our
+    ids. Only the without-timestamps path exists (our vocabulary has no timestamp tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer, language: Optional[str] = None):
+        from .hf import suppress_ids  # hf.py imports this module
+
+        self.tokenizer = tokenizer
+        self.sot, self.eot, self.transcribe = tokenizer.sot, tokenizer.eot, tokenizer.transcribe
+        self.translate = self.sot_lm = tokenizer.sot  # no such tokens here; both are suppressed anyway
+        self.sot_prev, self.no_timestamps = tokenizer.startofprev, tokenizer.no_timestamps
+        self.no_speech = None
+        self.timestamp_begin = tokenizer.vocab_size  # no timestamp tokens
+        self.language = language or tokenizer.languages[0]
+        if self.language not in tokenizer.language_ids:
+            raise ValueError(f"language {self.language!r} is not one of this model's {tokenizer.languages}")
+        self.language_token = tokenizer.language_ids[self.language]
+        self.sot_sequence = tuple(tokenizer.sot_sequence(self.language)[:3])
+        self.sot_sequence_including_notimestamps = tuple(tokenizer.sot_sequence(self.language))
+        # openai-whisper suppresses these where suppress_tokens holds -1 (its default): our specials
+        self.non_speech_tokens = tuple(suppress_ids(tokenizer))
+        self.encoding = self  # transcribe's word splitting reads tokenizer.encoding.decode
+
+    def encode(self, text: str) -> list:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids if int(i) < self.eot])
+
+    def decode_with_timestamps(self, ids) -> str:
+        return self.decode(ids)
+
+
+@contextlib.contextmanager
+def openai_tokenizer(tokenizer: Union[Tokenizer, str, Path]):
+    """Within the block, openai-whisper's `transcribe`, `decode` and `model.transcribe` use our
+    tokenizer (or the one saved in a checkpoint path) instead of its tiktoken ones. Pass
+    `without_timestamps=True` (our models predict no timestamp tokens) and the language."""
+    import importlib
+
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = load_model(tokenizer)[1]
+    # by module path: the package attribute `whisper.transcribe` is the function, not the module
+    modules = [importlib.import_module(f"whisper.{name}") for name in ("decoding", "transcribe")]
+    originals = [m.get_tokenizer for m in modules]
+
+    def ours(*args, language: Optional[str] = None, **kwargs):
+        return OpenAITokenizerShim(tokenizer, language)
+
+    for m in modules:
+        m.get_tokenizer = ours
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, originals):
+            m.get_tokenizer = original
