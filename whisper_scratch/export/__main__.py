@@ -1,11 +1,12 @@
-"""The export command line: a whisper_scratch checkpoint to openai-whisper, HF or CTranslate2.
+"""The export command line: a whisper_scratch checkpoint to openai-whisper, HF, CTranslate2 or whisper.cpp.
 
     python -m whisper_scratch.export --checkpoint best_model.pt --to openai --output model.pt
     python -m whisper_scratch.export --checkpoint best_model.pt --to hf     --output hf_model/
     python -m whisper_scratch.export --checkpoint best_model.pt --to ct2    --output ct2_model/ [--quantization int8] [--compact]
+    python -m whisper_scratch.export --checkpoint best_model.pt --to ggml   --output ggml-model.bin [--ggml_type q8_0]
 
 The auxiliary CTC head (`ctc_head.*`, present when the model was trained with --ctc-weight) has
-no counterpart in any of the three and is dropped, with a message.
+no counterpart in any of them and is dropped, with a message.
 """
 from __future__ import annotations
 
@@ -18,23 +19,28 @@ from typing import Optional
 from ..checkpoint import load_model
 from ..config import option, parse_options
 from .ct2 import CT2_QUANTIZATIONS, export_ct2
+from .ggml import GGML_TYPES, export_ggml
 from .hf import export_hf
 from .openai import export_openai
 
-TARGETS = ("openai", "hf", "ct2")
+TARGETS = ("openai", "hf", "ct2", "ggml")
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Export a whisper_scratch checkpoint to openai-whisper, Hugging Face or CTranslate2."""
+    """Export a whisper_scratch checkpoint to openai-whisper, Hugging Face, CTranslate2 or whisper.cpp (GGML)."""
 
     checkpoint: str = option(help="a whisper_scratch checkpoint (best_model.pt / last.pt)")
-    output: str = option(help="output file (openai) or folder (hf, ct2)")
-    to: str = option("openai", "target: openai (.pt file), hf (folder), ct2 (folder)", choices=TARGETS)
+    output: str = option(help="output file (openai, ggml) or folder (hf, ct2)")
+    to: str = option("openai", "target: openai (.pt file), hf (folder), ct2 (folder), ggml (whisper.cpp .bin file)",
+                     choices=TARGETS)
     quantization: Optional[str] = option(None, "ct2 only: CTranslate2 weight type (default float32)",
                                          choices=CT2_QUANTIZATIONS)
     compact: bool = option(False, "ct2 only: keep our vocabulary size instead of faster-whisper's 51,865 "
                                   "(smaller and faster; for ctranslate2.models.Whisper, not faster-whisper)")
+    ggml_type: Optional[str] = option(None, "ggml only: weight type f16 (default), q8_0, or f32 (whisper.cpp 1.8.2's "
+                                            "CPU convolution needs f16 kernels: f32 files load but abort there)",
+                                      choices=GGML_TYPES)
     overwrite: bool = option(False, "replace an existing output")
 
     def __post_init__(self):
@@ -44,6 +50,8 @@ class ExportOptions:
             raise ValueError(f"--quantization {self.quantization} applies to --to ct2 only, not --to {self.to}")
         if self.to != "ct2" and self.compact:
             raise ValueError(f"--compact applies to --to ct2 only, not --to {self.to}")
+        if self.to != "ggml" and self.ggml_type is not None:
+            raise ValueError(f"--ggml_type {self.ggml_type} applies to --to ggml only, not --to {self.to}")
 
 
 def _clear_output(out: Path, overwrite: bool) -> None:
@@ -70,6 +78,8 @@ def export(opts: ExportOptions) -> Path:
         return export_openai(model, out)
     if opts.to == "hf":
         return export_hf(model, tokenizer, out)
+    if opts.to == "ggml":
+        return export_ggml(model, tokenizer, out, opts.ggml_type or "f16")
     return export_ct2(model, tokenizer, out, opts.quantization or "float32", opts.compact)
 
 
