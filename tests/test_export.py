@@ -444,6 +444,26 @@ def test_faster_whisper_transcribe_gives_our_transcript(fw_setup, tok, data_dir)
         assert len(set(ours.tokens)) >= 5
 
 
+def test_faster_whisper_default_call_gives_the_text_without_timestamps(fw_setup, data_dir):
+    """faster-whisper's plain `transcribe(audio, language="mn")` (without_timestamps=False, beam 5)
+    gives the text of without_timestamps=True: CTranslate2 forces one timestamp first, the export's
+    <|pad|>, which embeds as <|notimestamps|> (before: another, or per beam another, token id)."""
+    from whisper_scratch.audio import load_audio
+
+    model, fw = fw_setup
+    audio = load_audio(data_dir / "samples" / "jfk" / "jfk.flac")
+    first_timestamp = fw.hf_tokenizer.token_to_id("<|notimestamps|>") + 1
+    for clip in (audio, audio[::-1].copy()):
+        for beam in ({}, {"beam_size": 1}):
+            plain, _ = fw.transcribe(clip, language="mn", **beam)
+            without, _ = fw.transcribe(clip, language="mn", without_timestamps=True, **beam)
+            plain, without = list(plain), list(without)
+            assert [s.text for s in plain] == [s.text for s in without] and len(plain) == 1
+            assert plain[0].tokens == [first_timestamp] + without[0].tokens
+            assert plain[0].temperature == without[0].temperature == 0.0  # no fallback on either
+            assert len(set(without[0].tokens)) >= 5
+
+
 # -- warm start from openai-whisper ------------------------------------------------------------
 
 def save_openai_random(tmp_path, dims: dict):

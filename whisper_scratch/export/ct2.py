@@ -4,8 +4,10 @@ CTranslate2's own converter runs on the HF export (hf.py), in faster-whisper's p
 (below) unless `compact`.
 
 The folder holds tokenizer.json and preprocessor_config.json, the files faster-whisper reads:
-`WhisperModel(folder).transcribe(audio, language="mn", without_timestamps=True)` gives our greedy
-transcript (tested). ctranslate2 is imported only by export_ct2.
+`WhisperModel(folder).transcribe(audio, language="mn", without_timestamps=True, beam_size=1)` gives
+our greedy transcript; faster-whisper's default without_timestamps=False gives the same text
+(tested) unless decoding runs to its 224-token cap (the layout notes, 5). ctranslate2 is imported
+only by export_ct2.
 """
 from __future__ import annotations
 
@@ -43,6 +45,22 @@ CT2_QUANTIZATIONS = ("float32", "int8", "int8_float32", "float16", "int8_float16
 # the same large negative constant whatever the decoder state (pinned_row). The input embeddings
 # of our own tokens are unchanged. The model then decodes as ours does, whichever suppress list
 # the caller passes.
+#  5. With faster-whisper's default `without_timestamps=False` the prompt is <|startoftranscript|>
+#     <|lang|> <|transcribe|> without <|notimestamps|>, and CTranslate2 then applies openai's
+#     timestamp rules (ids above <|notimestamps|> are "timestamps"): the first token must be a
+#     timestamp, text after it. Here every such id is pinned, so it forced the first of the ties
+#     (greedy: our <|pad|>; beam search: 5 different ones, one beam each) and our decoder went on
+#     from a prompt it never saw. So the first timestamp (<|pad|>, never an input of ours) embeds
+#     as <|notimestamps|> and its pinned logit is half the others' (still ~5000 below any text
+#     token): CTranslate2 forces exactly it, at the position where our prompt has <|notimestamps|>,
+#     and the decoder continues exactly as ours; faster-whisper drops it from the text. Same text
+#     as without_timestamps=True (tested), greedy or beam, with these differences: the segment's
+#     tokens start with that id; the forced token takes one of CTranslate2's 224 steps, so a window
+#     decoded up to that cap without <|endoftext|> (a model hallucinating on the 30 s padding) ends
+#     one token earlier, and beam search, which ranks by score / (length + 1), may then pick
+#     another of those capped hypotheses; avg_logprob divides by one token more; over 30 s with
+#     condition_on_previous_text the next window's prompt holds that id too.
+#     without_timestamps=True has none of these: it is the exact call.
 FW_VOCAB = 51865
 FW_SPECIALS = ("<|nospeech|>", "<|translate|>", "<|startoflm|>")
 # faster-whisper's non-speech list (faster_whisper/tokenizer.py, non_speech_tokens): the first
@@ -136,8 +154,10 @@ def _stand_in(tokenizer: Tokenizer, symbol: str) -> int:
 
 def fw_weights(model: Whisper, tokenizer: Tokenizer) -> tuple:
     """(embedding, projection), both (FW_VOCAB, d): our rows first. Added symbols embed as their
-    _stand_in, the other added tokens as zeros (never input).
-    Projection: our text tokens and <|endoftext|> keep their rows, all other ids get pinned_row."""
+    _stand_in, the other added tokens as zeros (never input); the first "timestamp" id
+    (<|notimestamps|> + 1, our <|pad|>) embeds as <|notimestamps|>.
+    Projection: our text tokens and <|endoftext|> keep their rows, all other ids get pinned_row,
+    the first timestamp half of it (a logit half as negative: the only one CTranslate2 can force)."""
     emb = model.decoder.token_embedding.weight.detach()
     names, symbols = fw_extra_tokens(tokenizer)
     v, d = emb.shape
@@ -153,6 +173,10 @@ def fw_weights(model: Whisper, tokenizer: Tokenizer) -> tuple:
     projection = row.expand(FW_VOCAB, d).clone()
     projection[:tokenizer.n_text] = emb[:tokenizer.n_text]
     projection[tokenizer.eot] = emb[tokenizer.eot]
+    # faster-whisper's default without_timestamps=False: see the layout notes, 5
+    first_timestamp = tokenizer.no_timestamps + 1  # <|pad|>, never input otherwise
+    embedding[first_timestamp] = emb[tokenizer.no_timestamps]
+    projection[first_timestamp] = row / 2
     return embedding, projection
 
 
