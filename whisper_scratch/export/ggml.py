@@ -341,14 +341,18 @@ def whisper_cpp_context(path: Union[str, Path], flash_attn: bool = False):
     return ctx
 
 
-def whisper_cpp_params(language: str, audio_ctx: int = 0, n_threads: int = 1, **fields):
-    """Greedy whisper_full_params for our models: no timestamps (prompt sot lang transcribe
-    notimestamps, as ours), no temperature fallback, no blank suppression (ours has none), quiet."""
+def whisper_cpp_params(language: str, audio_ctx: int = 0, n_threads: int = 1, beam_size: int = 1, **fields):
+    """whisper_full_params for our models, greedy or beam search: no timestamps (prompt sot lang
+    transcribe notimestamps, as ours), no temperature fallback, no blank suppression (ours has
+    none), quiet."""
     import ctypes
 
     import _pywhispercpp as pw
 
-    params = pw.whisper_full_default_params(pw.WHISPER_SAMPLING_GREEDY)
+    strategy = pw.WHISPER_SAMPLING_BEAM_SEARCH if beam_size > 1 else pw.WHISPER_SAMPLING_GREEDY
+    params = pw.whisper_full_default_params(strategy)
+    if beam_size > 1:
+        params.beam_search = {"beam_size": beam_size, "patience": -1.0}
     if "no_timestamps=False" not in repr(params):
         raise RuntimeError("unexpected whisper_full_params (this helper is for pywhispercpp 1.4.1)")
     ctypes.c_bool.from_address(_cpp_object(params) + 22).value = True

@@ -236,3 +236,27 @@ def export_hf(model: Whisper, tokenizer: Tokenizer, folder: Union[str, Path],
     (folder / "whisper_scratch.json").write_text(json.dumps(
         {"tokenizer": tokenizer.kind, "special_ids": special_ids(tokenizer)}, indent=1) + "\n", encoding="utf-8")
     return folder
+
+
+def hf_pipeline(folder: Union[str, Path], **kwargs):
+    """transformers' own `pipeline("automatic-speech-recognition")` on an export folder:
+
+        asr = hf_pipeline("hf_model/")
+        asr("clip.mp3", generate_kwargs={"language": "mn"})["text"]
+
+    Its Whisper post-processing calls `tokenizer._decode_asr`, which only transformers'
+    WhisperTokenizer has, and WhisperTokenizer cannot hold our vocabulary (it rebuilds a
+    byte-level BPE). So the folder's tokenizer is loaded as a PreTrainedTokenizerFast that borrows
+    WhisperTokenizer's post-processing methods; everything else is the pipeline's own code."""
+    from transformers import PreTrainedTokenizerFast, WhisperTokenizer, pipeline
+
+    class AsrTokenizer(PreTrainedTokenizerFast):
+        _decode_asr = WhisperTokenizer._decode_asr
+        _strip_prompt = WhisperTokenizer._strip_prompt
+        _convert_to_list = staticmethod(WhisperTokenizer._convert_to_list)
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder}: not an HF export folder (no tokenizer.json)")
+    tokenizer = AsrTokenizer.from_pretrained(folder)
+    return pipeline("automatic-speech-recognition", model=str(folder), tokenizer=tokenizer, **kwargs)
