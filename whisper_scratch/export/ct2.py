@@ -12,7 +12,7 @@ only by export_ct2.
 from __future__ import annotations
 
 import json
-import sys
+import math
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -90,6 +90,59 @@ def pinned_row(gain: torch.Tensor, bias: torch.Tensor, target: float = PINNED_LO
     return (c / g).to(gain.dtype), float(c * s)
 
 
+def pin_bias(model: Whisper, tokenizer: Tokenizer) -> torch.Tensor:
+    """decoder.ln.bias plus w, the part of 1 / decoder.ln.weight orthogonal to the rows of every
+    token we generate (text tokens and <|endoftext|>). Their logits e . (y + w) = e . y are
+    unchanged; a pinned row c / g gets the logit c * sum((b + w) / g) = c * (sum(b / g) + |w|^2),
+    far from zero even when the trained bias is (almost) zero. No w when those rows span every
+    direction (more generated tokens than d - 1)."""
+    g = model.decoder.ln.weight.detach().double()
+    b = model.decoder.ln.bias.detach().double()
+    emb = model.decoder.token_embedding.weight.detach().double()
+    rows = torch.cat([emb[:tokenizer.n_text], emb[tokenizer.eot:tokenizer.eot + 1]])
+    if rows.shape[0] >= g.numel() or g.abs().min() < 1e-6:
+        return b.float()
+    q, _ = torch.linalg.qr(rows.T)  # an orthonormal basis of the generated rows' span
+    u = 1.0 / g
+    w = u - q @ (q.T @ u)
+    return (b + w).float()
+
+
+def check_pin(model: Whisper, bias: torch.Tensor, row: torch.Tensor, logit: float, ggml_type: str) -> None:
+    """Refuses an export whose pinned logit could beat a real token for some decoder state;
+    ggml_type: f32, f16 / float16, bfloat16, q8_0 or int8 (CTranslate2's int8_* included).
+
+    With y = g * n + b (n: the normalised state, |n|_2 = sqrt(d), |n|_1 <= d) every real logit is
+    e . y >= -|e| (max|g| sqrt(d) + |b|) = -bound (pin_bias leaves them as they are). The pinned
+    row's logit is `logit` exactly in real arithmetic; whisper.cpp and CTranslate2 round weights and
+    activations (to float16, or 8 bits per block of 32 or per row), which moves it by at most `err`."""
+    g = model.decoder.ln.weight.detach().double()
+    b = model.decoder.ln.bias.detach().double()
+    bp = bias.detach().double()
+    emb = model.decoder.token_embedding.weight.detach().double()
+    d = g.numel()
+    bound = float(emb.norm(dim=1).max()) * (float(g.abs().max()) * math.sqrt(d) + float(b.norm()))
+    r = row.detach().double().abs()
+    ry = float((r * g.abs()).max() * d + (r * bp.abs()).sum())  # >= sum |r_i y_i|
+    if ggml_type == "f32":
+        err = 1e-6 * ry
+    elif ggml_type in ("f16", "float16"):
+        err = 2.1 * 2.0 ** -11 * ry  # weights and activations rounded to float16, half an ulp each
+    elif ggml_type == "bfloat16":
+        err = 2.1 * 2.0 ** -8 * ry
+    else:  # q8_0 (8 bits per block of 32) or CTranslate2's int8 (per row): a step of max / 127
+        # for weights and activations, half a step each; bounded with whole-row maxima
+        y_max = float(g.abs().max()) * math.sqrt(d) + float(bp.abs().max())
+        err = (float(r.max()) / 254 * (float(g.abs().max()) * d + float(bp.abs().sum()))
+               + y_max / 254 * float(r.sum()) + float(r.max()) * y_max * d / 254 ** 2)
+    if not logit + err < -bound:
+        raise ValueError(
+            f"cannot pin the ids this model never generates for whisper.cpp: their logit would be "
+            f"{logit:.4g} (+- {err:.3g} in {ggml_type}), real logits can reach -{bound:.4g}. It needs a "
+            f"decoder.ln weight with no element near zero (min |weight| {float(g.abs().min()):.3g}) and a "
+            f"nonzero sum(bias / weight) ({float((bp / g).sum()):.3g})")
+
+
 def _fw_needs_token(encode, symbol: str, n_ours: int) -> bool:
     """Whether faster-whisper's non-speech list, computed with `encode` (our exported tokenizer),
     would fail on `symbol` or take one of our ids from it (faster_whisper/tokenizer.py)."""
@@ -152,12 +205,14 @@ def _stand_in(tokenizer: Tokenizer, symbol: str) -> int:
     return 0
 
 
-def fw_weights(model: Whisper, tokenizer: Tokenizer) -> tuple:
-    """(embedding, projection), both (FW_VOCAB, d): our rows first. Added symbols embed as their
-    _stand_in, the other added tokens as zeros (never input); the first "timestamp" id
-    (<|notimestamps|> + 1, our <|pad|>) embeds as <|notimestamps|>.
+def fw_weights(model: Whisper, tokenizer: Tokenizer, quantization: str = "float32") -> tuple:
+    """(embedding, projection, final LayerNorm bias): the first two (FW_VOCAB, d), our rows first.
+    Added symbols embed as their _stand_in, the other added tokens as zeros (never input); the
+    first "timestamp" id (<|notimestamps|> + 1, our <|pad|>) embeds as <|notimestamps|>.
     Projection: our text tokens and <|endoftext|> keep their rows, all other ids get pinned_row,
-    the first timestamp half of it (a logit half as negative: the only one CTranslate2 can force)."""
+    the first timestamp half of it (a logit half as negative: the only one CTranslate2 can force).
+    The bias is pin_bias's: our logits unchanged, the pin far from zero, so that rounding to
+    `quantization` (int8 rounds a row of 1 / gain to 8 bits) cannot undo it (check_pin)."""
     emb = model.decoder.token_embedding.weight.detach()
     names, symbols = fw_extra_tokens(tokenizer)
     v, d = emb.shape
@@ -165,11 +220,10 @@ def fw_weights(model: Whisper, tokenizer: Tokenizer) -> tuple:
     embedding[:v] = emb
     first = v + len(FW_SPECIALS)
     embedding[first:first + len(symbols)] = emb[[_stand_in(tokenizer, c) for c in symbols]]
-    row, logit = pinned_row(model.decoder.ln.weight.detach(), model.decoder.ln.bias.detach())
-    if logit > -30:
-        print(f"warning: the decoder's final LayerNorm bias is (almost) zero (an untrained model?), so the "
-              f"tokens we never generate cannot be pinned (logit {logit:.3g}); faster-whisper may emit them",
-              file=sys.stderr)
+    bias = pin_bias(model, tokenizer)
+    row, logit = pinned_row(model.decoder.ln.weight.detach(), bias)
+    kind = "int8" if quantization.startswith("int8") else {"int16": "f16"}.get(quantization, quantization)
+    check_pin(model, bias, row / 2, logit / 2, kind)  # the weakest pin: the first timestamp's
     projection = row.expand(FW_VOCAB, d).clone()
     projection[:tokenizer.n_text] = emb[:tokenizer.n_text]
     projection[tokenizer.eot] = emb[tokenizer.eot]
@@ -177,7 +231,7 @@ def fw_weights(model: Whisper, tokenizer: Tokenizer) -> tuple:
     first_timestamp = tokenizer.no_timestamps + 1  # <|pad|>, never input otherwise
     embedding[first_timestamp] = emb[tokenizer.no_timestamps]
     projection[first_timestamp] = row / 2
-    return embedding, projection
+    return embedding, projection, bias
 
 
 # -- the export: CTranslate2's converter on the HF export -------------------------------------
@@ -198,7 +252,7 @@ def export_ct2(model: Whisper, tokenizer: Tokenizer, folder: Union[str, Path],
         if compact:
             export_hf(model, tokenizer, tmp)
         else:
-            export_hf(model, tokenizer, tmp, weights=fw_weights(model, tokenizer),
+            export_hf(model, tokenizer, tmp, weights=fw_weights(model, tokenizer, quantization),
                       extra_tokens=fw_extra_tokens(tokenizer))
         converter = TransformersConverter(
             tmp, copy_files=["tokenizer.json", "preprocessor_config.json", "whisper_scratch.json"])

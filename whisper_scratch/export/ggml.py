@@ -31,7 +31,6 @@ to a real token, rounding included (a LayerNorm weight near zero, or no directio
 """
 from __future__ import annotations
 
-import math
 import os
 import struct
 import sys
@@ -45,7 +44,7 @@ import torch
 from ..audio import mel_filters
 from ..model import Whisper
 from ..tokenizer import UNK_TEXT, BPETokenizer, Tokenizer
-from .ct2 import pinned_row
+from .ct2 import check_pin, pin_bias, pinned_row
 from .openai import openai_state_dict
 
 GGML_MAGIC = 0x67676D6C
@@ -128,55 +127,6 @@ def ggml_vocab(tokenizer: Tokenizer) -> list:
     names += [f"<|{0.02 * i:.2f}|>" for i in range(GGML_VOCAB - w["beg"])]
     assert len(names) == GGML_VOCAB
     return names
-
-
-def pin_bias(model: Whisper, tokenizer: Tokenizer) -> torch.Tensor:
-    """decoder.ln.bias plus w, the part of 1 / decoder.ln.weight orthogonal to the rows of every
-    token we generate (text tokens and <|endoftext|>). Their logits e . (y + w) = e . y are
-    unchanged; a pinned row c / g gets the logit c * sum((b + w) / g) = c * (sum(b / g) + |w|^2),
-    far from zero even when the trained bias is (almost) zero. No w when those rows span every
-    direction (more generated tokens than d - 1)."""
-    g = model.decoder.ln.weight.detach().double()
-    b = model.decoder.ln.bias.detach().double()
-    emb = model.decoder.token_embedding.weight.detach().double()
-    rows = torch.cat([emb[:tokenizer.n_text], emb[tokenizer.eot:tokenizer.eot + 1]])
-    if rows.shape[0] >= g.numel() or g.abs().min() < 1e-6:
-        return b.float()
-    q, _ = torch.linalg.qr(rows.T)  # an orthonormal basis of the generated rows' span
-    u = 1.0 / g
-    w = u - q @ (q.T @ u)
-    return (b + w).float()
-
-
-def check_pin(model: Whisper, bias: torch.Tensor, row: torch.Tensor, logit: float, ggml_type: str) -> None:
-    """Refuses an export whose pinned logit could beat a real token for some decoder state.
-
-    With y = g * n + b (n: the normalised state, |n|_2 = sqrt(d), |n|_1 <= d) every real logit is
-    e . y >= -|e| (max|g| sqrt(d) + |b|) = -bound (pin_bias leaves them as they are). The pinned
-    row's logit is `logit` exactly in real arithmetic; whisper.cpp rounds weights and activations
-    (to float16, or 8 bits per block of 32 for q8_0), which moves it by at most `err`."""
-    g = model.decoder.ln.weight.detach().double()
-    b = model.decoder.ln.bias.detach().double()
-    bp = bias.detach().double()
-    emb = model.decoder.token_embedding.weight.detach().double()
-    d = g.numel()
-    bound = float(emb.norm(dim=1).max()) * (float(g.abs().max()) * math.sqrt(d) + float(b.norm()))
-    r = row.detach().double().abs()
-    ry = float((r * g.abs()).max() * d + (r * bp.abs()).sum())  # >= sum |r_i y_i|
-    if ggml_type == "f32":
-        err = 1e-6 * ry
-    elif ggml_type == "f16":
-        err = 2.1 * 2.0 ** -11 * ry  # weights and activations rounded to float16, half an ulp each
-    else:  # q8_0: weights and activations to 8 bits per block of 32, half a step each
-        y_max = float(g.abs().max()) * math.sqrt(d) + float(bp.abs().max())
-        err = (float(r.max()) / 254 * (float(g.abs().max()) * d + float(bp.abs().sum()))
-               + y_max / 254 * float(r.sum()) + float(r.max()) * y_max * d / 254 ** 2)
-    if not logit + err < -bound:
-        raise ValueError(
-            f"cannot pin the ids this model never generates for whisper.cpp: their logit would be "
-            f"{logit:.4g} (+- {err:.3g} in {ggml_type}), real logits can reach -{bound:.4g}. It needs a "
-            f"decoder.ln weight with no element near zero (min |weight| {float(g.abs().min()):.3g}) and a "
-            f"nonzero sum(bias / weight) ({float((bp / g).sum()):.3g})")
 
 
 def ggml_output(model: Whisper, tokenizer: Tokenizer, ggml_type: str = "f32") -> tuple:

@@ -120,15 +120,18 @@ def hf_generation_config(dims: ModelDimensions, tokenizer: Tokenizer):
 
 def hf_model(model: Whisper, tokenizer: Tokenizer, weights: Optional[tuple] = None):
     """A transformers WhisperForConditionalGeneration holding our weights (fp32, eval mode).
-    `weights` (embedding, projection), both (n_vocab, d) with our rows first, replace the token
-    embedding and the output layer, untied (ct2.fw_weights: the padded layout for CTranslate2)."""
+    `weights` (embedding, projection[, final LayerNorm bias]), the first two (n_vocab, d) with our rows
+    first, replace the token embedding and the output layer, untied (ct2.fw_weights: the padded
+    layout for CTranslate2)."""
     from transformers import WhisperForConditionalGeneration
 
     dims, state = model.dims, hf_state_dict(model)
     tied = weights is None
     if not tied:
         dims = replace(dims, n_vocab=weights[0].shape[0])
-        state["model.decoder.embed_tokens.weight"], state["proj_out.weight"] = weights
+        state["model.decoder.embed_tokens.weight"], state["proj_out.weight"] = weights[:2]
+        if len(weights) > 2:  # the final LayerNorm's bias too (ct2.fw_weights)
+            state["model.decoder.layer_norm.bias"] = weights[2]
     hf = WhisperForConditionalGeneration(hf_config(dims, tokenizer, tied=tied))
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or missing:
