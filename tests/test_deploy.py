@@ -13,8 +13,9 @@ from whisper_scratch.decoding import DecodingOptions, decode
 from whisper_scratch.export import export_hf, export_openai
 from whisper_scratch.export.hf import hf_pipeline
 from whisper_scratch.export.openai import openai_tokenizer
-from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer
+
+from conftest import wide_30s_model
 
 MN = "абвгдеёжзийклмнопрстуфхцчшщъыьэюяөү"
 
@@ -26,16 +27,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    dims = ModelDimensions(80, 1500, 64, 4, 2, tok.vocab_size, 448, 64, 4, 2)
-    torch.manual_seed(2)
-    m = Whisper(dims).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "ln" not in name:
-                p.normal_(0, 1.0)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.3)
-    return m
+    return wide_30s_model(tok.vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer, TextNormalizer, train_bpe
 from whisper_scratch.warmstart import init_from_openai
 
+from conftest import wide_30s_model
 from openai_shim import openai_decode  # tests/openai_shim.py
 
 MN = "абвгдеёжзийклмнопрстуфхцчшщъыьэюяөү"
@@ -358,15 +359,7 @@ def fw_setup(tok, tmp_path_factory):
     faster-whisper. Seed and scale give varied output that ends with <|endoftext|>."""
     from faster_whisper import WhisperModel
 
-    dims = ModelDimensions(80, 1500, 64, 4, 2, tok.vocab_size, 448, 64, 4, 2)
-    torch.manual_seed(2)
-    model = Whisper(dims).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" not in name:
-                p.normal_(0, 1.0)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.3)
+    model = wide_30s_model(tok.vocab_size)
     out = tmp_path_factory.mktemp("fw") / "model"
     ct2.export_ct2(model, tok, out)
     return model, WhisperModel(str(out), device="cpu", compute_type="float32", cpu_threads=1)
