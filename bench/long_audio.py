@@ -153,7 +153,8 @@ def main() -> None:
             raise SystemExit(f"{args.corpus}/test.tsv not found (./run.sh builds the demo corpus)")
         model, tokenizer, ckpt = load_model(args.model_path)
         accuracy_and_speed(args, model, tokenizer, ckpt)
-    real_speech(args)
+    if args.cv_clips > 0:  # --cv_clips 0: the model part only
+        real_speech(args)
 
 
 if __name__ == "__main__":
