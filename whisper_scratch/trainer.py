@@ -103,8 +103,7 @@ class TrainOptions:
     pad_to_30s_prob: float = option(0.0, "fraction of micro-batches of which a share (as many clips as fit in the "
                                        "batch's frames) is padded to the full 30 s window with no mask, 2/3 with "
                                        "zero features (faster-whisper, openai transcribe), 1/3 with silence (HF, "
-                                       "whisper.cpp): "
-                                       "lets the exported model work in tools that always pad to 30 s")
+                                       "whisper.cpp): lets the exported model work in tools that always pad to 30 s")
     pad_adapt_steps: int = option(0, "after the learning-rate schedule, this many more steps at its final rate in "
                                      "which every micro-batch has a padded share (as --pad-to-30s-prob 1): adapts "
                                      "the model to the 30 s tools; best_model.pt is then chosen among these steps")

@@ -108,9 +108,9 @@ def pin_bias(model: Whisper, tokenizer: Tokenizer) -> torch.Tensor:
     return (b + w).float()
 
 
-def check_pin(model: Whisper, bias: torch.Tensor, row: torch.Tensor, logit: float, ggml_type: str) -> None:
+def check_pin(model: Whisper, bias: torch.Tensor, row: torch.Tensor, logit: float, rounding: str) -> None:
     """Refuses an export whose pinned logit could beat a real token for some decoder state;
-    ggml_type: f32, f16 / float16, bfloat16, q8_0 or int8 (CTranslate2's int8_* included).
+    rounding: f32, f16 / float16, bfloat16, q8_0 or int8 (CTranslate2's int8_* included).
 
     With y = g * n + b (n: the normalised state, |n|_2 = sqrt(d), |n|_1 <= d) every real logit is
     e . y >= -|e| (max|g| sqrt(d) + |b|) = -bound (pin_bias leaves them as they are). The pinned
@@ -124,11 +124,11 @@ def check_pin(model: Whisper, bias: torch.Tensor, row: torch.Tensor, logit: floa
     bound = float(emb.norm(dim=1).max()) * (float(g.abs().max()) * math.sqrt(d) + float(b.norm()))
     r = row.detach().double().abs()
     ry = float((r * g.abs()).max() * d + (r * bp.abs()).sum())  # >= sum |r_i y_i|
-    if ggml_type == "f32":
+    if rounding == "f32":
         err = 1e-6 * ry
-    elif ggml_type in ("f16", "float16"):
+    elif rounding in ("f16", "float16"):
         err = 2.1 * 2.0 ** -11 * ry  # weights and activations rounded to float16, half an ulp each
-    elif ggml_type == "bfloat16":
+    elif rounding == "bfloat16":
         err = 2.1 * 2.0 ** -8 * ry
     else:  # q8_0 (8 bits per block of 32) or CTranslate2's int8 (per row): a step of max / 127
         # for weights and activations, half a step each; bounded with whole-row maxima
@@ -137,10 +137,19 @@ def check_pin(model: Whisper, bias: torch.Tensor, row: torch.Tensor, logit: floa
                + y_max / 254 * float(r.sum()) + float(r.max()) * y_max * d / 254 ** 2)
     if not logit + err < -bound:
         raise ValueError(
-            f"cannot pin the ids this model never generates for whisper.cpp: their logit would be "
-            f"{logit:.4g} (+- {err:.3g} in {ggml_type}), real logits can reach -{bound:.4g}. It needs a "
+            f"cannot pin the ids this model never generates: their logit would be "
+            f"{logit:.4g} (+- {err:.3g} in {rounding}), real logits can reach -{bound:.4g}. It needs a "
             f"decoder.ln weight with no element near zero (min |weight| {float(g.abs().min()):.3g}) and a "
             f"nonzero sum(bias / weight) ({float((bp / g).sum()):.3g})")
+
+
+def pin(model: Whisper, tokenizer: Tokenizer, rounding: str, weakest: float = 1.0) -> tuple:
+    """(row, bias): pinned_row over pin_bias's final LayerNorm bias, checked (check_pin) for
+    `rounding` at `weakest` times the row, the weakest pin the export writes."""
+    bias = pin_bias(model, tokenizer)
+    row, logit = pinned_row(model.decoder.ln.weight.detach().float(), bias)
+    check_pin(model, bias, row * weakest, logit * weakest, rounding)
+    return row, bias
 
 
 def _fw_needs_token(encode, symbol: str, n_ours: int) -> bool:
@@ -220,10 +229,8 @@ def fw_weights(model: Whisper, tokenizer: Tokenizer, quantization: str = "float3
     embedding[:v] = emb
     first = v + len(FW_SPECIALS)
     embedding[first:first + len(symbols)] = emb[[_stand_in(tokenizer, c) for c in symbols]]
-    bias = pin_bias(model, tokenizer)
-    row, logit = pinned_row(model.decoder.ln.weight.detach(), bias)
-    kind = "int8" if quantization.startswith("int8") else {"int16": "f16"}.get(quantization, quantization)
-    check_pin(model, bias, row / 2, logit / 2, kind)  # the weakest pin: the first timestamp's
+    rounding = "int8" if quantization.startswith("int8") else {"int16": "f16"}.get(quantization, quantization)
+    row, bias = pin(model, tokenizer, rounding, weakest=0.5)  # the first timestamp's row is half a pin
     projection = row.expand(FW_VOCAB, d).clone()
     projection[:tokenizer.n_text] = emb[:tokenizer.n_text]
     projection[tokenizer.eot] = emb[tokenizer.eot]

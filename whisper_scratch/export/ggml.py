@@ -44,7 +44,7 @@ import torch
 from ..audio import mel_filters
 from ..model import Whisper
 from ..tokenizer import UNK_TEXT, BPETokenizer, Tokenizer
-from .ct2 import check_pin, pin_bias, pinned_row
+from .ct2 import pin
 from .openai import openai_state_dict
 
 GGML_MAGIC = 0x67676D6C
@@ -134,9 +134,7 @@ def ggml_output(model: Whisper, tokenizer: Tokenizer, ggml_type: str = "f32") ->
     every other id, the bias from pin_bias."""
     emb = model.decoder.token_embedding.weight.detach().float()
     mapping = ggml_ids(tokenizer)
-    bias = pin_bias(model, tokenizer)
-    row, logit = pinned_row(model.decoder.ln.weight.detach().float(), bias)
-    check_pin(model, bias, row, logit, ggml_type)
+    row, bias = pin(model, tokenizer, ggml_type)
     out = row.expand(GGML_VOCAB, emb.shape[1]).clone()
     ours = sorted(mapping)
     targets = [mapping[i] for i in ours]
