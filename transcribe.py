@@ -30,6 +30,7 @@ from tqdm import tqdm
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
 from whisper_scratch.checkpoint import load_model, precision
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
+from whisper_scratch import decoding as D
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
 from whisper_scratch.evaluation import decode_references, resolve_references
 from whisper_scratch.longform import transcribe, transcribe_files
@@ -214,7 +215,7 @@ def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
                 hyps[path] = result["text"]
     names = {p: display_name(Path(p), roots) for p in list(refs) + missing_ref}
     report = {"reference_file": opts.reference_file, "reference_format": kind, "model_path": opts.model_path,
-              "options": asdict(opts), "n_references": len(refs), "n_scored": len(hyps),
+              "options": asdict(replace(opts, decoding=replace(opts.decoding, lm=None))), "n_references": len(refs), "n_scored": len(hyps),
               "missing_audio": [names[p] for p in missing_audio], "missing_reference": [names[p] for p in missing_ref],
               "failed": [n for n, _ in out.failed]}
     if hyps:
@@ -284,6 +285,14 @@ def check_model(opts: TranscribeOptions, model, tokenizer) -> Optional[str]:
     return None
 
 
+def with_language_model(opts: TranscribeOptions, model, tokenizer) -> tuple:
+    """(opts with --lm_path loaded, None), or (opts, the problem) for an unusable LM file."""
+    try:
+        return replace(opts, decoding=D.with_language_model(opts.decoding, tokenizer, model.dims.n_vocab)), None
+    except (OSError, ValueError) as e:
+        return opts, f"--lm_path: {e}"
+
+
 def with_chunk_seconds(opts: TranscribeOptions, ckpt: dict) -> TranscribeOptions:
     """The chunk lengths the checkpoint records, where the flags leave them unset
     (vad.with_checkpoint_chunks); a note when neither says how long a chunk may be."""
@@ -300,6 +309,8 @@ def main(argv=None) -> int:
     model, tokenizer, ckpt = load_model(opts.model_path, device)
     opts = with_chunk_seconds(opts, ckpt)
     problem = check_model(opts, model, tokenizer)
+    if problem is None:
+        opts, problem = with_language_model(opts, model, tokenizer)
     if problem:  # fail before the first file rather than once per file
         print(f"transcribe.py: error: {problem}", file=sys.stderr)
         return 2

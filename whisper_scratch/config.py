@@ -22,7 +22,8 @@ T = TypeVar("T")
 def option(default=dataclasses.MISSING, help: str = "", *, factory=None, cli: bool = True, **meta):
     """A dataclass field with its flag's help text. No default: the flag is required. `factory`:
     a default_factory (nested options). cli=False: a library-only field, never a flag. Extra
-    metadata: choices=(...), aliases=("--x",), positional=True (a required positional argument)."""
+    metadata: choices=(...), aliases=("--x",), positional=True (a required positional argument),
+    nargs="+" or "*" (a Tuple[str, ...] field taking several values)."""
     metadata = {"help": help, "cli": cli, **meta}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -106,6 +107,9 @@ def add_options(parser: argparse.ArgumentParser, cls: Type) -> None:
         kw = dict(dest=f.name, help=f.metadata.get("help", "") + ("" if required else f" (default: {default!r})"))
         if tp is bool:
             kw.update(action=_BoolAction, default=None if required else default)
+        elif "nargs" in f.metadata:  # a Tuple[str, ...] field: --exclude a.tsv b.tsv
+            kw.update(nargs=f.metadata["nargs"], type=str, metavar=f.name.upper(), required=required,
+                      default=None if required else default)
         else:
             kw.update(type=_parse_value(tp, optional), metavar=f.name.upper(), required=required,
                       default=None if required else default)

@@ -44,6 +44,13 @@ class DecodingOptions:
     language: Optional[str] = option(None, "language token (default: the tokenizer's first language)")
     ctc_weight: float = option(0.0, "weight of the joint CTC prefix score in beam search (needs a CTC head; "
                                     "> 0 switches to beam search even at beam size 1)")
+    lm_path: Optional[str] = option(None, "a character language model (python -m whisper_scratch.lm, or an ARPA "
+                                          "file) fused into beam search with weight --lm_weight")
+    lm_weight: float = option(0.0, "weight of the external language model's score in beam search (shallow fusion; "
+                                   "needs --lm_path; > 0 switches to beam search even at beam size 1)")
+    length_bonus: float = option(0.0, "added to a hypothesis's score per text token in beam search: offsets the "
+                                      "language model's preference for short outputs")
+    lm: Optional[object] = option(None, "the language model (lm.TokenLM) that --lm_weight weighs", cli=False)
     prompt: Tuple[int, ...] = option((), "previous text's token ids, sent after <|startofprev|>", cli=False)
     use_cache: bool = option(True, "False re-runs the decoder on the whole prefix (for tests)", cli=False)
 
@@ -57,11 +64,17 @@ class DecodingOptions:
         require(self.max_new_tokens is None or self.max_new_tokens >= 1,
                f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
         require(0.0 <= self.ctc_weight <= 1.0, f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        require(self.lm_weight >= 0, f"lm_weight must be >= 0, got {self.lm_weight}")
+        require(self.lm_weight == 0 or self.lm_path is not None or self.lm is not None,
+                f"lm_weight {self.lm_weight} needs a language model: give --lm_path")
         if self.temperature > 0:  # sampling: the beam settings would be silently unused
             require(self.beam_size == 1, f"beam_size {self.beam_size} cannot be used with sampling "
                                         f"(temperature {self.temperature}); use temperature 0 for beam search")
             require(self.ctc_weight == 0, f"ctc_weight {self.ctc_weight} needs beam search; it cannot be used "
                                          f"with sampling (temperature {self.temperature})")
+            require(self.lm_weight == 0 and self.length_bonus == 0,
+                    f"lm_weight {self.lm_weight} and length_bonus {self.length_bonus} need beam search; they "
+                    f"cannot be used with sampling (temperature {self.temperature})")
         if self.patience != 1.0:
             require(self.uses_beam_search, f"patience {self.patience} only applies to beam search, not to "
                    + (f"sampling (temperature {self.temperature})" if self.temperature > 0 else "greedy decoding "
@@ -70,14 +83,14 @@ class DecodingOptions:
 
     @property
     def uses_beam_search(self) -> bool:
-        return self.temperature == 0 and (self.beam_size > 1 or self.ctc_weight > 0)
+        return self.temperature == 0 and (self.beam_size > 1 or self.ctc_weight > 0 or self.lm_weight > 0)
 
     def at_temperature(self, t: float) -> "DecodingOptions":
         """These options for one fallback temperature: sampling drops the beam settings (they
         apply to the temperature-0 pass only), as openai-whisper's fallback does."""
         if t == 0:
             return replace(self, temperature=0.0)
-        return replace(self, temperature=t, beam_size=1, patience=1.0, ctc_weight=0.0)
+        return replace(self, temperature=t, beam_size=1, patience=1.0, ctc_weight=0.0, lm_weight=0.0, length_bonus=0.0)
 
 
 @dataclass(frozen=True)
@@ -313,6 +326,65 @@ class CtcPrefixScorer:
         self.x, self.lens, self.t_mask = self.x[:, index], self.lens[index], self.t_mask[:, index]
 
 
+# -- language model fusion ---------------------------------------------------------------------
+
+class LmScorer:
+    """Shallow fusion: the LM state of every live hypothesis (lm.TokenLM states), reordered and
+    extended with the beams; `scores` is log P_lm of every next token, (R, V)."""
+
+    def __init__(self, lm, rows: int, device):
+        self.lm, self.device = lm, device
+        self.states = [lm.start()] * rows
+
+    def scores(self) -> Tensor:
+        return torch.from_numpy(np.stack([self.lm.scores(s) for s in self.states])).to(self.device)
+
+    def advance(self, rows: Tensor, tokens: Tensor) -> None:
+        self.states = [self.lm.advance(self.states[r], t) for r, t in zip(rows.tolist(), tokens.tolist())]
+
+    def reorder(self, index: Tensor) -> None:
+        self.states = [self.states[i] for i in index.tolist()]
+
+
+@dataclass
+class Fusion:
+    """What beam search adds to the decoder's scores: the CTC prefix score (weight w: the
+    decoder's logprob counts 1 - w), the LM's score times lm_weight, and a bonus per text token."""
+
+    ctc: Optional[CtcPrefixScorer] = None
+    ctc_weight: float = 0.0
+    lm: Optional[LmScorer] = None
+    lm_weight: float = 0.0
+    length_bonus: float = 0.0
+
+    def extra(self, logprobs: Tensor, eot: int) -> Optional[Tensor]:
+        """(R, V) LM and length terms of every extension, or None when there are none (so the
+        search without them is exactly the plain one)."""
+        if self.lm is None and self.length_bonus == 0:
+            return None
+        out = self.lm_weight * self.lm.scores() if self.lm is not None else torch.zeros_like(logprobs)
+        out = out + self.length_bonus
+        out[:, eot] -= self.length_bonus  # ending adds no token
+        return out
+
+
+_BOUND_LMS: dict = {}
+
+
+def with_language_model(options: DecodingOptions, tokenizer: Tokenizer, n_vocab: int) -> DecodingOptions:
+    """`options` with --lm_path loaded and bound to the tokenizer (lm.TokenLM), once per file and
+    tokenizer: entry points call it at start so a bad file fails before the first clip."""
+    if options.lm is not None or options.lm_path is None:
+        return options
+    from .lm import bind
+
+    key = (str(options.lm_path), id(tokenizer), n_vocab)
+    if key not in _BOUND_LMS:
+        _BOUND_LMS.clear()  # one model at a time: they hold large tables
+        _BOUND_LMS[key] = (bind(options.lm_path, tokenizer, n_vocab), tokenizer)  # tokenizer: keeps id() unique
+    return replace(options, lm=_BOUND_LMS[key][0])
+
+
 # -- beam search -------------------------------------------------------------------------------
 
 @dataclass
@@ -326,29 +398,36 @@ class _Beams:
     finished: List[List[Candidate]] = field(default_factory=list)  # per utterance
 
 
-def _candidates(logprobs: Tensor, beams: _Beams, K: int, ctc: Optional[CtcPrefixScorer], ctc_weight: float):
+def _candidates(logprobs: Tensor, beams: _Beams, K: int, fusion: Fusion, eot: int):
     """Scores of every extension: (token ids, decoder sums, ranking scores), each (b, K, C)."""
     b, V = beams.scores.shape[0], logprobs.shape[-1]
+    ctc, w, extra = fusion.ctc, fusion.ctc_weight, fusion.extra(logprobs, eot)
     if ctc is None:
         att = beams.att[..., None] + logprobs.view(b, K, V)
-        return None, att, att, None
-    # Pre-beam on the decoder's scores (ESPnet: 1.5 x beam) keeps the CTC forward pass small;
-    # with CTC alone (weight 1) the decoder has no say, so every token is scored (as ESPnet).
-    n_pre = V if ctc_weight == 1.0 else min(V, max(K + 1, int(1.5 * K)))
-    lp, cand = logprobs.topk(n_pre, dim=-1)  # (b*K, C)
+        if extra is None:
+            return None, att, att, None
+        return None, att, beams.scores[..., None] + (logprobs + extra).view(b, K, V), None
+    # Pre-beam on the full scorers (decoder and LM; ESPnet: 1.5 x beam) keeps the CTC forward
+    # pass small; with CTC alone (weight 1) the decoder has no say, so every token is scored.
+    n_pre = V if w == 1.0 else min(V, max(K + 1, int(1.5 * K)))
+    pre = logprobs if extra is None or w == 1.0 else (1 - w) * logprobs + extra
+    cand = pre.topk(n_pre, dim=-1).indices  # (b*K, C)
+    lp = logprobs.gather(1, cand)
     psi, r = ctc.score(cand)
     # a prefix CTC finds impossible (psi -inf) cannot be extended: avoid -inf - -inf = nan
     # (and 0 * -inf = nan for suppressed tokens when the weight is 1)
     ok = torch.isfinite(lp) & torch.isfinite(ctc.psi)[:, None]
-    gain = torch.where(ok, (1 - ctc_weight) * lp + ctc_weight * (psi - ctc.psi[:, None]), NEG_INF)
+    gain = torch.where(ok, (1 - w) * lp + w * (psi - ctc.psi[:, None]), NEG_INF)
+    if extra is not None:
+        gain = gain + extra.gather(1, cand)
     score = beams.scores[..., None] + gain.view(b, K, -1)
     return cand.view(b, K, -1), beams.att[..., None] + lp.view(b, K, -1), score, (psi, r)
 
 
-def _beam_step(beams: _Beams, logprobs: Tensor, K: int, eot: int, max_cand: int, P: int,
-               ctc: Optional[CtcPrefixScorer], ctc_weight: float) -> Tensor:
+def _beam_step(beams: _Beams, logprobs: Tensor, K: int, eot: int, max_cand: int, P: int, fusion: Fusion) -> Tensor:
     """Extend every live hypothesis; record ended ones; return the source row of each new one."""
-    cand, att, score, ctc_out = _candidates(logprobs, beams, K, ctc, ctc_weight)
+    ctc = fusion.ctc
+    cand, att, score, ctc_out = _candidates(logprobs, beams, K, fusion, eot)
     b, C = score.shape[0], score.shape[-1]
     top, idx = score.view(b, -1).topk(2 * K, dim=-1)
     src, col = idx // C, idx % C
@@ -367,12 +446,14 @@ def _beam_step(beams: _Beams, logprobs: Tensor, K: int, eot: int, max_cand: int,
     new_tok = tok[keep].view(-1)
     if ctc is not None:
         ctc.advance(rows, col[keep].view(-1), *ctc_out, new_tok)
+    if fusion.lm is not None:
+        fusion.lm.advance(rows, new_tok)
     beams.tokens = torch.cat([beams.tokens[rows], new_tok[:, None]], dim=1)
     beams.scores, beams.att = top[keep].view(b, K), att_top[keep].view(b, K)
     return rows
 
 
-def _drop_done(beams: _Beams, inference: Inference, ctc: Optional[CtcPrefixScorer], K: int, max_cand: int) -> bool:
+def _drop_done(beams: _Beams, inference: Inference, fusion: Fusion, K: int, max_cand: int) -> bool:
     """Remove utterances with enough ended hypotheses; True when none is left."""
     live = [i for i, a in enumerate(beams.audios) if len(beams.finished[a]) < max_cand]
     if len(live) == len(beams.audios):
@@ -384,17 +465,20 @@ def _drop_done(beams: _Beams, inference: Inference, ctc: Optional[CtcPrefixScore
     beams.tokens, beams.scores, beams.att = beams.tokens[rows], beams.scores[live_t], beams.att[live_t]
     beams.audios = [beams.audios[i] for i in live]
     inference.reorder(rows)
-    if ctc is not None:
-        ctc.reorder(rows)
+    for scorer in (fusion.ctc, fusion.lm):
+        if scorer is not None:
+            scorer.reorder(rows)
     return False
 
 
 def beam_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tensor, eot: int, K: int,
-                patience: float = 1.0, ctc: Optional[CtcPrefixScorer] = None,
-                ctc_weight: float = 0.0) -> List[List[Candidate]]:
+                patience: float = 1.0, ctc: Optional[CtcPrefixScorer] = None, ctc_weight: float = 0.0,
+                lm: Optional[LmScorer] = None, lm_weight: float = 0.0,
+                length_bonus: float = 0.0) -> List[List[Candidate]]:
     """openai-whisper's beam search, batched: tokens (B*K, P) holds each utterance's prompt K
     times. Stops an utterance once round(K * patience) hypotheses ended; returns per utterance
-    its finished candidates (score: joint with CTC; logprob: the decoder's sum)."""
+    its finished candidates (score: joint with CTC and the LM; logprob: the decoder's sum)."""
+    fusion = Fusion(ctc, ctc_weight, lm, lm_weight, length_bonus)
     n_audio, P = tokens.shape[0] // K, tokens.shape[1]
     max_cand = max(1, round(K * patience))
     scores = torch.full((n_audio, K), NEG_INF, device=tokens.device)
@@ -402,11 +486,11 @@ def beam_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tens
     beams = _Beams(tokens, scores, scores.clone(), list(range(n_audio)), [[] for _ in range(n_audio)])
     for step in range(n_new):
         logprobs = _logprobs(inference.logits(beams.tokens), suppress)
-        rows = _beam_step(beams, logprobs, K, eot, max_cand, P, ctc, ctc_weight)
+        rows = _beam_step(beams, logprobs, K, eot, max_cand, P, fusion)
         if step == n_new - 1:
             break
         inference.reorder(rows, same_audio=True)
-        if _drop_done(beams, inference, ctc, K, max_cand):
+        if _drop_done(beams, inference, fusion, K, max_cand):
             break
     # utterances that hit the length limit: fill up with the best unfinished hypotheses (even
     # a -inf one when nothing else exists, so every utterance gets a result)
@@ -474,7 +558,11 @@ def _beam_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tok
     inference = Inference(model, xa, xa_lens, options.use_cache, group=K)
     tokens = torch.tensor(prompt, device=xa.device).repeat(B * K, 1)
     ctc = _ctc_scorer(model, xa, xa_lens, rows, tokenizer) if options.ctc_weight > 0 else None
-    return beam_search(inference, tokens, n_new, suppress, tokenizer.eot, K, options.patience, ctc, options.ctc_weight)
+    lm = None
+    if options.lm_weight > 0:
+        lm = LmScorer(with_language_model(options, tokenizer, model.dims.n_vocab).lm, B * K, xa.device)
+    return beam_search(inference, tokens, n_new, suppress, tokenizer.eot, K, options.patience, ctc, options.ctc_weight,
+                       lm, options.lm_weight, options.length_bonus)
 
 
 def _sampled_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
