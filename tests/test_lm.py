@@ -13,7 +13,10 @@ import torch
 from whisper_scratch import lm as L
 from whisper_scratch.decoding import DecodingOptions, decode, with_language_model
 from whisper_scratch.tokenizer import CharTokenizer, TextNormalizer, train_bpe
-from test_decoding import TOK, clips, tiny_model  # noqa: F401  (clips is a fixture)
+import test_decoding
+from test_decoding import TOK, tiny_model
+
+clips = test_decoding.clips  # the fixture: six real clips
 
 TEXT = ["the cat sat on the mat", "a cat and a hat", "the hat sat", "that cat is fat", "tea at the mat"]
 
@@ -124,7 +127,7 @@ def test_cli_drops_held_out_sentences_and_writes_a_loadable_model(tmp_path, caps
     assert m.sentence_logprob("the cat sat") > m.sentence_logprob("the dev line")
 
 
-def test_lm_weight_zero_is_exactly_no_lm_and_a_heavy_lm_spells_its_text(clips, tmp_path):  # noqa: F811
+def test_lm_weight_zero_is_exactly_no_lm_and_a_heavy_lm_spells_its_text(clips, tmp_path):
     batch, lens, _ = clips
     m = tiny_model()
     lm = L.build(["hid cab"] * 20, 4)  # every context has one continuation
