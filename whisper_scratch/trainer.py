@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,9 +31,10 @@ from tqdm.auto import tqdm
 from . import data as D
 from .audio import FRAMES_PER_SECOND
 from .augment import AugmentOptions
+from .average import Ema, prune_snapshots, snapshot_name
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import DTYPE_ALIASES, canonical_dtype, flag, option
-from .decoding import DecodingOptions
+from .decoding import DecodingOptions, with_language_model
 from .evaluation import evaluate
 from .model import PRESETS, ModelDimensions, Whisper, preset_dims
 from .tokenizer import TextNormalizer, build_tokenizer, tokenizer_from_dict
@@ -47,6 +49,9 @@ ADAM_BETAS = (0.9, 0.98)
 # on floor-padded 0.98x (bench/deploy_accuracy.py)
 ZERO_FILL_SHARE = 2 / 3
 PAD_SALT = 30  # separates the --pad-to-30s-prob stream from other streams seeded by (seed, step)
+# --time-budget: steps 0-2 carry one-off costs (allocator, worker start-up) and are not timed; the
+# next 20 are. An adaptation step costs 1.8 plain ones (bench/pad_adapt_cost.py, CPU demo).
+BUDGET_SKIP, BUDGET_MEASURE, ADAPT_STEP_COST = 3, 20, 1.8
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,19 @@ class TrainOptions:
     eval_ctc_weight: float = option(0.0, "joint CTC prefix score weight when decoding the dev set (needs --ctc-weight > 0; "
                                             "> 0 decodes with beam search, even at --eval-beam-size 1)")
     max_eval_utts: Optional[int] = option(None, "decode at most this many dev clips per evaluation")
+    eval_lm_path: Optional[str] = option(None, "a character language model (python -m whisper_scratch.lm) fused into "
+                                               "the dev decoding with --eval-lm-weight")
+    eval_lm_weight: float = option(0.0, "language model weight in the dev decoding (needs --eval-lm-path)")
+    eval_length_bonus: float = option(0.0, "per-token bonus in the dev decoding's beam search")
+    keep_checkpoints: int = option(5, "weights-only snapshots step-N.pt (with their dev scores) kept from the last "
+                                      "evaluations, for `python -m whisper_scratch.average`; 0 = none")
+    ema_decay: float = option(0.0, "also keep an exponential moving average of the weights (e.g. 0.995), evaluated "
+                                   "beside the raw weights and saved as ema.pt and best_ema.pt; 0 = off")
+    time_budget: Optional[float] = option(None, "minutes for the whole run: after a measured warm-up the schedule's "
+                                                "length is set so that the cosine decay, the padding adaptation and "
+                                                "the last evaluation end on time (replaces --max-steps)")
+    pad_adapt_fraction: Optional[float] = option(None, "with --time-budget: the --pad-adapt-steps as this fraction of "
+                                                       "the steps the budget allows (e.g. 0.25)")
     num_epochs: int = option(10, "epochs (ignored when --max-steps is set)")
     max_steps: Optional[int] = option(None, "optimizer steps in all; sets the LR schedule's length")
     stop_after: Optional[int] = option(None, "stop after this step (saving last.pt) without changing the schedule")
@@ -116,6 +134,25 @@ class TrainOptions:
     def __post_init__(self):
         positive = ["eval_batch_size", "eval_beam_size", "num_epochs", "grad_accum", "eval_every", "log_every", "bpe_vocab_size",
                     "num_buckets", "max_nan_steps"]
+        if self.time_budget is not None:
+            if self.time_budget <= 0:
+                raise ValueError(f"--time-budget must be > 0 minutes, got {self.time_budget}")
+            if self.max_steps is not None:
+                raise ValueError(f"--time-budget {self.time_budget} sets the schedule's length; it cannot be used "
+                                 f"with --max-steps {self.max_steps}")
+        if self.pad_adapt_fraction is not None:
+            if self.time_budget is None or not 0 <= self.pad_adapt_fraction < 1:
+                raise ValueError(f"--pad-adapt-fraction {self.pad_adapt_fraction} must be in [0, 1) and needs "
+                                 f"--time-budget")
+            if self.pad_adapt_steps:
+                raise ValueError(f"give --pad-adapt-steps {self.pad_adapt_steps} or --pad-adapt-fraction "
+                                 f"{self.pad_adapt_fraction}, not both")
+        if self.eval_lm_weight and not self.eval_lm_path:
+            raise ValueError(f"--eval-lm-weight {self.eval_lm_weight} needs --eval-lm-path")
+        if self.ema_decay and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in (0, 1) or 0 (off), got {self.ema_decay}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}")
         if self.pad_adapt_steps < 0:
             raise ValueError(f"--pad-adapt-steps must be >= 0, got {self.pad_adapt_steps}")
         for name in positive:
@@ -398,7 +435,10 @@ def dev_evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, amp)
     """Real decoding of the dev clips with the --eval-* settings (never teacher-forced), scored
     with jiwer: the same path as transcribe.py --mode evaluate."""
     utts = utts[: opts.max_eval_utts] if opts.max_eval_utts else utts
-    options = DecodingOptions(language=opts.language, beam_size=opts.eval_beam_size, ctc_weight=opts.eval_ctc_weight)
+    options = DecodingOptions(language=opts.language, beam_size=opts.eval_beam_size, ctc_weight=opts.eval_ctc_weight,
+                              lm_path=opts.eval_lm_path, lm_weight=opts.eval_lm_weight,
+                              length_bonus=opts.eval_length_bonus)
+    options = with_language_model(options, tokenizer, model.dims.n_vocab)
     was_training = model.training
     model.eval()
     with torch.no_grad(), amp:
@@ -417,6 +457,9 @@ class TrainState:
     nan_skipped: int = 0
     data_errors: int = 0
     adapting: bool = False  # in the --pad-adapt-steps phase
+    best_ema_cer: float = float("inf")
+    budget_steps: int = 0  # --time-budget: the schedule's length it chose (kept on resume)
+    budget_adapt_steps: int = 0
 
 
 class StopRequest:
@@ -520,16 +563,17 @@ class Trainer:
         self.clip_seconds = {"longest_clip_seconds": durations[-1], "median_clip_seconds": durations[len(durations) // 2]}
         self.sampler, self.dataset = build_batches(o, self.train_utts, self.tokenizer, self.model.dims.n_mels, self.ddp)
         self.steps_per_epoch = math.ceil(len(self.sampler) / o.grad_accum)
-        self.schedule_steps = o.max_steps or o.num_epochs * self.steps_per_epoch
-        self.total_steps = self.schedule_steps + o.pad_adapt_steps
+        self.set_schedule(o.max_steps or o.num_epochs * self.steps_per_epoch, o.pad_adapt_steps)
         self.optim = OptimizerStep(self.model, self.tokenizer, o, self.device, self.ddp)
         # the same objects, named as tests and benchmarks reach them
         self.loss_module, self.optimizer, self.scaler, self.amp = (self.optim.loss_module, self.optim.optimizer,
                                                                    self.optim.scaler, self.optim.amp)
         self.state = TrainState()
+        self.ema = Ema(self.model, o.ema_decay) if o.ema_decay else None
         if ckpt is not None:
             self.restore(ckpt)
         self.history, self.last_eval, self.last_eval_step = [], {}, -1
+        self.t_start, self.t_measure = time.time(), None
 
     def run(self) -> dict:
         """The loop: this epoch's optimizer steps -> log -> evaluate and save, until --max-steps,
@@ -547,6 +591,9 @@ class Trainer:
                     stats = self.step_or_explain_oom(micro)
                     self.check_finite(stats)
                     st.step, st.batches_done = st.step + 1, consumed
+                    if self.ema is not None:
+                        self.ema.update(self.model)
+                    self.plan_budget()
                     self.history.append((st.step, stats["ce"], stats["ctc"]))
                     self.log.step(st.step, st.epoch, stats)
                     if st.step % o.eval_every == 0 or st.step in (self.schedule_steps, self.total_steps):
@@ -566,6 +613,53 @@ class Trainer:
             print(closing(self, stopped_early), flush=True)
         return {"step": st.step, "best_cer": st.best_cer, "last_eval": self.last_eval, "history": self.history,
                 "nan_skipped": st.nan_skipped, "data_errors": st.data_errors}
+
+    def set_schedule(self, schedule_steps: int, adapt_steps: int) -> None:
+        self.schedule_steps, self.adapt_steps = schedule_steps, adapt_steps
+        self.total_steps = schedule_steps + adapt_steps
+        if hasattr(self, "log"):
+            self.log.bar.total = self.total_steps
+
+    def plan_budget(self) -> None:
+        """--time-budget: time steps BUDGET_SKIP.. +BUDGET_MEASURE and one small dev decode, then
+        fix the schedule so that its steps, the adaptation and every evaluation fit the minutes
+        left. Before that the LR is in its linear warmup, which does not depend on the length."""
+        o, st = self.opts, self.state
+        if o.time_budget is None or st.budget_steps:
+            return
+        if st.step < BUDGET_SKIP or self.t_measure is None:
+            self.t_measure = (st.step, time.time()) if st.step >= BUDGET_SKIP else None
+            return
+        first, t0 = self.t_measure
+        if st.step - first < BUDGET_MEASURE:
+            return
+        per_step = (time.time() - t0) / (st.step - first)
+        per_eval = self.time_evaluation()
+        left = o.time_budget * 60 - (time.time() - self.t_start)
+        adapt = o.pad_adapt_fraction or 0.0
+        n = st.step
+        while True:  # the largest schedule whose steps and evaluations still fit
+            m = n + 10
+            cost = (m - st.step) * per_step + round(adapt * m) * per_step * ADAPT_STEP_COST
+            evals = m // o.eval_every + 2 if self.ddp.main else 0
+            if cost + evals * per_eval > left:
+                break
+            n = m
+        adapt_steps = round(adapt * n) if o.pad_adapt_fraction is not None else o.pad_adapt_steps
+        st.budget_steps, st.budget_adapt_steps = n, adapt_steps
+        self.set_schedule(n, adapt_steps)
+        tqdm.write(f"--time-budget {o.time_budget:g} min: {per_step:.2f} s/step, ~{per_eval:.0f} s per evaluation, "
+                   f"{left / 60:.1f} min left -> {n} steps" + (f" + {adapt_steps} adaptation steps" if adapt_steps else ""))
+
+    def time_evaluation(self) -> float:
+        """Seconds one dev evaluation will take, from decoding a few dev clips now (x2 with EMA)."""
+        if not self.ddp.main or not self.dev_utts:
+            return 0.0
+        probe = self.dev_utts[:8]
+        t0 = time.time()
+        dev_evaluate(self.model, self.tokenizer, probe, self.opts, self.amp)
+        n = min(len(self.dev_utts), self.opts.max_eval_utts or len(self.dev_utts))
+        return (time.time() - t0) * n / len(probe) * (2 if self.ema is not None else 1)
 
     def finished(self, stop: StopRequest) -> bool:
         st, o = self.state, self.opts
@@ -610,9 +704,9 @@ class Trainer:
         """At the first --pad-adapt-steps step: best_model.pt is chosen among adapted models only
         (an earlier one, better on unpadded dev clips, would not survive the 30 s tools)."""
         st = self.state
-        if self.opts.pad_adapt_steps and st.step >= self.schedule_steps and not st.adapting:
-            st.adapting, st.best_cer = True, float("inf")
-            tqdm.write(f"step {st.step}: {self.opts.pad_adapt_steps} steps of 30 s padding adaptation begin")
+        if self.adapt_steps and st.step >= self.schedule_steps and not st.adapting:
+            st.adapting, st.best_cer, st.best_ema_cer = True, float("inf"), float("inf")
+            tqdm.write(f"step {st.step}: {self.adapt_steps} steps of 30 s padding adaptation begin")
 
     def step_or_explain_oom(self, micro: list) -> dict:
         try:
@@ -646,16 +740,43 @@ class Trainer:
                 if scores["cer"] < st.best_cer:
                     st.best_cer = scores["cer"]
                     self.save("best_model.pt")
+            self.snapshot(scores)
+            if self.ema is not None:
+                self.evaluate_ema()
             self.save("last.pt")
         if self.ddp.world > 1:
             dist.barrier()
 
+    def snapshot(self, scores: dict) -> None:
+        """step-N.pt: these weights and their dev scores, for averaging; the oldest beyond
+        --keep-checkpoints are deleted."""
+        if self.opts.keep_checkpoints:
+            dev = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+            save_checkpoint(self.out / snapshot_name(self.state.step), self.model, self.tokenizer,
+                            options=asdict(self.opts), **self.clip_seconds, step=self.state.step, dev=dev)
+            prune_snapshots(self.out, self.opts.keep_checkpoints)
+
+    def evaluate_ema(self) -> None:
+        """The averaged weights decoded like the raw ones; ema.pt always, best_ema.pt when best."""
+        st = self.state
+        with self.ema.applied(self.model):
+            scores = dev_evaluate(self.model, self.tokenizer, self.dev_utts, self.opts, self.amp)
+            if scores:
+                self.log.evaluation(st.step, st.epoch, scores, "ema")
+            names = ["ema.pt"] + (["best_ema.pt"] if scores and scores["cer"] < st.best_ema_cer else [])
+            for name in names:
+                save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts),
+                                **self.clip_seconds, step=st.step, dev={"wer": scores.get("wer"), "cer": scores.get("cer")})
+        if scores and scores["cer"] < st.best_ema_cer:
+            st.best_ema_cer = scores["cer"]
+
     def save(self, name: str) -> None:
         if self.ddp.main:
+            ema = {"ema": self.ema.state_dict()} if self.ema is not None else {}
             save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts), **self.clip_seconds,
                             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                             sampler=self.sampler.state_dict(self.state.batches_done), state=asdict(self.state),
-                            rng=rng_state())
+                            rng=rng_state(), **ema)
 
     def restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -663,6 +784,10 @@ class Trainer:
         self.state = TrainState(**ckpt["state"])
         self.sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
+        if self.state.budget_steps:  # the schedule --time-budget chose, not a new one
+            self.set_schedule(self.state.budget_steps, self.state.budget_adapt_steps)
+        if self.ema is not None and "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
 
 
 def train(opts: TrainOptions) -> dict:

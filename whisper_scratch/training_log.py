@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-CSV_FIELDS = ["step", "epoch", "lr", "train_loss", "train_ctc", "dev_wer", "dev_cer", "audio_sec_per_sec",
-              "tokens", "elapsed_s"]
+CSV_FIELDS = ["step", "epoch", "lr", "train_loss", "train_ctc", "dev_wer", "dev_cer", "ema_dev_wer", "ema_dev_cer",
+              "audio_sec_per_sec", "tokens", "elapsed_s"]
 
 
 class TrainLog:
@@ -64,11 +64,14 @@ class TrainLog:
                      tokens=w["tokens"], elapsed_s=self.elapsed())
             self._reset_window()
 
-    def evaluation(self, step: int, epoch: int, scores: dict) -> None:
-        self.row(step=step, epoch=epoch, dev_wer=scores["wer"], dev_cer=scores["cer"], elapsed_s=self.elapsed())
+    def evaluation(self, step: int, epoch: int, scores: dict, weights: str = "") -> None:
+        """A dev row: of the raw weights, or with weights="ema" of their moving average."""
+        prefix = f"{weights}_" if weights else ""
+        self.row(step=step, epoch=epoch, **{f"{prefix}dev_wer": scores["wer"], f"{prefix}dev_cer": scores["cer"]},
+                 elapsed_s=self.elapsed())
         ref, hyp = scores["examples"][0]
-        tqdm.write(f"step {step}: dev WER {100 * scores['wer']:.2f} %  CER {100 * scores['cer']:.2f} %"
-                   f"  e.g. ref {ref!r} hyp {hyp!r}")
+        tqdm.write(f"step {step}: {weights.upper() + ' ' if weights else ''}dev WER {100 * scores['wer']:.2f} %  "
+                   f"CER {100 * scores['cer']:.2f} %  e.g. ref {ref!r} hyp {hyp!r}")
 
     def row(self, **values) -> None:
         if not self.enabled:
@@ -131,7 +134,8 @@ def opening(t) -> str:
         f"device  {t.device} × {t.ddp.world}, dtype {o.dtype}, {torch.get_num_threads()} threads"
         + (", grad checkpointing" if o.grad_checkpointing else ""),
         f"batches {batch} × accum {o.grad_accum} × {t.ddp.world} rank(s); {t.steps_per_epoch} steps/epoch;"
-        f" {t.schedule_steps} steps" + (f" + {o.pad_adapt_steps} padding-adaptation steps" if o.pad_adapt_steps else "")
+        + (f" {o.time_budget:g} min budget (steps set after a warm-up)" if o.time_budget else f" {t.schedule_steps} steps")
+        + (f" + {t.adapt_steps} padding-adaptation steps" if t.adapt_steps else "")
         + f"; lr {o.learning_rate:g}, warmup {o.warmup_steps}, {o.optimizer}",
         "=" * 78,
     ]

@@ -1,0 +1,157 @@
+"""Averaged weights: the element-wise mean of several checkpoints (icefall's --avg, ESPnet's
+average_nbest) and an exponential moving average kept during training.
+
+    python -m whisper_scratch.average --dir exp/demo_mn --last 5 --output exp/demo_mn/avg5.pt
+    python -m whisper_scratch.average --dir exp/demo_mn --best 3 --output exp/demo_mn/best3.pt
+    python -m whisper_scratch.average --checkpoints A.pt B.pt C.pt --output avg.pt
+
+The trainer writes a weights-only snapshot `step-NNNNNNN.pt` (with its dev scores) at every
+evaluation and keeps the last --keep-checkpoints of them; --last and --best choose among those.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from .checkpoint import atomic_save, load_checkpoint
+from .config import option, parse_options, require
+
+SNAPSHOT = re.compile(r"^step-(\d+)\.pt$")
+
+
+def snapshot_name(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def snapshots(folder) -> List[Tuple[int, Path]]:
+    """(step, path) of every evaluation snapshot in `folder`, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(folder).glob("step-*.pt") if (m := SNAPSHOT.match(p.name))]
+    return sorted(found)
+
+
+def prune_snapshots(folder, keep: int) -> None:
+    """Delete all but the newest `keep` snapshots."""
+    for _, path in snapshots(folder)[:-keep] if keep > 0 else snapshots(folder):
+        path.unlink(missing_ok=True)
+
+
+def choose(folder, last: Optional[int] = None, best: Optional[int] = None) -> List[Path]:
+    """The newest `last` snapshots, or the `best` by the dev CER each one records."""
+    found = snapshots(folder)
+    if not found:
+        raise FileNotFoundError(f"{folder}: no step-*.pt evaluation snapshots (train with --keep-checkpoints > 0)")
+    if last is not None:
+        return [p for _, p in found[-last:]]
+    scored = []
+    for _, p in found:
+        cer = load_checkpoint(p).get("dev", {}).get("cer")
+        if cer is not None:
+            scored.append((cer, p))
+    if not scored:
+        raise ValueError(f"{folder}: its snapshots record no dev CER to rank them by; use --last")
+    return [p for _, p in sorted(scored, key=lambda x: x[0])[:best]]
+
+
+def average_checkpoints(paths: List[Path]) -> dict:
+    """The first checkpoint with its weights replaced by the mean over all of them; the dims and
+    the tokenizer must agree (else the mean is meaningless: a clear error naming the file)."""
+    require(len(paths) >= 1, "nothing to average: give at least one checkpoint")
+    first = load_checkpoint(paths[0])
+    total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
+    for path in paths[1:]:
+        ck = load_checkpoint(path)
+        for key in ("dims", "tokenizer"):
+            if ck[key] != first[key]:
+                raise ValueError(f"{path}: its {key} differ from {paths[0]}'s; only checkpoints of one run "
+                                 f"(one model shape and vocabulary) can be averaged")
+        for k, v in ck["model"].items():
+            if v.is_floating_point():
+                total[k] += v.double()
+    model = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v for k, v in total.items()}
+    keep = {k: v for k, v in first.items() if k not in ("optimizer", "scaler", "sampler", "rng", "state", "ema")}
+    return {**keep, "model": model, "averaged_from": [str(p) for p in paths]}
+
+
+class Ema:
+    """An exponential moving average of the weights (fp32), updated after every optimizer step;
+    the decay ramps up as (1 + n) / (10 + n) so the early average is not stuck at the random init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        state = model.state_dict()
+        keys = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [state[k].detach().float() for k in keys], 1.0 - d)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.updates = int(d["updates"])
+        self.shadow = {k: v.float() for k, v in d["shadow"].items()}
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """The model holds the averaged weights inside the block, its own again after it."""
+        state = model.state_dict()
+        raw = {k: state[k].detach().clone() for k in self.shadow}
+        with torch.no_grad():
+            for k, v in self.shadow.items():
+                state[k].copy_(v)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for k, v in raw.items():
+                    state[k].copy_(v)
+
+
+@dataclass(frozen=True)
+class AverageOptions:
+    """Average the weights of several checkpoints of one run into one checkpoint."""
+
+    output: str = option(help="where to write the averaged checkpoint")
+    checkpoints: Tuple[str, ...] = option((), "checkpoint files to average", nargs="*")
+    dir: Optional[str] = option(None, "a training output folder: choose among its step-*.pt snapshots")
+    last: Optional[int] = option(None, "average the newest N snapshots of --dir")
+    best: Optional[int] = option(None, "average the N snapshots of --dir with the lowest dev CER")
+
+    def __post_init__(self):
+        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        chosen = [bool(self.checkpoints), self.last is not None, self.best is not None]
+        require(sum(chosen) == 1, f"give exactly one of --checkpoints, --last N, --best N (got checkpoints="
+                                  f"{list(self.checkpoints)}, last={self.last}, best={self.best})")
+        for name in ("last", "best"):
+            v = getattr(self, name)
+            require(v is None or v >= 1, f"--{name} must be >= 1, got {v}")
+            require(v is None or self.dir is not None, f"--{name} {v} chooses among the snapshots of --dir: give --dir")
+
+
+def main(argv=None) -> int:
+    opts = parse_options(AverageOptions, argv, prog="python -m whisper_scratch.average")
+    try:
+        paths = [Path(p) for p in opts.checkpoints] or choose(opts.dir, opts.last, opts.best)
+        avg = average_checkpoints(paths)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    atomic_save(avg, opts.output)
+    dev = [f"{load_checkpoint(p).get('dev', {}).get('cer', float('nan')) * 100:.2f}" for p in paths]
+    print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}; dev CER % {', '.join(dev)}) "
+          f"-> {opts.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
