@@ -76,7 +76,8 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     for 16-bit files. Channels are averaged; resampling uses soxr's high-quality filter.
     """
     path = Path(path)
-    _open_info(path)
+    if _open_info(path).samplerate <= 0:  # a damaged header; soxr would fail on it without naming the file
+        raise AudioError(f"{path}: not a readable audio file: the header gives no sample rate")
     try:
         data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
