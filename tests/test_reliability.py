@@ -198,3 +198,11 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
         p.write_bytes(b"partial")
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert not stale.exists() and alive.exists() and other.exists()
+
+
+def test_train_py_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "last.pt").write_text("hello\n")
+    rc = train_cli.main(["--local-data-dir", str(tmp_path / "unused.tsv"), "--output-dir", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"train.py: error: {tmp_path / 'last.pt'}: a text file (starting 'hello'), not a " \
+                              f"checkpoint: use a checkpoint written by train.py (OUT/best_model.pt or OUT/last.pt)"

@@ -361,7 +361,7 @@ def read_references(path) -> Tuple[List[Tuple[str, str]], str]:
         rows, bad = T.read_jsonl(path)
         if bad:
             raise ValueError(f"{path}:{bad[0][0]}: not a JSON object line ({bad[0][1]})")
-        kind = "manifest"
+        kind, keys = "manifest", {k for _, r in rows for k in r}
     else:
         table = T.read_tsv_rows(path)
         if not table:
@@ -371,12 +371,12 @@ def read_references(path) -> Tuple[List[Tuple[str, str]], str]:
             return _headerless_pairs(path, table), "tsv"
         names = [c.strip().lstrip("\ufeff").lower() for c in table[0]]
         rows = [(n, dict(zip(names, row))) for n, row in enumerate(table[1:], start=2) if "".join(row).strip()]
-        kind = "common_voice" if "sentence" in header and "text" not in header else "manifest"
-    return _reference_pairs(path, rows, kind), kind
+        kind, keys = "common_voice" if "sentence" in header and "text" not in header else "manifest", header
+    return _reference_pairs(path, rows, kind, keys), kind
 
 
-def _reference_pairs(path: Path, rows: list, kind: str) -> list:
-    keys = {k for _, r in rows for k in r}
+def _reference_pairs(path: Path, rows: list, kind: str, keys: set) -> list:
+    """Pairs from the rows; `keys`: the header's columns (TSV) or every key of every line (JSONL)."""
     pkey = next((k for k in _PATH_KEYS if k in keys), None)
     tkey = next((k for k in _TEXT_KEYS if k in keys), None)
     if pkey is None or tkey is None:
