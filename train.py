@@ -6,13 +6,21 @@
 """
 import sys
 
+from whisper_scratch.checkpoint import CheckpointError, CheckpointWriteError
 from whisper_scratch.config import parse_options
 from whisper_scratch.trainer import TrainOptions, train
 
 
 def main(argv=None) -> int:
     opts = parse_options(TrainOptions, argv)
-    train(opts)
+    try:
+        train(opts)
+    except CheckpointError as e:  # --resume on a file that is not a loadable checkpoint
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointWriteError as e:  # disk full: say so and where, the last good checkpoint is intact
+        print(f"train.py: error: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
-from whisper_scratch.checkpoint import load_model, precision
+from whisper_scratch.checkpoint import CheckpointError, load_model, precision
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from whisper_scratch import decoding as D
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
@@ -74,7 +74,7 @@ class TranscribeOptions:
 
     def __post_init__(self):
         require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
-        require(Path(self.model_path).is_file(), f"--model_path {self.model_path}: no such file")
+        require(Path(self.model_path).exists(), f"--model_path {self.model_path}: no such file or folder")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         if self.mode == "single":
             require(self.audio_path is not None, "--mode single needs --audio_path")
@@ -99,6 +99,21 @@ class TranscribeOptions:
 def list_audio(folder) -> list:
     """Every audio file under `folder`, recursively, sorted."""
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+class NoAudioError(ValueError):
+    """--audio_dir holds no file with an audio extension."""
+
+
+def audio_files(folder) -> list:
+    """list_audio, refusing a folder with nothing to transcribe (exiting 0 having done nothing
+    would look like success)."""
+    paths = list_audio(folder)
+    if not paths:
+        others = sum(1 for p in Path(folder).rglob("*") if p.is_file())
+        raise NoAudioError(f"--audio_dir {folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in it or its "
+                           f"subfolders ({others} other file(s))")
+    return paths
 
 
 def display_name(path: Path, roots: list) -> str:
@@ -161,7 +176,7 @@ def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
 
 
 def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
-    paths = list_audio(opts.audio_dir)
+    paths = audio_files(opts.audio_dir)
     with ResultWriter(opts, [opts.audio_dir]) as out:
         for path in tqdm(paths, desc="transcribing", unit="file", disable=not opts.progress):
             try:
@@ -189,7 +204,7 @@ def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
 
 
 def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
-    paths = list_audio(opts.audio_dir)
+    paths = audio_files(opts.audio_dir)
     with ResultWriter(opts, [opts.audio_dir]) as out:
         for path, result in _batched(model, tokenizer, opts, paths):
             out.write(path, result)
@@ -306,7 +321,11 @@ def with_chunk_seconds(opts: TranscribeOptions, ckpt: dict) -> TranscribeOptions
 def main(argv=None) -> int:
     opts = parse_options(TranscribeOptions, argv)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, ckpt = load_model(opts.model_path, device)
+    try:
+        model, tokenizer, ckpt = load_model(opts.model_path, device)
+    except (CheckpointError, FileNotFoundError) as e:  # one line: what the file is and what to do
+        print(f"transcribe.py: error: --model_path {e}", file=sys.stderr)
+        return 2
     opts = with_chunk_seconds(opts, ckpt)
     problem = check_model(opts, model, tokenizer)
     if problem is None:
@@ -315,7 +334,11 @@ def main(argv=None) -> int:
         print(f"transcribe.py: error: {problem}", file=sys.stderr)
         return 2
     with precision(opts.dtype, device):
-        return RUNNERS[opts.mode](model, tokenizer, opts)
+        try:
+            return RUNNERS[opts.mode](model, tokenizer, opts)
+        except NoAudioError as e:
+            print(f"transcribe.py: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_bad_files_name_the_file_and_reason(tmp_path):
     corrupt.write_bytes(b"RIFF\x00\x01garbage" * 50)
     zero = tmp_path / "zero_frames.wav"
     sf.write(zero, np.zeros(0, np.float32), 16000)
-    cases = {missing: "not found", empty: "empty", corrupt: "not a readable audio file",
+    cases = {missing: "not found", empty: "empty", corrupt: "not decodable audio",
              zero: "no audio frames", tmp_path: "directory"}
     for path, reason in cases.items():
         with pytest.raises(A.AudioError) as err:

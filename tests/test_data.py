@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +12,9 @@ from whisper_scratch import audio as A
 from whisper_scratch.augment import AugmentOptions, add_noise, spec_augment, speed_perturb
 from whisper_scratch.data import (AsrDataset, Collator, DataReport, DurationBucketSampler, FeatureCache,
                                   filter_for_model, find_cv_language_dir, load_split, make_loader,
-                                  read_common_voice, read_manifest)
+                                  read_common_voice, read_manifest, read_references)
 from whisper_scratch.tokenizer import CharTokenizer
+from conftest import DATA as DATA_ROOT, REPO
 
 CV_HEADER = ["client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes",
              "age", "gender", "accents", "variant", "locale", "segment"]
@@ -87,7 +90,7 @@ def test_bad_common_voice_folders_are_clear(tmp_path):
         find_cv_language_dir(tmp_path)
     lang, _ = write_cv(tmp_path)
     (lang / "dev.tsv").write_text("client_id\tfile\tsentence\nx\ty\tz\n")
-    with pytest.raises(ValueError, match=r"dev.tsv: missing column\(s\) \['path'\]"):
+    with pytest.raises(ValueError, match=r"dev.tsv:1: missing column\(s\) \['path'\]"):
         read_common_voice(lang, "dev")
     with pytest.raises(ValueError, match="'training'"):
         read_common_voice(lang, "training")
@@ -293,3 +296,129 @@ def test_summary_prints_hours_of_every_split(tmp_path, data_dir, capsys):
     assert "missing.mp3" in out and " h" in out
     main([str(data_dir / "fsdd/manifest.tsv")])
     assert "test 250 clips 0.03 h | train 2,250 clips 0.26 h" in capsys.readouterr().out
+
+
+# -- Common Voice as it really ships: validated.tsv and clips/ only (shared/data/cv_sample) -------
+CV_SAMPLE = DATA_ROOT / "cv_sample"
+
+
+def carved(lang_dir, carve=(0.1, 0.1)):
+    report = DataReport()
+    splits = {s: read_common_voice(lang_dir, s, lang_dir.name, report, carve) for s in ("train", "dev", "test")}
+    return splits, report
+
+
+@pytest.mark.parametrize("lang", ["ky", "en"])
+def test_cv_sample_carves_speaker_and_sentence_disjoint_splits(lang):
+    splits, report = carved(CV_SAMPLE / lang)
+    rows = (CV_SAMPLE / lang / "validated.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    speaker_of = {r.split("\t")[1]: r.split("\t")[0] for r in rows}
+    clips = {s: {os.path.basename(u.audio) for u in us} for s, us in splits.items()}
+    dropped = sum(len(v) for k, v in report.skipped.items() if k.startswith("carved"))
+    assert sum(map(len, clips.values())) + dropped == len(rows) == 100  # every clip in one split or counted
+    assert 5 <= len(clips["dev"]) <= 10 and 5 <= len(clips["test"]) <= 10  # asked for 10 % each
+    speakers = {s: {speaker_of[c] for c in cs} for s, cs in clips.items()}
+    sentences = {s: {u.text for u in us} for s, us in splits.items()}
+    for a, b in [("train", "dev"), ("train", "test"), ("dev", "test")]:
+        assert not speakers[a] & speakers[b] and not sentences[a] & sentences[b], (a, b)
+    assert all(u.speaker == speaker_of[os.path.basename(u.audio)] for us in splits.values() for u in us)
+    assert len(report.notes) == 1 and "carved from validated.tsv" in report.notes[0]
+    assert f"dev {len(clips['dev'])} clips of {len(speakers['dev'])} speakers" in report.notes[0]
+    again, _ = carved(CV_SAMPLE / lang)
+    assert again == splits  # deterministic
+    bigger, _ = carved(CV_SAMPLE / lang, (0.3, 0.2))
+    assert 20 <= len(bigger["dev"]) <= 30 and len(bigger["train"]) < len(splits["train"])
+
+
+def test_carve_is_the_same_in_another_process_with_another_hash_seed():
+    code = ("from whisper_scratch.data import read_common_voice as r; import sys; "
+            "print(sorted(u.id for u in r(sys.argv[1], 'dev', 'ky')))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code, str(CV_SAMPLE / "ky")], env=env, capture_output=True,
+                         text=True, cwd=REPO, check=True).stdout.strip()
+    assert out == str(sorted(u.id for u in read_common_voice(CV_SAMPLE / "ky", "dev", "ky")))
+
+
+def test_carved_splits_keep_sentences_apart_and_count_what_they_drop(tmp_path):
+    """Two speakers read the same sentence: whichever split takes the first, the other's clip is
+    dropped from its later split (dev, then test, then train) and counted."""
+    lang = tmp_path / "xx"
+    (lang / "clips").mkdir(parents=True)
+    lines = ["client_id\tpath\tsentence\tup_votes\textra"]
+    for i in range(40):
+        sf.write(lang / "clips" / f"c{i}.wav", tone(0.5, sr=16000), 16000)
+        lines.append(f"spk{i % 20}\tc{i}.wav\t{'same words' if i % 20 < 2 else f'sentence {i}'}\t2\tx")
+    (lang / "validated.tsv").write_text("\n".join(lines) + "\n")
+    splits, report = carved(lang, (0.25, 0.25))
+    dropped = [n for k, v in report.skipped.items() if k.startswith("carved") for n in v]
+    texts = [u.text for us in splits.values() for u in us]
+    assert texts.count("same words") == 2 and len(dropped) == 2  # 4 readings: the first speaker's split keeps its 2
+    assert sum(map(len, splits.values())) == 38
+    with pytest.raises(ValueError, match="--carve-dev 0.6 / --carve-test 0.5"):
+        read_common_voice(lang, "train", "xx", carve=(0.6, 0.5))
+
+
+def test_csv_quoting_is_detected_per_file(tmp_path):
+    """en/validated.tsv was written with CSV quoting: the sentence comes out unwrapped, inner
+    quotes single. A file with bare quotes (even one that looks wrapped) is read as written."""
+    en = CV_SAMPLE / "en"
+    utts = {os.path.basename(u.audio): u.text for s in ("train", "dev", "test")
+            for u in read_common_voice(en, s, "en")}
+    assert utts["common_voice_en_23557246.mp3"] == 'He saw cinema as "plastic art in motion".'
+    assert utts["common_voice_en_23376208.mp3"] == 'These feasts were of two kinds, "public" and "private".'
+    refs = dict(read_references(en / "validated.tsv")[0])
+    assert refs["common_voice_en_23557246.mp3"] == 'He saw cinema as "plastic art in motion".'
+    bare = tmp_path / "test.tsv"
+    bare.write_text('client_id\tpath\tsentence\na\t1.wav\t"Quoted whole."\nb\t2.wav\t"One" he said\n'
+                    'c\t3.wav\tsays ""twice""\n', encoding="utf-8")
+    assert read_references(bare)[0] == [("1.wav", '"Quoted whole."'), ("2.wav", '"One" he said'),
+                                        ("3.wav", 'says ""twice""')]
+    quoted = tmp_path / "quoted.tsv"
+    quoted.write_bytes('\ufeffpath\ttext\r\n1.wav\t"a ""b"" c"\r\n2.wav\tplain\r\n'.encode("utf-8"))  # BOM, CRLF
+    assert read_references(quoted) == ([("1.wav", 'a "b" c'), ("2.wav", "plain")], "manifest")
+
+
+def test_other_tsv_files_and_extra_columns_are_ignored(tmp_path):
+    lang = tmp_path / "ky"
+    lang.mkdir()
+    (lang / "clips").symlink_to(CV_SAMPLE / "ky" / "clips")
+    rows = (CV_SAMPLE / "ky" / "validated.tsv").read_text(encoding="utf-8").splitlines()
+    (lang / "validated.tsv").write_text("\n".join(r + "\tmore\tcolumns" for r in rows) + "\n", encoding="utf-8")
+    (lang / "other.tsv").write_bytes(b"\xff\xfe not even text")
+    (lang / "invalidated.tsv").write_text("nonsense\n")
+    (lang / "reported.tsv").write_text("sentence\treason\nx\ty\n")
+    assert carved(lang)[0] == carved(CV_SAMPLE / "ky")[0]
+
+
+def test_without_clip_durations_each_clip_costs_one_header_read(tmp_path, monkeypatch):
+    calls = []
+    real = A.audio_duration
+    monkeypatch.setattr(A, "audio_duration", lambda p: calls.append(p) or real(p))
+    dev = read_common_voice(CV_SAMPLE / "ky", "dev", "ky")
+    assert len(calls) == len(dev) and all(u.duration > 1 for u in dev)
+    lang = tmp_path / "ky"
+    lang.mkdir()
+    (lang / "clips").symlink_to(CV_SAMPLE / "ky" / "clips")
+    (lang / "validated.tsv").symlink_to(CV_SAMPLE / "ky" / "validated.tsv")
+    (lang / "clip_durations.tsv").write_text("clip\tduration[ms]\n" + "".join(
+        f"{os.path.basename(u.audio)}\t{round(u.duration * 1000)}\n" for u in dev[1:]) + "bad.mp3\tlong\n")
+    calls.clear()
+    report = DataReport()
+    again = read_common_voice(lang, "dev", "ky", report)
+    assert len(calls) == 1 and [u.id for u in again] == [u.id for u in dev]  # only the clip not listed
+    assert report.skipped["clip_durations.tsv row unreadable (duration read from the audio header)"] == [
+        f"clip_durations.tsv:{len(dev) + 1}"]
+
+
+def test_a_short_training_run_on_the_real_cv_sample(tmp_path, monkeypatch):
+    """ky/ as shipped trains end to end: carved splits, MP3 at 48 kHz, a dev evaluation, checkpoints."""
+    from whisper_scratch import model
+    from whisper_scratch.checkpoint import load_model
+    from whisper_scratch.trainer import TrainOptions, train
+    monkeypatch.setitem(model.PRESETS, "mini", (64, 2, 2))  # tiny dims: seconds on a CPU
+    result = train(TrainOptions(local_data_dir=str(CV_SAMPLE), language="ky", whisper_size="mini", max_steps=2,
+                                train_batch_size=2, max_batch_seconds=None, num_workers=0, progress=False,
+                                max_eval_utts=2, eval_every=2, warmup_steps=1, output_dir=str(tmp_path / "out")))
+    assert result["step"] == 2 and result["last_eval"]["step"] == 2 and "cer" in result["last_eval"]
+    _, tok, ckpt = load_model(tmp_path / "out" / "best_model.pt")
+    assert tok.languages == ("ky",) and ckpt["state"]["step"] == 2

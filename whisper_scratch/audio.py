@@ -46,7 +46,19 @@ def _open_info(path: Path) -> sf._SoundFileInfo:
     try:
         return sf.info(str(path))
     except Exception as e:  # libsndfile raises several types for unreadable headers
-        raise AudioError(f"{path}: not a readable audio file ({e})") from None
+        raise AudioError(f"{path}: {_undecodable(e)}") from None
+
+
+def _undecodable(e: Exception) -> str:
+    """What to tell the user about a file libsndfile will not open. For bytes it cannot recognise
+    (a corrupt MP3, text behind an .mp3 name) libsndfile says "File does not exist or is not a
+    regular file (possibly a pipe?)" although the file exists: say what is really wrong."""
+    said = str(e)
+    if "does not exist or is not a regular file" in said or "unknown format" in said.lower():
+        said = "corrupt, truncated, or not WAV/FLAC/MP3/OGG data"
+    elif said.startswith("Error opening"):  # "Error opening 'x.wav': <reason>": the path is ours to give
+        said = said.split(": ", 1)[-1]
+    return f"not a readable audio file: the bytes are not decodable audio ({said})"
 
 
 def audio_duration(path: PathLike) -> float:
@@ -64,11 +76,12 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     for 16-bit files. Channels are averaged; resampling uses soxr's high-quality filter.
     """
     path = Path(path)
-    _open_info(path)
+    if _open_info(path).samplerate <= 0:  # a damaged header; soxr would fail on it without naming the file
+        raise AudioError(f"{path}: not a readable audio file: the header gives no sample rate")
     try:
         data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
-        raise AudioError(f"{path}: cannot decode audio ({e})") from None
+        raise AudioError(f"{path}: {_undecodable(e)}") from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: contains no audio frames")
     audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
@@ -76,6 +89,8 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(f"{path}: decoded samples contain NaN or inf")
     if file_sr != sr:
         audio = soxr.resample(audio, file_sr, sr, quality="HQ")
+    if audio.size == 0:  # e.g. 1 sample at 48 kHz: nothing is left at 16 kHz
+        raise AudioError(f"{path}: too short: {data.shape[0]} sample(s) at {file_sr} Hz leave none at {sr} Hz")
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 

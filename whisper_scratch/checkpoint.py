@@ -4,15 +4,19 @@ themselves."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from . import foreign_files as foreign
 from .model import ModelDimensions, Whisper
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -20,20 +24,68 @@ FORMAT = "whisper_scratch"
 VERSION = 1
 
 
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this code can load; the message names the file, says what
+    it is and what to do. A ValueError, so callers that catch those keep working."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous file is intact."""
+
+
+# atomic_save's temporaries: .NAME.PID.RANDOM.tmp (mkstemp's random part has no dots)
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list:
+    """Delete what a killed atomic_save left behind: `.NAME.PID.xxxx.tmp` files whose writer
+    process is gone (a live writer's file is left alone). Returns the paths removed."""
+    removed = []
+    for p in folder.glob(".*.tmp"):
+        m = _TMP_NAME.fullmatch(p.name)
+        if m and not _pid_alive(int(m.group("pid"))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _write_error(e: OSError, path: Path, tmp: str) -> CheckpointWriteError:
+    what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return CheckpointWriteError(
+        e.errno, f"could not write the checkpoint {path}: {what} ({errno.errorcode.get(e.errno, e.errno)} while "
+                 f"writing {tmp}); the previous {path.name}, if any, is intact. Free space in {path.parent} "
+                 f"or choose another --output-dir, then --resume")
+
+
 def atomic_save(obj, path: Union[str, os.PathLike]) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`, so a
-    crash or Ctrl-C mid-write never leaves a truncated checkpoint behind."""
+    crash or Ctrl-C mid-write never leaves a truncated checkpoint behind; a write that fails (disk
+    full) raises CheckpointWriteError and leaves the previous file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent)
+    # the pid in the name tells a later run whether the writer of a leftover is still alive
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            raise _write_error(e, path, tmp) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -50,18 +102,39 @@ def save_checkpoint(path, model: Whisper, tokenizer: Tokenizer, **extra) -> None
 
 
 def load_checkpoint(path, map_location: Union[str, torch.device] = "cpu") -> dict:
-    """Read a checkpoint written by save_checkpoint; clear errors for missing or foreign files."""
+    """Read a checkpoint written by save_checkpoint. Anything else is a CheckpointError that says
+    what the file is (empty, text, truncated, pickled code, another tool's model) and what to do;
+    a pickle that would run code is never unpickled (weights_only)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: {foreign.describe_folder(path)}")
+    problem = foreign.sniff(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():  # torch warns about plain pickles' protocol; the error below says more
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for bad files; say which kind of bad it is
+        raise CheckpointError(f"{path}: {foreign.explain_load_failure(path, e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a whisper_scratch checkpoint (expected a dict with format={FORMAT!r})")
-    if ckpt.get("version", 0) > VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt['version']} is newer than this code ({VERSION})")
+        raise CheckpointError(f"{path}: {foreign.describe_object(path, ckpt)}")
+    return _check_version_and_keys(path, ckpt)
+
+
+def _check_version_and_keys(path: Path, ckpt: dict) -> dict:
+    version = ckpt.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: the checkpoint's format version is {version!r}, not a number; the file "
+                              f"was not written by whisper_scratch's save_checkpoint")
+    if version > VERSION:
+        raise CheckpointError(f"{path}: written by a newer whisper_scratch (checkpoint format version {version}; "
+                              f"this code reads up to {VERSION}): update whisper_scratch to load it")
+    missing = [k for k in ("dims", "tokenizer", "model") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: an incomplete whisper_scratch checkpoint: no {', '.join(missing)}")
     return ckpt
 
 
@@ -69,14 +142,18 @@ def load_model(path, device: Union[str, torch.device] = "cpu",
                ckpt: Optional[dict] = None) -> tuple:
     """Rebuild (model, tokenizer, checkpoint) from the dims and tokenizer the checkpoint carries."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(path, device)
-    dims = ModelDimensions.from_dict(ckpt["dims"])
-    with torch.device("meta"):  # skip the random init: every weight is overwritten next
-        model = Whisper(dims)
-    # assign=True adopts the saved tensors; every buffer is persistent (the encoder's sinusoid table
-    # is openai's `positional_embedding` key), so nothing on the meta device is left behind
-    model.load_state_dict(ckpt["model"], strict=True, assign=True)
-    model = model.to(device).eval()
-    return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt
+    try:
+        dims = ModelDimensions.from_dict(ckpt["dims"])
+        with torch.device("meta"):  # skip the random init: every weight is overwritten next
+            model = Whisper(dims)
+        # assign=True adopts the saved tensors; every buffer is persistent (the encoder's sinusoid table
+        # is openai's `positional_embedding` key), so nothing on the meta device is left behind
+        model.load_state_dict(ckpt["model"], strict=True, assign=True)
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # edited or damaged contents
+        raise CheckpointError(f"{path}: a whisper_scratch checkpoint whose contents do not fit together "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    return model.to(device).eval(), tokenizer, ckpt
 
 
 def rng_state() -> dict:

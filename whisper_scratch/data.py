@@ -3,9 +3,8 @@ was skipped and why, a duration-bucketed batch sampler budgeted in padded second
 shardable), an on-disk feature cache, and collation that pads to the batch's longest clip."""
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
+import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -17,12 +16,15 @@ import numpy as np
 import torch
 
 from . import audio as A
+from . import tables as T
 from .augment import AugmentOptions, NoiseBank, add_noise, spec_augment, speed_perturb
 from .config import option, parse_options
 from .tokenizer import Tokenizer
 
 CV_SPLITS = ("train", "dev", "test", "validated")
+CV_HELD = ("dev", "test")  # the official held-out splits
 CV_REQUIRED_COLUMNS = ("client_id", "path", "sentence")
+CARVE = (0.1, 0.1)  # dev and test fractions of validated.tsv when a folder has no split files
 
 
 @dataclass(frozen=True)
@@ -36,39 +38,41 @@ class Utterance:
 
 @dataclass
 class DataReport:
-    """Everything skipped during data preparation or loading: counted, named, summarised."""
+    """Everything skipped during data preparation or loading: counted, named, summarised; and
+    notes on what was derived (a split carved out of validated.tsv)."""
 
     skipped: dict = field(default_factory=lambda: defaultdict(list))  # reason -> [names]
     oov: Counter = field(default_factory=Counter)
+    notes: list = field(default_factory=list)
 
     def skip(self, reason: str, name: str) -> None:
         self.skipped[reason].append(str(name))
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:  # each split's reader may derive the same thing
+            self.notes.append(text)
 
     @property
     def num_skipped(self) -> int:
         return sum(len(v) for v in self.skipped.values())
 
     def summary(self, limit: int = 5) -> str:
-        lines = []
+        lines = [f"  {n}" for n in self.notes]
         for reason, names in sorted(self.skipped.items()):
             shown = ", ".join(names[:limit]) + (f", … (+{len(names) - limit})" if len(names) > limit else "")
             lines.append(f"  skipped {len(names)} ({reason}): {shown}")
         if self.oov:
             top = ", ".join(f"{c!r}×{n}" for c, n in self.oov.most_common(20))
             lines.append(f"  {sum(self.oov.values())} transcript characters outside the tokenizer: {top}")
-        return "\n".join(lines) if lines else "  nothing skipped"
+        return "\n".join(lines) if self.num_skipped or self.oov else "\n".join(lines + ["  nothing skipped"])
 
 
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
 def _read_tsv(path: Path) -> list:
-    """Rows of a header TSV as dicts; quoting disabled (Common Voice sentences contain `"`)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if reader.fieldnames is None:
-            raise ValueError(f"{path}: empty file, expected a header line")
-        return list(reader)
+    """(line number, row dict) pairs of a header TSV; quoting detected per file (tables.py)."""
+    return T.read_tsv(path)[1]
 
 
 def find_cv_language_dir(local_data_dir, language: str = "mn") -> Path:
@@ -84,68 +88,182 @@ def find_cv_language_dir(local_data_dir, language: str = "mn") -> Path:
         f"{root}/{language}/{{train,dev,test,validated}}.tsv (or those directly in {root})")
 
 
-def _cv_durations(lang_dir: Path) -> dict:
+def _cv_durations(lang_dir: Path, report: DataReport) -> dict:
+    """clip -> seconds from clip_durations.tsv; without it (older releases, samples) every clip's
+    duration costs a header read instead. A row that cannot be read is counted and costs the same."""
     path = lang_dir / "clip_durations.tsv"
     if not path.is_file():
         return {}
-    rows = _read_tsv(path)
-    if rows and not {"clip", "duration[ms]"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected columns 'clip' and 'duration[ms]', found {list(rows[0])}")
-    return {r["clip"]: float(r["duration[ms]"]) / 1000 for r in rows if r.get("duration[ms]")}
+    header, rows = T.read_tsv(path)
+    if not {"clip", "duration[ms]"} <= set(header):
+        raise ValueError(f"{path}:1: expected columns 'clip' and 'duration[ms]', found {header}")
+    durations = {}
+    for lineno, r in rows:
+        try:
+            ms = float(r.get("duration[ms]", ""))
+        except ValueError:
+            ms = math.nan
+        if math.isfinite(ms) and ms > 0 and r.get("clip"):
+            durations[r["clip"]] = ms / 1000
+        else:
+            report.skip("clip_durations.tsv row unreadable (duration read from the audio header)",
+                        f"{path.name}:{lineno}")
+    return durations
 
 
 def _cv_rows(lang_dir: Path, split: str) -> list:
     path = lang_dir / f"{split}.tsv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a Common Voice folder has {', '.join(CV_SPLITS)} .tsv files")
-    rows = _read_tsv(path)
-    missing = [c for c in CV_REQUIRED_COLUMNS if rows and c not in rows[0]]
+        raise FileNotFoundError(f"{path}: missing; a Common Voice folder has {', '.join(CV_SPLITS)} .tsv files "
+                                f"(or validated.tsv alone, from which dev and test are carved)")
+    header, rows = T.read_tsv(path)
+    missing = [c for c in CV_REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(rows[0])}")
+        raise ValueError(f"{path}:1: missing column(s) {missing}; found {header}")
     return rows
 
 
+def carving_needed(lang_dir: Path) -> bool:
+    """A sample or delta release: validated.tsv and clips/, none of train/dev/test.tsv."""
+    return (lang_dir / "validated.tsv").is_file() and not any((lang_dir / f"{s}.tsv").is_file() for s in CV_HELD)
+
+
+def _check_carve(carve: Tuple[float, float]) -> None:
+    dev, test = carve
+    if not (0 <= dev < 1 and 0 <= test < 1 and dev + test < 1):
+        raise ValueError(f"--carve-dev {dev} / --carve-test {test}: each must be in [0, 1) and their sum "
+                         f"below 1 (the rest is the training split)")
+
+
+def _speaker_order(client_id: str) -> str:
+    # SHA-256, not hash(): Python salts str hashes per process; this order is the same everywhere
+    return hashlib.sha256(client_id.encode("utf-8")).hexdigest()
+
+
+def _pick_speakers(counts: dict, order: list, target: int) -> set:
+    """Speakers, in hash order, whose clips fit in what is left of `target` clips; if none fits (every
+    speaker is prolific) the one with the fewest clips, so a split asked for is never empty."""
+    chosen, room = set(), target
+    for spk in order:
+        if 0 < counts[spk] <= room:
+            chosen.add(spk)
+            room -= counts[spk]
+    if not chosen and target > 0 and order:
+        chosen.add(min(order, key=lambda s: counts[s]))  # min keeps the first in hash order on ties
+    return chosen
+
+
+def _sentence_key(sentence: str) -> str:
+    return " ".join(sentence.split()).casefold()
+
+
+def carve_splits(rows: list, carve: Tuple[float, float]) -> Tuple[dict, dict]:
+    """validated.tsv rows -> ({train, dev, test: rows}, {split: [rows dropped]}). Speaker-disjoint:
+    each client_id goes to one split, dev then test taking speakers in SHA-256 order until they hold
+    their share of the clips. Sentence-disjoint: a test clip reading a dev sentence, and a train
+    clip reading a dev or test sentence, is dropped (and counted)."""
+    _check_carve(carve)
+    counts = Counter(r.get("client_id", "") for _, r in rows)
+    order = sorted(counts, key=_speaker_order)
+    targets = [max(1, round(f * len(rows))) if f > 0 else 0 for f in carve]
+    dev = _pick_speakers(counts, order, targets[0])
+    test = _pick_speakers(counts, [s for s in order if s not in dev], targets[1])
+    split_of = {s: "dev" if s in dev else "test" if s in test else "train" for s in order}
+    by_split = {name: [(n, r) for n, r in rows if split_of[r.get("client_id", "")] == name]
+                for name in ("dev", "test", "train")}
+    kept, dropped, seen = {}, {}, set()
+    for name in ("dev", "test", "train"):  # dev keeps every clip; later splits give way
+        kept[name] = [(n, r) for n, r in by_split[name] if _sentence_key(r.get("sentence") or "") not in seen]
+        dropped[name] = [(n, r) for n, r in by_split[name] if _sentence_key(r.get("sentence") or "") in seen]
+        seen |= {_sentence_key(r.get("sentence") or "") for _, r in kept[name]}
+    return kept, dropped
+
+
+def _describe_carve(kept: dict, dropped: dict, carve: Tuple[float, float]) -> str:
+    parts = [f"{name} {len(kept[name])} clips of {len({r.get('client_id') for _, r in kept[name]})} speakers"
+             for name in ("train", "dev", "test")]
+    n_dropped = sum(len(v) for v in dropped.values())
+    return (f"carved from validated.tsv (no train/dev/test.tsv; speakers ordered by SHA-256 of client_id, "
+            f"--carve-dev {carve[0]:g} --carve-test {carve[1]:g}): {', '.join(parts)}; {n_dropped} clips dropped "
+            f"so that no sentence is in two splits")
+
+
+def _carved_rows(lang_dir: Path, split: str, carve: Tuple[float, float], report: DataReport) -> list:
+    kept, dropped = carve_splits(_cv_rows(lang_dir, "validated"), carve)
+    if not kept["train"]:
+        raise ValueError(f"{lang_dir / 'validated.tsv'}: carving dev and test left no training clips "
+                         f"({len(kept['dev'])} dev, {len(kept['test'])} test); lower --carve-dev/--carve-test")
+    report.note(_describe_carve(kept, dropped, carve))
+    name = "train" if split == "validated" else split  # carved: validated minus dev/test is train
+    for _, r in dropped[name]:
+        report.skip(f"carved {name} clip reads a sentence of an earlier split", r.get("path"))
+    return kept[name]
+
+
+def _validated_minus_held(lang_dir: Path, rows: list, report: DataReport) -> list:
+    """validated.tsv minus every clip, sentence and speaker of dev and test."""
+    held = [r for s in CV_HELD if (lang_dir / f"{s}.tsv").is_file() for _, r in _cv_rows(lang_dir, s)]
+    clips, sents, spks = ({r.get(k) for r in held} for k in ("path", "sentence", "client_id"))
+    kept = []
+    for n, r in rows:
+        if r.get("path") in clips or r.get("sentence") in sents or r.get("client_id") in spks:
+            report.skip("validated clip shares its clip, sentence or speaker with dev/test", r.get("path"))
+        else:
+            kept.append((n, r))
+    return kept
+
+
 def read_common_voice(local_data_dir, split: str, language: str = "mn",
-                      report: Optional[DataReport] = None) -> list:
+                      report: Optional[DataReport] = None, carve: Tuple[float, float] = CARVE) -> list:
     """One Common Voice split as Utterances. `validated` is validated.tsv minus every clip,
-    sentence and speaker of dev and test, so it can be trained on without leaking into them."""
+    sentence and speaker of dev and test, so it can be trained on without leaking into them. A
+    folder with validated.tsv alone has its train/dev/test carved out of it (`carve_splits`;
+    `carve` = the dev and test fractions); other .tsv files (other, invalidated, reported) and
+    extra columns are ignored."""
     if split not in CV_SPLITS:
         raise ValueError(f"split must be one of {CV_SPLITS}, got {split!r}")
+    _check_carve(carve)
     report = report if report is not None else DataReport()
     lang_dir = find_cv_language_dir(local_data_dir, language)
-    rows = _cv_rows(lang_dir, split)
-    if split == "validated":
-        held = [r for s in ("dev", "test") if (lang_dir / f"{s}.tsv").is_file() for r in _cv_rows(lang_dir, s)]
-        clips, sents, spks = ({r[k] for r in held} for k in ("path", "sentence", "client_id"))
-        kept = []
-        for r in rows:
-            if r["path"] in clips or r["sentence"] in sents or r["client_id"] in spks:
-                report.skip("validated clip shares its clip, sentence or speaker with dev/test", r["path"])
-            else:
-                kept.append(r)
-        rows = kept
-    durations = _cv_durations(lang_dir)
+    if carving_needed(lang_dir):
+        rows = _carved_rows(lang_dir, split, carve, report)
+    else:
+        rows = _cv_rows(lang_dir, split)
+        if split == "validated":
+            rows = _validated_minus_held(lang_dir, rows, report)
+    durations = _cv_durations(lang_dir, report)
+    table = "validated" if carving_needed(lang_dir) else split
     utts = []
-    for i, r in enumerate(rows):
-        name = r.get("path") or f"{split}.tsv row {i + 2}"
+    for lineno, r in rows:
         if not r.get("path") or r.get("sentence") is None:
-            report.skip("unreadable row", f"{split}.tsv row {i + 2}")
+            report.skip("unreadable row", f"{table}.tsv:{lineno}")
             continue
         utt = _make_utterance(lang_dir / "clips" / r["path"], r["sentence"], durations.get(r["path"]),
-                              r.get("client_id", ""), report, name)
+                              r.get("client_id", ""), report, r["path"])
         if utt:
             utts.append(utt)
     return utts
 
 
+def _usable_path(path: Path, report: DataReport) -> bool:
+    """Exists and is a non-empty file; a path the OS refuses (a NUL, too long) is a counted skip."""
+    try:
+        if not path.is_file():
+            report.skip("audio file missing", path)
+            return False
+        if path.stat().st_size == 0:
+            report.skip("audio file empty", path)
+            return False
+    except (OSError, ValueError) as e:  # ValueError: embedded NUL; OSError: name too long
+        report.skip("audio path unusable", f"{str(path)[:200]!r} ({e})")
+        return False
+    return True
+
+
 def _make_utterance(path: Path, text: str, duration: Optional[float], speaker: str,
                     report: DataReport, name: str) -> Optional[Utterance]:
     """Check the file cheaply (exists, non-empty; header only when the duration is unknown)."""
-    if not path.is_file():
-        report.skip("audio file missing", path)
-        return None
-    if path.stat().st_size == 0:
-        report.skip("audio file empty", path)
+    if not _usable_path(path, report):
         return None
     if duration is None:
         try:
@@ -163,6 +281,28 @@ def _make_utterance(path: Path, text: str, duration: Optional[float], speaker: s
 _PATH_KEYS, _TEXT_KEYS = ("path", "audio", "audio_path", "audio_filepath"), ("text", "sentence", "transcript")
 
 
+def _manifest_rows(path: Path, report: DataReport) -> list:
+    """(line number, row) pairs of a TSV or JSONL manifest; unparsable JSON lines counted."""
+    if path.suffix not in (".jsonl", ".json"):
+        return _read_tsv(path)
+    rows, bad = T.read_jsonl(path)
+    for lineno, why in bad:
+        report.skip("unreadable row", f"{path.name}:{lineno} ({why})")
+    return rows
+
+
+def _duration(value) -> Optional[float]:
+    """A manifest's duration: None when absent; ValueError unless a finite number > 0."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"duration {value!r}")
+    d = float(value)
+    if not (math.isfinite(d) and d > 0):
+        raise ValueError(f"duration {value!r}")
+    return d
+
+
 def read_manifest(path, split: Optional[str] = None, report: Optional[DataReport] = None) -> list:
     """A generic manifest: TSV with a header or JSONL, one utterance per row/line with an audio
     path (relative to the manifest's folder or absolute), text, and optional duration, speaker,
@@ -171,33 +311,39 @@ def read_manifest(path, split: Optional[str] = None, report: Optional[DataReport
     report = report if report is not None else DataReport()
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path}: no such file")
-    rows = _read_jsonl(path, report) if path.suffix in (".jsonl", ".json") else _read_tsv(path)
+    rows = _manifest_rows(path, report)
     if not rows:
         raise ValueError(f"manifest {path}: no rows")
-    keys = set().union(*(r.keys() for r in rows[:10]))
+    keys = {k for _, r in rows[:10] for k in r}
     pkey = next((k for k in _PATH_KEYS if k in keys), None)
     tkey = next((k for k in _TEXT_KEYS if k in keys), None)
     if pkey is None or tkey is None:
         raise ValueError(f"manifest {path}: needs an audio column ({'/'.join(_PATH_KEYS)}) and a text column "
-                         f"({'/'.join(_TEXT_KEYS)}); found {sorted(keys)}")
+                         f"({'/'.join(_TEXT_KEYS)}); found {sorted(map(str, keys))}")
     utts = []
-    for i, r in enumerate(rows):
+    for lineno, r in rows:
         if split is not None and "split" in r and r["split"] != split:
             continue
-        if not r.get(pkey) or r.get(tkey) is None:
-            report.skip("unreadable row", f"{path.name} row {i + 2}")
-            continue
-        dur = r.get("duration")
-        try:
-            dur = float(dur) if dur not in (None, "") else None
-        except ValueError:
-            report.skip("unreadable row", f"{path.name} row {i + 2} (duration {dur!r})")
-            continue
-        audio = Path(r[pkey]) if Path(r[pkey]).is_absolute() else path.parent / r[pkey]
-        utt = _make_utterance(audio, str(r[tkey]), dur, str(r.get("speaker", "")), report, r.get("id") or r[pkey])
+        utt = _manifest_utterance(path, lineno, r, pkey, tkey, report)
         if utt:
             utts.append(utt)
     return utts
+
+
+def _manifest_utterance(path: Path, lineno: int, r: dict, pkey: str, tkey: str,
+                        report: DataReport) -> Optional[Utterance]:
+    where = f"{path.name}:{lineno}"
+    audio, text = r.get(pkey), r.get(tkey)
+    if not isinstance(audio, str) or not audio or not isinstance(text, (str, int, float)) or isinstance(text, bool):
+        report.skip("unreadable row", f"{where} (needs a path string and a text)")
+        return None
+    try:
+        dur = _duration(r.get("duration"))
+    except (ValueError, OverflowError) as e:
+        report.skip("unreadable row", f"{where} ({e})")
+        return None
+    file = Path(audio) if Path(audio).is_absolute() else path.parent / audio
+    return _make_utterance(file, str(text), dur, str(r.get("speaker", "")), report, str(r.get("id") or audio))
 
 
 def read_references(path) -> Tuple[List[Tuple[str, str]], str]:
@@ -206,67 +352,65 @@ def read_references(path) -> Tuple[List[Tuple[str, str]], str]:
     - "common_voice": a TSV whose header names `path` and `sentence` (other columns ignored);
     - "manifest": a TSV or JSONL with the columns `read_manifest` accepts (path/audio..., text/...);
     - "tsv": no such header, every line `path<TAB>text`.
-    The same readers as training (quoting disabled: Common Voice sentences contain '"'). Relative
-    paths are returned as written; the caller resolves them."""
+    The same readers as training (CSV quoting detected per file, tables.py). Relative paths are
+    returned as written; the caller resolves them."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: reference file not found")
     if path.suffix in (".jsonl", ".json"):
-        rows, kind = _read_jsonl(path, DataReport()), "manifest"
+        rows, bad = T.read_jsonl(path)
+        if bad:
+            raise ValueError(f"{path}:{bad[0][0]}: not a JSON object line ({bad[0][1]})")
+        kind, keys = "manifest", {k for _, r in rows for k in r}
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            first = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), None)
-        if first is None:
+        table = T.read_tsv_rows(path)
+        if not table:
             raise ValueError(f"{path}: reference file is empty")
-        header = {c.strip().lower() for c in first}
+        header = {c.strip().lstrip("\ufeff").lower() for c in table[0]}
         if not (header & set(_PATH_KEYS) and header & set(_TEXT_KEYS)):
-            return _headerless_pairs(path), "tsv"
-        rows = [{k.strip().lower(): v for k, v in r.items() if k is not None} for r in _read_tsv(path)]
-        kind = "common_voice" if "sentence" in header and "text" not in header else "manifest"
-    keys = set().union(*(r.keys() for r in rows)) if rows else set()
-    pkey = next(k for k in _PATH_KEYS if k in keys) if keys & set(_PATH_KEYS) else None
-    tkey = next(k for k in _TEXT_KEYS if k in keys) if keys & set(_TEXT_KEYS) else None
+            return _headerless_pairs(path, table), "tsv"
+        names = [c.strip().lstrip("\ufeff").lower() for c in table[0]]
+        rows = [(n, dict(zip(names, row))) for n, row in enumerate(table[1:], start=2) if "".join(row).strip()]
+        kind, keys = "common_voice" if "sentence" in header and "text" not in header else "manifest", header
+    return _reference_pairs(path, rows, kind, keys), kind
+
+
+def _reference_pairs(path: Path, rows: list, kind: str, keys: set) -> list:
+    """Pairs from the rows; `keys`: the header's columns (TSV) or every key of every line (JSONL)."""
+    pkey = next((k for k in _PATH_KEYS if k in keys), None)
+    tkey = next((k for k in _TEXT_KEYS if k in keys), None)
     if pkey is None or tkey is None:
         raise ValueError(f"{path}: needs an audio column ({'/'.join(_PATH_KEYS)}) and a text column "
-                         f"({'/'.join(_TEXT_KEYS)}); found {sorted(keys)}")
+                         f"({'/'.join(_TEXT_KEYS)}); found {sorted(map(str, keys))}")
     pairs = []
-    for lineno, r in enumerate(rows, start=2):
-        if r.get(pkey) is None or r.get(tkey) is None:
-            raise ValueError(f"{path}:{lineno}: expected a path and a transcript column ({kind} format), got {r!r}")
-        pairs.append((str(r[pkey]).strip(), str(r[tkey]).strip()))
-    return pairs, kind
-
-
-def _headerless_pairs(path: Path) -> list:
-    pairs = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-            if not row or not "".join(row).strip():
-                continue  # blank line
-            if len(row) < 2:
-                raise ValueError(f"{path}:{lineno}: expected a path and a transcript column (tsv format), "
-                                 f"got {len(row)} field(s): {row!r}")
-            pairs.append((row[0].strip(), row[1].strip()))
+    for lineno, r in rows:
+        audio, text = r.get(pkey), r.get(tkey)
+        if not isinstance(audio, str) or not isinstance(text, (str, int, float)) or isinstance(text, bool):
+            raise ValueError(f"{path}:{lineno}: expected a path and a transcript column ({kind} format), "
+                             f"got {str(r)[:200]}")
+        pairs.append((audio.strip(), str(text).strip()))
     return pairs
 
 
-def _read_jsonl(path: Path, report: DataReport) -> list:
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            report.skip("unreadable row", f"{path.name} line {i + 1} ({e.msg})")
-    return rows
+def _headerless_pairs(path: Path, table: list) -> list:
+    pairs = []
+    for lineno, row in enumerate(table, start=1):
+        if not row or not "".join(row).strip():
+            continue  # blank line
+        if len(row) < 2:
+            raise ValueError(f"{path}:{lineno}: expected a path and a transcript column (tsv format), "
+                             f"got {len(row)} field(s): {str(row)[:200]}")
+        pairs.append((row[0].strip(), row[1].strip()))
+    return pairs
 
 
-def load_split(source, split: str, language: str = "mn", report: Optional[DataReport] = None) -> list:
-    """`source` is a Common Voice folder (corpus root or language folder) or a manifest file."""
+def load_split(source, split: str, language: str = "mn", report: Optional[DataReport] = None,
+               carve: Tuple[float, float] = CARVE) -> list:
+    """`source` is a Common Voice folder (corpus root or language folder) or a manifest file;
+    `carve`: dev and test fractions for a Common Voice folder with validated.tsv only."""
     if Path(source).is_file():
         return read_manifest(source, split, report)
-    return read_common_voice(source, split, language, report)
+    return read_common_voice(source, split, language, report, carve)
 
 
 def hours(utts: Sequence[Utterance]) -> float:
@@ -547,16 +691,22 @@ def describe_splits(splits: dict) -> str:
     return " | ".join(f"{name} {len(u):,} clips {hours(u):.2f} h" for name, u in splits.items())
 
 
-def summarise_source(source, language: str = "mn") -> str:
-    """Clips and hours of every split of a Common Voice folder or manifest, plus what was skipped."""
-    report = DataReport()
+def _split_names(source, language: str) -> list:
+    """The splits a source has: a manifest's `split` values (None: no such column), or Common
+    Voice's (carved ones: train, dev, test; validated would repeat train)."""
     if Path(source).is_file():
-        rows = _read_jsonl(Path(source), report) if Path(source).suffix in (".jsonl", ".json") else _read_tsv(Path(source))
-        names = sorted({r.get("split") for r in rows if r.get("split")}) or [None]
-    else:
-        names = list(CV_SPLITS)
-    splits = {str(n or "all"): load_split(source, n, language, report) if n else read_manifest(source, None, report)
-              for n in names}
+        report = DataReport()
+        names = sorted({str(r["split"]) for _, r in _manifest_rows(Path(source), report) if r.get("split")})
+        return names or [None]
+    return list(CV_SPLITS[:3] if carving_needed(find_cv_language_dir(source, language)) else CV_SPLITS)
+
+
+def summarise_source(source, language: str = "mn", carve: Tuple[float, float] = CARVE) -> str:
+    """Clips and hours of every split of a Common Voice folder or manifest, plus what was skipped
+    (and, for a folder with validated.tsv only, what was carved)."""
+    report = DataReport()
+    splits = {str(n or "all"): load_split(source, n, language, report, carve) if n else
+              read_manifest(source, None, report) for n in _split_names(source, language)}
     return f"{source}\n{describe_splits(splits)}\n{report.summary()}"
 
 
@@ -565,12 +715,15 @@ class SummaryOptions:
     """Print the clips and hours of each split of a data source."""
     source: str = option(help="Common Voice folder (corpus root or language folder) or manifest", positional=True)
     language: str = option("mn", "Common Voice language folder")
+    carve_dev: float = option(CARVE[0], "fraction of validated.tsv carved as dev when a Common Voice folder "
+                                        "has no train/dev/test.tsv")
+    carve_test: float = option(CARVE[1], "the same for test")
 
 
 def main(argv=None) -> None:
     opts = parse_options(SummaryOptions, argv, prog="python -m whisper_scratch.data")
     try:
-        print(summarise_source(opts.source, opts.language))
+        print(summarise_source(opts.source, opts.language, (opts.carve_dev, opts.carve_test)))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -582,5 +735,5 @@ if __name__ == "__main__":
 __all__ = [
     "Utterance", "DataReport", "find_cv_language_dir", "read_common_voice", "read_manifest", "load_split",
     "filter_for_model", "DurationBucketSampler", "FeatureCache", "AsrDataset", "collate", "Collator",
-    "make_loader", "describe_splits", "hours", "summarise_source",
+    "make_loader", "describe_splits", "hours", "summarise_source", "carve_splits", "carving_needed", "read_references",
 ]

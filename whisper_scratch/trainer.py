@@ -62,6 +62,9 @@ class TrainOptions:
     language: str = option("mn", "language code: the Common Voice subfolder and the <|lang|> token")
     train_split: str = option("train", "training split: train, or validated (= validated minus dev/test clips, sentences, speakers)")
     dev_split: str = option("dev", "split evaluated during training (decoded with the --eval-* settings, WER/CER)")
+    carve_dev: float = option(D.CARVE[0], "fraction of validated.tsv carved out as dev (speaker- and sentence-disjoint, "
+                                          "by SHA-256 of client_id) when a Common Voice folder has no train/dev/test.tsv")
+    carve_test: float = option(D.CARVE[1], "the same for test (held out: never trained on nor evaluated during training)")
     output_dir: str = option("exp", "where checkpoints, metrics.csv and curves.png go")
     whisper_size: str = option("tiny", "model preset", choices=tuple(PRESETS))
     n_mels: int = option(80, "mel bins (80, or 128 as large-v3)", choices=(80, 128))
@@ -257,7 +260,8 @@ def load_data(opts: TrainOptions, report: D.DataReport) -> dict:
     splits = {}
     for name in (opts.train_split, opts.dev_split):
         try:
-            splits[name] = D.load_split(opts.local_data_dir, name, opts.language, report)
+            splits[name] = D.load_split(opts.local_data_dir, name, opts.language, report,
+                                        (opts.carve_dev, opts.carve_test))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
     if not splits[opts.train_split]:

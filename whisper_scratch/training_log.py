@@ -3,6 +3,7 @@ closing summaries. Rank 0 writes; the other ranks' logs do nothing."""
 from __future__ import annotations
 
 import csv
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class TrainLog:
         if not enabled:
             return
         new = not (resume and self.csv_path.is_file())
+        if not new:  # rows past the checkpoint were logged by a run that died before saving it
+            self.start -= keep_rows_up_to(self.csv_path, step)
         self.csv_file = open(self.csv_path, "w" if new else "a", newline="")
         self.csv = csv.DictWriter(self.csv_file, CSV_FIELDS)
         if new:
@@ -90,6 +93,24 @@ class TrainLog:
             if self.tb is not None:
                 self.tb.close()
             plot_curves(self.csv_path, self.csv_path.with_name("curves.png"))
+
+
+def keep_rows_up_to(csv_path: Path, step: int) -> float:
+    """Drop the rows of steps after `step` (and a row torn by a kill) from metrics.csv, rewritten
+    atomically, so a resumed run logs each step once; returns the last kept row's elapsed_s, so
+    the resumed run's clock goes on from there."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = [r for r in rows if None not in r.values() and None not in r and r["step"].isdigit()
+            and int(r["step"]) <= step]
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in kept)
+    os.replace(tmp, csv_path)
+    elapsed = [float(r["elapsed_s"]) for r in kept if r.get("elapsed_s")]
+    return elapsed[-1] if elapsed else 0.0
 
 
 def plot_curves(csv_path: Path, png_path: Path) -> None:
