@@ -20,12 +20,16 @@ if [ -z "${DATA_DIR:-}" ]; then
     if [ "$GPU" = 1 ]; then
         MODEL_FLAGS=(--whisper-size tiny --dtype fp16 --max-batch-seconds 600 --learning-rate 1e-3
                      --warmup-steps 500 --num-epochs 30 --eval-every 1000 --spec-augment --pad-adapt-steps 1500)
-    else  # a CPU demo: small model, CTC to align early, ~800 steps ≈ 20 min on 2 cores (≈ 50 audio s/s)
+    else  # a CPU demo: small model, CTC to align early, a budget in minutes (TIME_BUDGET, default 20) that
+          # the trainer turns into steps after timing a warm-up; MAX_STEPS=800 ADAPT_STEPS=200 fix the steps instead
+        if [ -n "${MAX_STEPS:-}" ]; then LENGTH=(--max-steps "$MAX_STEPS" --pad-adapt-steps "${ADAPT_STEPS:-200}")
+        else LENGTH=(--time-budget "${TIME_BUDGET:-20}" --pad-adapt-fraction 0.2); fi
         MODEL_FLAGS=(--whisper-size mini --max-batch-seconds 80 --learning-rate 2e-3 --warmup-steps 150
-                     --max-steps "${MAX_STEPS:-800}" --eval-every 400 --max-eval-utts 150 --pad-adapt-steps "${ADAPT_STEPS:-200}")
+                     --eval-every 400 --max-eval-utts 150 "${LENGTH[@]}")
     fi
 else
     OUT="${OUT:-whisper-mongolian-from-scratch}"
+    DATA_DIR_GIVEN=1
     MODEL_FLAGS=(--whisper-size "$([ "$GPU" = 1 ] && echo small || echo mini)" --train-split validated
                  --max-batch-seconds 300 --learning-rate 5e-4 --warmup-steps 1000 --num-epochs 50 --eval-every 2000
                  --spec-augment --pad-adapt-steps 2000 $([ "$GPU" = 1 ] && echo --dtype fp16))
@@ -35,5 +39,15 @@ fi
     --ctc-weight 0.3 --eval-beam-size 4 --eval-ctc-weight 0.3 --eval-batch-size 32 --num-workers 2 "${MODEL_FLAGS[@]}" "$@"
 
 LANG_DIR="$DATA_DIR"; [ -d "$DATA_DIR/mn" ] && LANG_DIR="$DATA_DIR/mn"
+# A character language model of the training text only (every dev and test sentence excluded and counted),
+# fused into the test decoding's beam search. A carved split (validated.tsv alone) has no held-out text
+# files to exclude, so it gets no LM.
+LM_FLAGS=()
+if [ -f "$LANG_DIR/dev.tsv" ] && [ -f "$LANG_DIR/test.tsv" ]; then
+    TEXT="$LANG_DIR/train.tsv"; [ -z "${DATA_DIR_GIVEN:-}" ] || TEXT="$LANG_DIR/validated.tsv"
+    "$PY" -m whisper_scratch.lm --text "$TEXT" --exclude "$LANG_DIR/dev.tsv" "$LANG_DIR/test.tsv" --output "$OUT/lm.json.gz"
+    LM_FLAGS=(--lm_path "$OUT/lm.json.gz" --lm_weight "${LM_WEIGHT:-0.5}")
+fi
 "$PY" transcribe.py --model_path "$OUT/best_model.pt" --mode evaluate --audio_dir "$LANG_DIR/clips" \
-    --reference_file "$LANG_DIR/test.tsv" --output_dir "$OUT/test_eval" --batch_size 32 --beam_size 4 --ctc_weight 0.3
+    --reference_file "$LANG_DIR/test.tsv" --output_dir "$OUT/test_eval" --batch_size 32 --beam_size 8 --ctc_weight 0.3 \
+    "${LM_FLAGS[@]}"

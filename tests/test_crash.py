@@ -17,8 +17,9 @@ from conftest import DATA, REPO
 
 STEPS = 8
 # (point, N): where each process of the chain kills itself; N counts within that process
-# step 5 | the evaluation at step 6 | the write of last.pt at step 6 (best_model.pt is save 1) | step 8
-KILLS = [("step", 5), ("eval", 1), ("save", 2), ("step", 4)]
+# step 5 | the evaluation at step 6 | the write of last.pt at step 6 (best_model.pt is save 1, the
+# step-0000006.pt snapshot save 2) | step 8
+KILLS = [("step", 5), ("eval", 1), ("save", 3), ("step", 4)]
 
 
 @pytest.fixture(scope="module")

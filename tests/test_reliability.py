@@ -159,8 +159,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
 
 
 def test_train_py_says_the_disk_is_full_and_where(tmp_path, monkeypatch, capsys):
-    """train.py end to end: the third checkpoint write hits a full disk; one line, exit 1, and
-    the step-1 checkpoints stay loadable for --resume."""
+    """train.py end to end: the fourth checkpoint write (step 1 writes best_model.pt, the step-1
+    snapshot and last.pt) hits a full disk; one line, exit 1, and the step-1 checkpoints stay
+    loadable for --resume."""
     monkeypatch.setitem(M.PRESETS, "mini", (32, 2, 1))
     rec = DATA / "fsdd" / "recordings"
     manifest = tmp_path / "m.tsv"
@@ -168,13 +169,13 @@ def test_train_py_says_the_disk_is_full_and_where(tmp_path, monkeypatch, capsys)
                                                   for d, w in enumerate(["zero", "one", "two"])))
     real, calls = torch.save, []
 
-    def full_on_third(obj, f):
+    def full_on_fourth(obj, f):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, f)
 
-    monkeypatch.setattr(torch, "save", full_on_third)
+    monkeypatch.setattr(torch, "save", full_on_fourth)
     out = tmp_path / "out"
     rc = train_cli.main(["--local-data-dir", str(manifest), "--dev-split", "train", "--language", "en",
                          "--whisper-size", "mini", "--max-steps", "3", "--eval-every", "1", "--train-batch-size", "3",

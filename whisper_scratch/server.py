@@ -43,7 +43,7 @@ from starlette.requests import ClientDisconnect
 from .audio import SAMPLE_RATE, AudioError, load_audio
 from .checkpoint import load_model, precision
 from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
-from .decoding import DecodingOptions, FallbackOptions
+from .decoding import DecodingOptions, FallbackOptions, with_language_model
 from .longform import chunk_limit, transcribe_chunks
 from .vad import VadOptions, with_checkpoint_chunks
 from .writers import to_srt, to_txt, to_vtt
@@ -330,6 +330,8 @@ def create_app(opts: ServerOptions) -> FastAPI:
     require(opts.decoding.language in (None, *tokenizer.languages),  # fail at start, not on every request
             f"--language {opts.decoding.language!r} is not one of the model's languages {tokenizer.languages}")
     require(opts.decoding.ctc_weight == 0 or model.dims.ctc, "--ctc_weight needs a model with a CTC head")
+    # --lm_path loaded once, here: a bad file stops the start-up; every request's options carry it
+    opts = replace(opts, decoding=with_language_model(opts.decoding, tokenizer, model.dims.n_vocab))
     chunk_s = chunk_limit(model, vad)
 
     def decode(key: tuple, audios: list) -> list:
