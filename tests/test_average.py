@@ -104,9 +104,9 @@ def budget_run(monkeypatch, tmp_path, digits, **kw):
         lr = T.get_lr(self.state.step, self.opts, self.schedule_steps)
         return {"lr": lr, "ce": 1.0, "ctc": 0.0, "finite": True, "audio_s": 1.0, "tokens": 1, "gnorm": 0.0}
 
-    def timed_evaluate(model, tokenizer, utts, o, amp):
+    def timed_evaluate(model, tokenizer, utts, o, amp, max_new_tokens=None):
         clock.now += 0.5 * len(utts)
-        return evaluate(model, tokenizer, utts, o, amp)
+        return evaluate(model, tokenizer, utts, o, amp, max_new_tokens)
 
     monkeypatch.setattr(T.Trainer, "step", timed_step)
     monkeypatch.setattr(T, "dev_evaluate", timed_evaluate)

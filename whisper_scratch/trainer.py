@@ -435,13 +435,14 @@ def oom_message(micro: list, max_batch_seconds: Optional[float]) -> str:
             f"or --train-batch-size and raise --grad-accum, or add --grad-checkpointing / --dtype fp16")
 
 
-def dev_evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, amp) -> dict:
+def dev_evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, amp,
+                 max_new_tokens: Optional[int] = None) -> dict:
     """Real decoding of the dev clips with the --eval-* settings (never teacher-forced), scored
     with jiwer: the same path as transcribe.py --mode evaluate."""
     utts = utts[: opts.max_eval_utts] if opts.max_eval_utts else utts
     options = DecodingOptions(language=opts.language, beam_size=opts.eval_beam_size, ctc_weight=opts.eval_ctc_weight,
                               lm_path=opts.eval_lm_path, lm_weight=opts.eval_lm_weight,
-                              length_bonus=opts.eval_length_bonus)
+                              length_bonus=opts.eval_length_bonus, max_new_tokens=max_new_tokens)
     options = with_language_model(options, tokenizer, model.dims.n_vocab)
     was_training = model.training
     model.eval()
@@ -656,12 +657,15 @@ class Trainer:
                    f"{left / 60:.1f} min left -> {n} steps" + (f" + {adapt_steps} adaptation steps" if adapt_steps else ""))
 
     def time_evaluation(self) -> float:
-        """Seconds one dev evaluation will take, from decoding a few dev clips now (x2 with EMA)."""
+        """Seconds one dev evaluation will take, from decoding a few dev clips now (x2 with EMA).
+        An untrained model never ends a hypothesis, so the probe is held to the references' mean
+        length, what a trained model decodes (unheld, the CPU demo's probe said 100 s, not 35)."""
         if not self.ddp.main or not self.dev_utts:
             return 0.0
         probe = self.dev_utts[:8]
+        mean_tokens = sum(len(self.tokenizer.encode(u.text)) + 1 for u in probe) // len(probe)
         t0 = time.time()
-        dev_evaluate(self.model, self.tokenizer, probe, self.opts, self.amp)
+        dev_evaluate(self.model, self.tokenizer, probe, self.opts, self.amp, max(1, mean_tokens))
         n = min(len(self.dev_utts), self.opts.max_eval_utts or len(self.dev_utts))
         return (time.time() - t0) * n / len(probe) * (2 if self.ema is not None else 1)
 
