@@ -465,3 +465,27 @@ def test_bad_command_lines_are_clear(checkpoint, audio_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     opts = cli.TranscribeOptions(model_path=str(checkpoint), audio_path=str(audio_dir / "zero.wav"))
     assert opts.fallback.temperatures(opts.decoding.temperature) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def test_evaluate_with_a_language_model_and_bad_lm_files(checkpoint, audio_dir, tmp_path, capsys):
+    """--lm_path in transcribe.py: fused beam search through evaluate (the report records the
+    settings), and an unusable LM file is one line and exit status 2 before any decoding."""
+    from whisper_scratch import lm as L
+    refs = tmp_path / "refs.tsv"
+    refs.write_text("".join(f"{w}.wav\t{w}\n" for w in WORDS))
+    model = L.build(WORDS * 3, 3)
+    model.normalizer = {"lowercase": True, "punctuation": "strip"}
+    model.save(tmp_path / "lm.json.gz")
+    args = ["--model_path", str(checkpoint), "--mode", "evaluate", "--audio_dir", str(audio_dir),
+            "--reference_file", str(refs), "--beam_size", "2", *FAST]
+    rc = cli.main(args + ["--output_dir", str(tmp_path / "r"), "--lm_path", str(tmp_path / "lm.json.gz"), "--lm_weight", "0.5"])
+    assert rc == 0 and "WER 0.00 %" in capsys.readouterr().out  # the three words the model fits, with the LM too
+    summary = json.loads((tmp_path / "r" / "evaluation.json").read_text())
+    assert summary["options"]["decoding"]["lm_weight"] == 0.5 and summary["options"]["decoding"]["lm"] is None
+    (tmp_path / "bad.arpa").write_text("hello\n")
+    model.normalizer = {"lowercase": False, "punctuation": "keep"}
+    model.save(tmp_path / "other.json.gz")
+    for bad, says in [("bad.arpa", "not an ARPA file"), ("other.json.gz", "normaliser"), ("none.gz", "not found")]:
+        rc = cli.main(args + ["--lm_path", str(tmp_path / bad), "--lm_weight", "0.5"])
+        err = [l for l in capsys.readouterr().err.strip().splitlines() if not l.startswith("note: ")]
+        assert rc == 2 and len(err) == 1 and err[0].startswith("transcribe.py: error: --lm_path") and says in err[0], err
