@@ -40,7 +40,8 @@ fi
 
 LANG_DIR="$DATA_DIR"; [ -d "$DATA_DIR/mn" ] && LANG_DIR="$DATA_DIR/mn"
 # A character language model of the training text only (every dev and test sentence excluded and counted),
-# fused into the test decoding's beam search. A carved split (validated.tsv alone) has no held-out text
+# fused into the test decoding's beam search. No temperature fallback, as in the trainer's dev evaluation: its
+# sampling drops the CTC and LM scores (on the 20 min demo model: dev CER 12.5 % with it, 7.4 % without). A carved split (validated.tsv alone) has no held-out text
 # files to exclude, so it gets no LM.
 LM_FLAGS=()
 if [ -f "$LANG_DIR/dev.tsv" ] && [ -f "$LANG_DIR/test.tsv" ]; then
@@ -49,5 +50,5 @@ if [ -f "$LANG_DIR/dev.tsv" ] && [ -f "$LANG_DIR/test.tsv" ]; then
     LM_FLAGS=(--lm_path "$OUT/lm.json.gz" --lm_weight "${LM_WEIGHT:-0.5}")
 fi
 "$PY" transcribe.py --model_path "$OUT/best_model.pt" --mode evaluate --audio_dir "$LANG_DIR/clips" \
-    --reference_file "$LANG_DIR/test.tsv" --output_dir "$OUT/test_eval" --batch_size 32 --beam_size 8 --ctc_weight 0.3 \
+    --reference_file "$LANG_DIR/test.tsv" --output_dir "$OUT/test_eval" --batch_size 32 --beam_size 8 --ctc_weight 0.3 --temperature_increment_on_fallback none \
     "${LM_FLAGS[@]}"
