@@ -125,6 +125,10 @@ def test_cli_drops_held_out_sentences_and_writes_a_loadable_model(tmp_path, caps
     assert m.normalizer == {"lowercase": True, "punctuation": "strip"} and m.order == 3
     assert "," not in m.index and "T" not in m.index  # the text was normalised before counting
     assert m.sentence_logprob("the cat sat") > m.sentence_logprob("the dev line")
+    assert L.main(["--text", str(tmp_path / "none.txt"), "--output", str(out)]) == 2
+    assert "none.txt: text file not found" in capsys.readouterr().err
+    (tmp_path / "cv.tsv").write_text('client_id\tpath\tsentence\nc\ta.mp3\t"He said ""hi""."\n')
+    assert L.read_text(tmp_path / "cv.tsv") == ['He said "hi".']  # CSV quoting, as the corpus readers read it
 
 
 def test_lm_weight_zero_is_exactly_no_lm_and_a_heavy_lm_spells_its_text(clips, tmp_path):

@@ -64,8 +64,10 @@ def average_checkpoints(paths: List[Path]) -> dict:
     require(len(paths) >= 1, "nothing to average: give at least one checkpoint")
     first = load_checkpoint(paths[0])
     total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
+    dev = [first.get("dev", {}).get("cer")]
     for path in paths[1:]:
         ck = load_checkpoint(path)
+        dev.append(ck.get("dev", {}).get("cer"))
         for key in ("dims", "tokenizer"):
             if ck[key] != first[key]:
                 raise ValueError(f"{path}: its {key} differ from {paths[0]}'s; only checkpoints of one run "
@@ -75,7 +77,7 @@ def average_checkpoints(paths: List[Path]) -> dict:
                 total[k] += v.double()
     model = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v for k, v in total.items()}
     keep = {k: v for k, v in first.items() if k not in ("optimizer", "scaler", "sampler", "rng", "state", "ema")}
-    return {**keep, "model": model, "averaged_from": [str(p) for p in paths]}
+    return {**keep, "model": model, "averaged_from": [str(p) for p in paths], "averaged_dev_cer": dev}
 
 
 class Ema:
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     atomic_save(avg, opts.output)
-    dev = [f"{load_checkpoint(p).get('dev', {}).get('cer', float('nan')) * 100:.2f}" for p in paths]
+    dev = ["?" if c is None else f"{100 * c:.2f}" for c in avg["averaged_dev_cer"]]
     print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}; dev CER % {', '.join(dev)}) "
           f"-> {opts.output}", file=sys.stderr)
     return 0

@@ -16,7 +16,6 @@ space-separated characters can be used, and ours inspected with other tools.
 """
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import math
@@ -28,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import tables
 from .config import option, parse_options, require
 from .tokenizer import TextNormalizer, Tokenizer
 
@@ -205,7 +205,7 @@ class NgramLM:
                 "unigram": [round(float(x), 6) if np.isfinite(x) else None for x in self.unigram], "contexts": ctx}
 
     @classmethod
-    def from_dict(cls, d: dict, path="") -> "NgramLM":
+    def from_dict(cls, d: dict) -> "NgramLM":
         uni = np.array([-np.inf if x is None else x for x in d["unigram"]], dtype=np.float32)
         contexts = {tuple(k): (np.array(ids, dtype=np.int64), np.array(lps, dtype=np.float32), b)
                     for k, b, ids, lps in d["contexts"]}
@@ -224,9 +224,8 @@ class NgramLM:
         name = [ARPA_SPACE if s == " " else s for s in self.symbols]
         grams: List[list] = [[] for _ in range(self.order + 1)]
         bow_of = {k: b for k, (_, _, b) in self.contexts.items()}
-        for i, lp in enumerate(self.unigram):
-            if i != self.unk or np.isfinite(lp):
-                grams[1].append(((i,), float(lp) if i != self.bos else -99.0 * LOG10))
+        for i, lp in enumerate(self.unigram):  # <s> is never predicted: ARPA's -99
+            grams[1].append(((i,), float(lp) if i != self.bos else -99.0 * LOG10))
         for k, (ids, lps, _) in self.contexts.items():
             for i, lp in zip(ids.tolist(), lps.tolist()):
                 grams[len(k) + 1].append((k + (i,), lp))
@@ -308,7 +307,7 @@ def load_lm(path) -> NgramLM:
         raise ValueError(f"{path}: not a whisper_scratch language model (expected format={FORMAT!r})")
     if d.get("version", 0) > VERSION:
         raise ValueError(f"{path}: language model version {d['version']} is newer than this code ({VERSION})")
-    return NgramLM.from_dict(d, path)
+    return NgramLM.from_dict(d)
 
 
 # -- binding to a tokenizer --------------------------------------------------------------------
@@ -333,7 +332,10 @@ class TokenLM:
             else:
                 raw = _piece_text(tokenizer, t, text)
                 self.symbols.append(tuple(lm.index.get(c, lm.unk) for c in raw))
-        self.single = np.array([s[0] if len(s) == 1 else -1 for s in self.symbols], dtype=np.int64)
+        single = np.array([s[0] if len(s) == 1 else -1 for s in self.symbols], dtype=np.int64)
+        self.one_ids = np.nonzero(single >= 0)[0]  # tokens of one character: a gather per state
+        self.one_syms = single[self.one_ids]
+        self.multi_ids = np.nonzero(single < 0)[0].tolist()  # BPE pieces: the chain rule
         self.unknown = sorted({c for t in range(1, tokenizer.n_text) for c in _piece_text(tokenizer, t, "")
                                if c not in lm.index})
         self._cache: Dict[tuple, np.ndarray] = {}
@@ -360,10 +362,8 @@ class TokenLM:
             return vec
         sym = self.lm.next_logprobs(state)
         vec = np.zeros(self.n_vocab, dtype=np.float32)
-        n = len(self.symbols)
-        one = self.single >= 0
-        vec[:n][one] = sym[self.single[one]]
-        for t in np.nonzero(~one)[0].tolist():  # multi-character tokens (BPE): chain rule
+        vec[self.one_ids] = sym[self.one_syms]
+        for t in self.multi_ids:
             ctx, total = state, 0.0
             for s in self._symbols(state, t):
                 total += float(self.lm.next_logprobs(ctx)[s])
@@ -393,18 +393,17 @@ def bind(path, tokenizer: Tokenizer, n_vocab: int) -> TokenLM:
 
 def read_text(path) -> List[str]:
     """Sentences of a text file (one per line) or of a TSV with a `sentence` column (Common
-    Voice) or `text` column (manifests)."""
+    Voice) or `text` column (manifests), read as the corpus readers read it (tables.py: CSV
+    quoting detected per file, errors name the line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: text file not found")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        first = f.readline()
-        f.seek(0)
-        header = first.rstrip("\r\n").split("\t")
-        col = next((c for c in ("sentence", "text") if c in header), None)
-        if "\t" in first and col:
-            return [r[col] or "" for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
-        return [line.rstrip("\r\n") for line in f]
+    text = tables.read_text(path)
+    first = text.split("\n", 1)[0].rstrip("\r").split("\t")
+    col = next((c for c in ("sentence", "text") if c in first), None)
+    if len(first) > 1 and col:
+        return [row.get(col, "") for _, row in tables.read_tsv(path)[1]]
+    return text.splitlines()
 
 
 @dataclass(frozen=True)
@@ -438,9 +437,13 @@ def normalizer_for(opts: LmOptions) -> TextNormalizer:
 
 def main(argv=None) -> int:
     opts = parse_options(LmOptions, argv, prog="python -m whisper_scratch.lm")
-    norm = normalizer_for(opts)
-    lines = [norm(t) for p in opts.text for t in read_text(p)]
-    held = {norm(t) for p in opts.exclude for t in read_text(p)} - {""}
+    try:
+        norm = normalizer_for(opts)
+        lines = [norm(t) for p in opts.text for t in read_text(p)]
+        held = {norm(t) for p in opts.exclude for t in read_text(p)} - {""}
+    except (OSError, ValueError) as e:  # a missing or unreadable text, a bad --model-path
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     kept = [t for t in lines if t and t not in held]
     dropped = sum(1 for t in lines if t and t in held)
     print(f"{len(kept)} sentences, {sum(map(len, kept))} characters from {', '.join(opts.text)}; "
