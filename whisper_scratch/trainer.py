@@ -759,9 +759,7 @@ class Trainer:
         """step-N.pt: these weights and their dev scores, for averaging; the oldest beyond
         --keep-checkpoints are deleted."""
         if self.opts.keep_checkpoints:
-            dev = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-            save_checkpoint(self.out / snapshot_name(self.state.step), self.model, self.tokenizer,
-                            options=asdict(self.opts), **self.clip_seconds, step=self.state.step, dev=dev)
+            self.write_weights(snapshot_name(self.state.step), scores)
             prune_snapshots(self.out, self.opts.keep_checkpoints)
 
     def evaluate_ema(self) -> None:
@@ -773,18 +771,24 @@ class Trainer:
                 self.log.evaluation(st.step, st.epoch, scores, "ema")
             names = ["ema.pt"] + (["best_ema.pt"] if scores and scores["cer"] < st.best_ema_cer else [])
             for name in names:
-                save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts),
-                                **self.clip_seconds, step=st.step, dev={"wer": scores.get("wer"), "cer": scores.get("cer")})
+                self.write_weights(name, scores)
         if scores and scores["cer"] < st.best_ema_cer:
             st.best_ema_cer = scores["cer"]
 
-    def save(self, name: str) -> None:
-        if self.ddp.main:
-            ema = {"ema": self.ema.state_dict()} if self.ema is not None else {}
-            save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts), **self.clip_seconds,
-                            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                            sampler=self.sampler.state_dict(self.state.batches_done), state=asdict(self.state),
-                            rng=rng_state(), **ema)
+    def write_weights(self, name: str, scores: dict) -> None:
+        """A weights-only checkpoint (snapshots, EMA): loadable like best_model.pt, with its dev scores."""
+        dev = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+        self.save(name, weights_only=True, step=self.state.step, dev=dev)
+
+    def save(self, name: str, weights_only: bool = False, **extra) -> None:
+        if not self.ddp.main:
+            return
+        if not weights_only:  # everything --resume needs
+            extra.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                         sampler=self.sampler.state_dict(self.state.batches_done), state=asdict(self.state),
+                         rng=rng_state(), **({"ema": self.ema.state_dict()} if self.ema is not None else {}))
+        save_checkpoint(self.out / name, self.model, self.tokenizer, options=asdict(self.opts), **self.clip_seconds,
+                        **extra)
 
     def restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
