@@ -290,3 +290,15 @@ def test_init_from_openai_checkpoint_copies_the_encoder(tmp_path, digits):
     assert not torch.equal(ours["decoder.blocks.0.mlp.0.weight"], donor.state_dict()["decoder.blocks.0.mlp.0.weight"])
     with pytest.raises(SystemExit, match="--init-from"):
         Trainer(opts(tmp_path / "x", digits, init_from=str(tmp_path / "missing.pt")))
+
+
+def test_speed_perturb_max_sets_the_speeds_and_bad_values_are_rejected(tmp_path, digits):
+    from whisper_scratch.trainer import Dist, build_batches
+    from whisper_scratch.tokenizer import build_tokenizer
+    o = opts(tmp_path, digits, speed_perturb=True, speed_perturb_max=0.2)
+    from whisper_scratch.data import read_manifest
+    utts = read_manifest(digits, "train")
+    _, dataset = build_batches(o, utts, build_tokenizer("char", [u.text for u in utts], languages=("en",)), 80, Dist())
+    assert dataset.augment.speeds == (0.8, 1.0, 1.2)
+    with pytest.raises(ValueError, match="speed-perturb-max.*1.5"):
+        opts(tmp_path, digits, speed_perturb_max=1.5)

@@ -64,6 +64,7 @@ class ModelDimensions:
 
 # (state, heads, layers) per preset; encoder and decoder share them, as in openai-whisper.
 PRESETS = {
+    "micro": (128, 4, 4),  # small vocabularies (digits) on a CPU
     "mini": (256, 4, 4),  # CPU-sized
     "tiny": (384, 6, 4),
     "base": (512, 8, 6),

@@ -120,7 +120,10 @@ class TrainOptions:
     feature_cache: Optional[str] = option(None, "folder for cached log-mels (fp16)")
     num_buckets: int = option(10, "duration buckets of the batch sampler")
     spec_augment: bool = option(False, "SpecAugment frequency and time masks")
-    speed_perturb: bool = option(False, "speed perturbation 0.9 / 1.0 / 1.1")
+    speed_perturb: bool = option(False, "speed perturbation: each clip played at 1 - x, 1 or 1 + x its speed "
+                                        "(x = --speed-perturb-max)")
+    speed_perturb_max: float = option(0.1, "largest speed change of --speed-perturb: 0.1 is Kaldi's 0.9 / 1.0 / 1.1; "
+                                           "0.2 also varies pitch like a new voice (tempo and pitch move together)")
     pad_to_30s_prob: float = option(0.0, "fraction of micro-batches of which a share (as many clips as fit in the "
                                        "batch's frames) is padded to the full 30 s window with no mask, 2/3 with "
                                        "zero features (faster-whisper, openai transcribe), 1/3 with silence (HF, "
@@ -143,6 +146,8 @@ class TrainOptions:
             if self.max_steps is not None:
                 raise ValueError(f"--time-budget {self.time_budget} sets the schedule's length; it cannot be used "
                                  f"with --max-steps {self.max_steps}")
+        if not 0 < self.speed_perturb_max < 1:
+            raise ValueError(f"--speed-perturb-max must be in (0, 1), got {self.speed_perturb_max}")
         if self.pad_adapt_fraction is not None:
             if self.time_budget is None or not 0 <= self.pad_adapt_fraction < 1:
                 raise ValueError(f"--pad-adapt-fraction {self.pad_adapt_fraction} must be in [0, 1) and needs "
@@ -318,8 +323,9 @@ def build_batches(opts: TrainOptions, utts: list, tokenizer, n_mels: int, ddp: D
     o = opts
     sampler = D.DurationBucketSampler([u.duration for u in utts], o.max_batch_seconds, o.train_batch_size,
                                       o.num_buckets, shuffle=True, seed=o.seed, rank=ddp.rank, world_size=ddp.world)
-    augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, noise_dir=o.noise_dir,
-                             snr_range=(o.snr_low, o.snr_high))
+    x = o.speed_perturb_max
+    augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, speeds=(1 - x, 1.0, 1 + x),
+                             noise_dir=o.noise_dir, snr_range=(o.snr_low, o.snr_high))
     dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
     return sampler, dataset
 
