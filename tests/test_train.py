@@ -13,8 +13,9 @@ import torch.multiprocessing as mp
 
 from whisper_scratch.checkpoint import load_checkpoint, load_model
 from whisper_scratch.config import parse_options
-from whisper_scratch.data import Collator
-from whisper_scratch.trainer import Trainer, TrainOptions, get_lr, train
+from whisper_scratch.data import Collator, read_manifest
+from whisper_scratch.tokenizer import build_tokenizer
+from whisper_scratch.trainer import Dist, Trainer, TrainOptions, build_batches, get_lr, train
 from conftest import DATA
 
 FSDD = str(DATA / "fsdd" / "manifest.tsv")
@@ -293,10 +294,7 @@ def test_init_from_openai_checkpoint_copies_the_encoder(tmp_path, digits):
 
 
 def test_speed_perturb_max_sets_the_speeds_and_bad_values_are_rejected(tmp_path, digits):
-    from whisper_scratch.trainer import Dist, build_batches
-    from whisper_scratch.tokenizer import build_tokenizer
     o = opts(tmp_path, digits, speed_perturb=True, speed_perturb_max=0.2)
-    from whisper_scratch.data import read_manifest
     utts = read_manifest(digits, "train")
     _, dataset = build_batches(o, utts, build_tokenizer("char", [u.text for u in utts], languages=("en",)), 80, Dist())
     assert dataset.augment.speeds == (0.8, 1.0, 1.2)
