@@ -14,7 +14,7 @@ silero-vad cuts real speech.
    with 0.5 s of silence (60+ s): the share of each clip's speech (silero on the clip alone) that
    the chunks keep, and chunk edges that fall inside a clip's speech (target: none).
 
-    python bench/long_audio.py [--model_path exp/demo_mn/best_model.pt] [--threads 2]
+    python bench/long_audio.py [--model_path exp/demo_mn/best_model.pt] [--lm_path exp/demo_mn/lm.json.gz] [--threads 2]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from whisper_scratch.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from whisper_scratch.checkpoint import load_model  # noqa: E402
 from whisper_scratch.data import read_references  # noqa: E402
-from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions, FallbackOptions  # noqa: E402
+from whisper_scratch.decoding import NO_FALLBACK, DecodingOptions, FallbackOptions, with_language_model  # noqa: E402
 from whisper_scratch.longform import transcribe, transcribe_files  # noqa: E402
 from whisper_scratch.metrics import error_rates  # noqa: E402
 from whisper_scratch.vad import VadOptions, check_against_clips, speech_chunks, with_checkpoint_chunks  # noqa: E402
@@ -77,11 +77,14 @@ def accuracy_and_speed(args, model, tokenizer, ckpt: dict) -> None:
     lang_dir = Path(args.corpus)
     refs, _ = read_references(lang_dir / "test.tsv")
     recordings = build_recordings(lang_dir / "clips", refs, args.lengths, args.pause, args.seed, Path(args.work_dir))
-    options = DecodingOptions(beam_size=args.beam_size, ctc_weight=args.ctc_weight, best_of=5)
+    options = DecodingOptions(beam_size=args.beam_size, ctc_weight=args.ctc_weight, best_of=5,
+                              lm_path=args.lm_path, lm_weight=args.lm_weight if args.lm_path else 0.0)
+    options = with_language_model(options, tokenizer, model.dims.n_vocab)
     fallback = FallbackOptions() if args.fallback else NO_FALLBACK
     vad = with_checkpoint_chunks(VadOptions(chunk_seconds=args.chunk_seconds, target_seconds=args.target_seconds),
                                  ckpt)
     print(f"model {args.model_path}; chunks ≤ {vad.chunk_seconds} s, cut at pauses above {vad.target_seconds} s; beam {args.beam_size}, CTC {args.ctc_weight}; "
+          f"LM {args.lm_path or 'none'} (weight {options.lm_weight}); "
           f"temperature fallback {'on' if args.fallback else 'off'}; {torch.get_num_threads()} threads; pause {args.pause} s\n")
     print("| recording | clips | CER clips one by one | CER vad | ratio | CER 30 s windows | WER clips / vad / windows |")
     print("|---|---|---|---|---|---|---|")
@@ -140,6 +143,8 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--chunk_seconds", type=float, default=None, help="default: the checkpoint's longest clip")
     ap.add_argument("--target_seconds", type=float, default=None, help="default: the checkpoint's median clip")
+    ap.add_argument("--lm_path", default=None, help="a language model fused into beam search (./run.sh writes OUT/lm.json.gz)")
+    ap.add_argument("--lm_weight", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fallback", action="store_true", help="temperature fallback as transcribe.py (best_of 5)")
     ap.add_argument("--cv_clips", type=int, default=15)

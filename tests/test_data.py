@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from whisper_scratch import audio as A
-from whisper_scratch.augment import AugmentOptions, add_noise, spec_augment, speed_perturb
+from whisper_scratch.augment import AugmentOptions, add_noise, pad_silence, spec_augment, speed_perturb
 from whisper_scratch.data import (AsrDataset, Collator, DataReport, DurationBucketSampler, FeatureCache,
                                   filter_for_model, find_cv_language_dir, load_split, make_loader,
                                   read_common_voice, read_manifest, read_references)
@@ -284,6 +284,28 @@ def test_augmentations(small_corpus, tmp_path):
     assert not (a[0]["mel"].shape == b[0]["mel"].shape and torch.equal(a[0]["mel"], b[0]["mel"]))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         AsrDataset(utts, tok, augment=AugmentOptions(noise_dir=str(tmp_path / "none")))
+
+
+def test_silence_padding_on_the_mel_equals_zeros_around_the_waveform():
+    """pad_silence works on (cached) log-mels; it must give what zero samples before and after the
+    waveform give, away from the STFT's border frames, and never grow a clip past max_frames."""
+    speech = np.concatenate([tone(0.8, 300, 16000), tone(0.7, 700, 16000)])
+    mel = A.log_mel_spectrogram(speech)
+    rng = np.random.default_rng(1)
+    padded = pad_silence(mel, 0.5, A.N_FRAMES, rng)
+    before = int(np.random.default_rng(1).uniform(0, 0.5) * 100)
+    after = padded.shape[-1] - mel.shape[-1] - before
+    assert before > 5 and after > 5, (before, after)
+    assert torch.equal(padded[:, before:before + mel.shape[-1]], mel)
+    wav = np.concatenate([np.zeros(before * 160, np.float32), speech, np.zeros(after * 160, np.float32)])
+    ref = A.log_mel_spectrogram(wav)
+    assert ref.shape[-1] == padded.shape[-1]
+    inner = list(range(before - 2)) + list(range(padded.shape[-1] - after + 2, padded.shape[-1]))
+    assert torch.allclose(padded[:, inner], ref[:, inner], atol=1e-4)
+    full = pad_silence(torch.zeros(80, A.N_FRAMES - 10), 2.0, A.N_FRAMES, np.random.default_rng(0))
+    assert full.shape[-1] <= A.N_FRAMES
+    with pytest.raises(ValueError, match="silence_pad_max"):
+        AugmentOptions(silence_pad_max=-1)
 
 
 def test_summary_prints_hours_of_every_split(tmp_path, data_dir, capsys):

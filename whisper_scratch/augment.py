@@ -11,7 +11,7 @@ import numpy as np
 import soxr
 import torch
 
-from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, load_audio
+from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, load_audio
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,12 @@ class AugmentOptions:
     noise_dir: Optional[str] = None
     noise_prob: float = 0.5
     snr_range: tuple = (5.0, 20.0)
+    silence_pad_max: float = 0.0  # seconds of silence added before and after a clip, each up to this
+    silence_pad_prob: float = 0.5
 
     def __post_init__(self):
+        if not 0 <= self.silence_pad_max <= 5:
+            raise ValueError(f"silence_pad_max must be in [0, 5] seconds, got {self.silence_pad_max}")
         if not 0 <= self.noise_prob <= 1:
             raise ValueError(f"noise_prob must be in [0, 1], got {self.noise_prob}")
         if self.snr_range[0] > self.snr_range[1]:
@@ -72,6 +76,21 @@ def spec_augment(mel: torch.Tensor, opts: AugmentOptions, rng: np.random.Generat
         t0 = int(rng.integers(0, max(1, T - w)))
         mel[:, t0:t0 + w] = fill
     return mel
+
+
+def pad_silence(mel: torch.Tensor, max_seconds: float, max_frames: int, rng: np.random.Generator) -> torch.Tensor:
+    """Up to max_seconds of silence before and after a normalised log-mel (n_mels, T), never past
+    max_frames. Clips cut tight to their speech (espeak's start at their first sample) leave a
+    model that reads a letter into the few hundred ms of silence a VAD chunk starts with. Silence in
+    the normalised log-mel is exactly max - 2 (log_mel_spectrogram clamps at max - 8, then
+    (x + 4) / 4), so padding here equals padding the waveform with zeros, bar the STFT's border
+    frames, and works on cached features."""
+    room = max(0, max_frames - mel.shape[-1])
+    before, after = (min(int(rng.uniform(0, max_seconds) * SAMPLE_RATE / HOP_LENGTH), room // 2) for _ in range(2))
+    if before == after == 0:
+        return mel
+    fill = mel.max() - 2
+    return torch.cat([fill.expand(mel.shape[0], before), mel, fill.expand(mel.shape[0], after)], dim=-1)
 
 
 class NoiseBank:

@@ -124,6 +124,9 @@ class TrainOptions:
                                         "(x = --speed-perturb-max)")
     speed_perturb_max: float = option(0.1, "largest speed change of --speed-perturb: 0.1 is Kaldi's 0.9 / 1.0 / 1.1; "
                                            "0.2 also varies pitch like a new voice (tempo and pitch move together)")
+    silence_pad_max: float = option(0.0, "half of the clips get up to this many seconds of silence before and "
+                                         "after (each drawn on its own): for corpora cut tight to the speech, so "
+                                         "the model reads nothing into the silence a VAD chunk starts with")
     pad_to_30s_prob: float = option(0.0, "fraction of micro-batches of which a share (as many clips as fit in the "
                                        "batch's frames) is padded to the full 30 s window with no mask, 2/3 with "
                                        "zero features (faster-whisper, openai transcribe), 1/3 with silence (HF, "
@@ -148,6 +151,8 @@ class TrainOptions:
                                  f"with --max-steps {self.max_steps}")
         if not 0 < self.speed_perturb_max < 1:
             raise ValueError(f"--speed-perturb-max must be in (0, 1), got {self.speed_perturb_max}")
+        if not 0 <= self.silence_pad_max <= 5:
+            raise ValueError(f"--silence-pad-max must be in [0, 5] seconds, got {self.silence_pad_max}")
         if self.pad_adapt_fraction is not None:
             if self.time_budget is None or not 0 <= self.pad_adapt_fraction < 1:
                 raise ValueError(f"--pad-adapt-fraction {self.pad_adapt_fraction} must be in [0, 1) and needs "
@@ -325,7 +330,7 @@ def build_batches(opts: TrainOptions, utts: list, tokenizer, n_mels: int, ddp: D
                                       o.num_buckets, shuffle=True, seed=o.seed, rank=ddp.rank, world_size=ddp.world)
     x = o.speed_perturb_max
     augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, speeds=(1 - x, 1.0, 1 + x),
-                             noise_dir=o.noise_dir, snr_range=(o.snr_low, o.snr_high))
+                             noise_dir=o.noise_dir, snr_range=(o.snr_low, o.snr_high), silence_pad_max=o.silence_pad_max)
     dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
     return sampler, dataset
 
