@@ -10,9 +10,13 @@ bench/decode.py) are decoded in one batch, greedy and beam 5, by:
 - ours, 30 s: the same code on mels padded to 30 s (what the others must do), to separate the
   variable-length gain from the implementation's own speed;
 - HF: `WhisperForConditionalGeneration.generate` on 30 s mels;
-- CTranslate2 fp32 and int8: `ctranslate2.models.Whisper.generate` on 30 s mels, exported with
-  our vocabulary size (`--compact`), and fp32 in faster-whisper's padded 51,865-token layout (the
-  default export), whose output layer is that much wider;
+- ours, int8: the same with `--quantize int8` (every nn.Linear dynamically quantised);
+- CTranslate2 fp32 and int8, unpadded: `ctranslate2.models.Whisper.generate` on the same batch
+  padded only to its longest clip (it accepts fewer than 3000 frames), exported with our
+  vocabulary size (`--compact`): the fastest way a user can run it, and the fair comparison;
+- CTranslate2 fp32 and int8 on 30 s mels (what faster-whisper does by default), and fp32 in
+  faster-whisper's padded 51,865-token layout (the default export), whose output layer is that much
+  wider;
 - openai-whisper: `whisper.decode` on 30 s mels (beam search one clip at a time: its batched beam
   search fails in 20250625, openai/whisper#2197).
 
@@ -23,6 +27,9 @@ every clip decodes exactly --max_new_tokens tokens; the script prints the counts
 transcripts equal ours (the 30 s implementations: equal to "ours, padded to 30 s", which
 computes their function; beam searches differ in details, so only greedy must match). Prints seconds (best of --repeats) and our
 speed ratio (their time / ours; > 1: we are faster).
+
+A last table decodes the clips one at a time (greedy, each at its own length; what --mode
+directory and a lightly loaded server do): ours fp32 and int8 against CTranslate2 fp32 and int8.
 
     python bench/vs_decode.py [--threads 2] [--size tiny] [--max_new_tokens 64] [--beam_size 5]
 """
@@ -45,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from decode import make_clips, random_model  # noqa: E402  (bench/decode.py: same clips)
 from openai_shim import openai_decode  # noqa: E402  (tests/openai_shim.py)
 from whisper_scratch.audio import load_audio, log_mel_spectrogram  # noqa: E402
+from whisper_scratch.checkpoint import quantize  # noqa: E402
 from whisper_scratch.decoding import DecodingOptions, decode  # noqa: E402
 from whisper_scratch.export.ct2 import export_ct2  # noqa: E402
 from whisper_scratch.export.hf import export_hf  # noqa: E402
@@ -63,52 +71,68 @@ def batch_padded(mels: list, frames=None):
 
 
 class Runner:
-    """One implementation: run(beam) -> token lists (text tokens only, prompt and eot removed)."""
+    """One implementation: run(beam) -> token lists (text tokens only, prompt and eot removed).
+    same_as: the runner whose function it computes (its "same text" column counts equal outputs)."""
 
-    def __init__(self, name: str, run):
-        self.name, self.run = name, run
+    def __init__(self, name: str, run, same_as: str = "ours (variable length)"):
+        self.name, self.run, self.same_as = name, run, same_as
 
 
-def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int) -> list:
+def ct2_models(model, tok, folder: Path, threads: int) -> dict:
+    """CTranslate2 exports of `model`: compact fp32 and int8 (our vocabulary) and fp32 in
+    faster-whisper's layout ("fw")."""
     import ctranslate2
+    for q in ("float32", "int8"):  # our vocabulary size, as the other implementations here
+        export_ct2(model, tok, folder / f"ct2_{q}", q, compact=True)
+    export_ct2(model, tok, folder / "ct2_fw", "float32")  # faster-whisper's 51,865-token layout
+    return {q: ctranslate2.models.Whisper(str(folder / f"ct2_{q}"), device="cpu",
+                                          compute_type="int8" if q == "int8" else "float32",
+                                          intra_threads=threads, inter_threads=1) for q in ("float32", "int8", "fw")}
+
+
+def ct2_generate(ct, mel: torch.Tensor, prompt: list, n_new: int, beam: int) -> list:
+    import ctranslate2
+    features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy()))
+    # CTranslate2's Whisper max_length: it generates up to max_length // 2 new tokens (measured)
+    return [r.sequences_ids[0] for r in ct.generate(features, [prompt] * mel.shape[0], beam_size=beam,
+                                                    max_length=2 * n_new, suppress_blank=False)]
+
+
+def ours_decode(model, tok, n_new: int):
+    return lambda x, x_lens, beam: [r.tokens for r in decode(model, x, x_lens, tok, DecodingOptions(
+        beam_size=beam, max_new_tokens=n_new))]
+
+
+def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int, cts: dict, q8) -> list:
     from transformers import WhisperForConditionalGeneration
 
     var, lens = batch_padded(mels)
     full, _ = batch_padded(mels, 2 * model.dims.n_audio_ctx)
     export_openai(model, folder / "openai.pt")
     export_hf(model, tok, folder / "hf")
-    for q in ("float32", "int8"):  # our vocabulary size, as the other implementations here
-        export_ct2(model, tok, folder / f"ct2_{q}", q, compact=True)
-    export_ct2(model, tok, folder / "ct2_fw", "float32")  # faster-whisper's 51,865-token layout
     om = load_openai_model(folder / "openai.pt")
     hf = WhisperForConditionalGeneration.from_pretrained(folder / "hf").eval()
-    features = ctranslate2.StorageView.from_array(np.ascontiguousarray(full.numpy()))
-    prompt = [list(tok.sot_sequence())] * len(mels)
-
-    def ours(x, x_lens):
-        return lambda beam: [r.tokens for r in decode(model, x, x_lens, tok, DecodingOptions(
-            beam_size=beam, max_new_tokens=n_new))]
+    prompt = list(tok.sot_sequence())
+    fp32, int8 = ours_decode(model, tok, n_new), ours_decode(q8, tok, n_new)
 
     def hf_run(beam):
         with torch.inference_mode():
             out = hf.generate(input_features=full, max_new_tokens=n_new, num_beams=beam, do_sample=False)
         return [[t for t in row.tolist() if t < tok.n_text] for row in out]
 
-    def ct2_run(ct):
-        # CTranslate2's Whisper max_length: it generates up to max_length // 2 new tokens (measured)
-        return lambda beam: [r.sequences_ids[0] for r in ct.generate(
-            features, prompt, beam_size=beam, max_length=2 * n_new, suppress_blank=False)]
+    def ct2(q, x):
+        return lambda beam: ct2_generate(cts[q], x, prompt, n_new, beam)
 
-    runners = [Runner("ours (variable length)", ours(var, lens)), Runner("ours, padded to 30 s", ours(full, None)),
-               Runner("HF transformers generate", hf_run)]
-    for name, q in (("CTranslate2 float32", "float32"), ("CTranslate2 int8", "int8"),
-                    ("CTranslate2 fp32, fw vocab", "fw")):
-        ct = ctranslate2.models.Whisper(str(folder / f"ct2_{q}"), device="cpu",
-                                        compute_type="int8" if q == "int8" else "float32",
-                                        intra_threads=threads, inter_threads=1)
-        runners.append(Runner(name, ct2_run(ct)))
+    padded = "ours, padded to 30 s"  # what the 30 s implementations compute
+    runners = [Runner("ours (variable length)", lambda beam: fp32(var, lens, beam)),
+               Runner(padded, lambda beam: fp32(full, None, beam)),
+               Runner("ours int8", lambda beam: int8(var, lens, beam)),
+               Runner("CT2 fp32, unpadded", ct2("float32", var)), Runner("CT2 int8, unpadded", ct2("int8", var)),
+               Runner("HF transformers generate", hf_run, padded)]
+    for name, q in (("CT2 fp32, 30 s", "float32"), ("CT2 int8, 30 s", "int8"), ("CT2 fp32, 30 s, fw vocab", "fw")):
+        runners.append(Runner(name, ct2(q, full), padded))
     runners.append(Runner("openai-whisper decode", lambda beam: [r.tokens for r in openai_decode(
-        om, full, tok, beam_size=beam, max_new_tokens=n_new)]))
+        om, full, tok, beam_size=beam, max_new_tokens=n_new)], padded))
     return runners
 
 
@@ -135,15 +159,38 @@ def main() -> None:
         paths = make_clips(Path(tmp), args.clips)
         mels = load_mels(paths, model.dims.n_mels)
         audio_s = sum(m.shape[-1] for m in mels) / 100
-        runners = make_runners(model, tok, mels, Path(tmp), args.threads, args.max_new_tokens)
+        cts = ct2_models(model, tok, Path(tmp), args.threads)
+        q8 = quantize(model, "int8", "cpu")
+        runners = make_runners(model, tok, mels, Path(tmp), args.threads, args.max_new_tokens, cts, q8)
         import ctranslate2
         import transformers
         transformers.logging.set_verbosity_error()  # generate's notes on max_length vs max_new_tokens
         print(f"{len(mels)} clips, {audio_s:.1f} s of audio; model {args.size} ({model.num_parameters() / 1e6:.1f} M "
               f"params, vocab {tok.vocab_size}); {args.max_new_tokens} tokens per clip; {args.threads} threads; "
               f"torch {torch.__version__}, transformers {transformers.__version__}, ctranslate2 {ctranslate2.__version__}")
-        for name, beam in (("greedy", 1), (f"beam {args.beam_size}", args.beam_size)):
-            report(runners, name, beam, args, audio_s)
+        tables = {name: report(runners, name, beam, args, audio_s)
+                  for name, beam in (("greedy", 1), (f"beam {args.beam_size}", args.beam_size))}
+        tables["one by one, greedy"] = report(one_by_one(model, q8, tok, mels, cts, args.max_new_tokens),
+                                              "one by one, greedy", 1, args, audio_s)
+        print("\nagainst CTranslate2 fed the same unpadded features (their time / ours; targets: fp32 batched >= 1.5, "
+              "one by one >= 1.0; int8 >= 1.0)")
+        for name, t in tables.items():
+            print(f"  {name:<20} fp32 {t['CT2 fp32, unpadded'] / t['ours (variable length)']:.2f}x   "
+                  f"int8 {t['CT2 int8, unpadded'] / t['ours int8']:.2f}x")
+
+
+def one_by_one(model, q8, tok, mels: list, cts: dict, n_new: int) -> list:
+    """Each clip alone at its own length, greedy: per-file latency without batching."""
+    prompt = list(tok.sot_sequence())
+
+    def each(run):
+        return lambda beam: [t for m in mels for t in run(m[None], beam)]
+
+    ours, int8 = ours_decode(model, tok, n_new), ours_decode(q8, tok, n_new)
+    return [Runner("ours (variable length)", each(lambda m, beam: ours(m, None, beam))),
+            Runner("ours int8", each(lambda m, beam: int8(m, None, beam))),
+            Runner("CT2 fp32, unpadded", each(lambda m, beam: ct2_generate(cts["float32"], m, prompt, n_new, beam))),
+            Runner("CT2 int8, unpadded", each(lambda m, beam: ct2_generate(cts["int8"], m, prompt, n_new, beam)))]
 
 
 def report(runners: list, name: str, beam: int, args, audio_s: float) -> None:
@@ -151,16 +198,17 @@ def report(runners: list, name: str, beam: int, args, audio_s: float) -> None:
         r.run(1)
     print(f"\n{name}: {'implementation':<26} {'seconds':>8} {'RTF':>7} {'tokens/clip':>12} {'same text':>10} "
           f"{'ours is':>9}")
-    t_ours, refs = None, []
-    for i, r in enumerate(runners):
+    t_ours, outs, times = None, {}, {}
+    for r in runners:
         seconds, out = timed(lambda: r.run(beam), args.repeats)
         t_ours = t_ours or seconds
-        refs.append(out)
-        ref = refs[min(i, 1)]  # the 30 s implementations compute "ours, padded to 30 s"'s function
+        outs[r.name], times[r.name] = out, seconds
+        ref = outs.get(r.same_as, out)
         counts = sorted({len(t) for t in out})
         same = sum(a == b for a, b in zip(out, ref))
         print(f"{'':<{len(name) + 1}} {r.name:<26} {seconds:>8.2f} {seconds / audio_s:>7.4f} "
               f"{'/'.join(map(str, counts)):>12} {f'{same}/{len(out)}':>10} {seconds / t_ours:>8.2f}x")
+    return times
 
 
 if __name__ == "__main__":

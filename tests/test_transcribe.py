@@ -378,6 +378,23 @@ def test_single_mode(checkpoint, audio_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip()  # some text under bf16 autocast
 
 
+def test_int8_quantized_decoding_gives_the_same_words(checkpoint, audio_dir, capsys):
+    base = ["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav"), "--device", "cpu", *FAST]
+    assert cli.main(base) == 0
+    fp32 = capsys.readouterr().out.strip()
+    assert cli.main(base + ["--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.strip() == fp32 == "two"
+    with pytest.raises(SystemExit):  # int8 weights with fp16 activations: refused with both values
+        cli.parse_options(cli.TranscribeOptions, base + ["--quantize", "int8", "--dtype", "fp16"])
+    assert "--quantize int8" in capsys.readouterr().err
+    from whisper_scratch.checkpoint import load_model, quantize
+    model = load_model(checkpoint)[0]
+    with pytest.raises(ValueError, match="CPU only, got --device cuda"):
+        quantize(model, "int8", "cuda")
+    assert "quantized.dynamic" in type(quantize(model, "int8", "cpu").decoder.blocks[0].mlp[0]).__module__
+    assert quantize(model, None, "cpu") is model
+
+
 def test_every_decoding_flag_reaches_the_decoder(checkpoint, audio_dir):
     base = ["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav")]
     opts = cli.parse_options(cli.TranscribeOptions, base + [

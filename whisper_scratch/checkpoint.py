@@ -184,3 +184,23 @@ def precision(dtype: Optional[str], device: Union[str, torch.device]):
     if name == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, name))
+
+
+QUANTIZE = ("int8",)
+
+
+def quantize(model: torch.nn.Module, scheme: Optional[str], device: Union[str, torch.device]) -> torch.nn.Module:
+    """The model for decoding with int8 weights: every nn.Linear becomes a dynamically quantised one
+    (weights int8 per tensor, activations quantised per batch at run time; torch's fbgemm/onednn
+    kernels). Convolutions, embeddings, LayerNorms and the tied output projection stay fp32.
+    CPU only: torch has no CUDA kernels for it. scheme None returns the model as it is."""
+    if scheme is None:
+        return model
+    if scheme not in QUANTIZE:
+        raise ValueError(f"--quantize must be one of {QUANTIZE} or none, got {scheme!r}")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"--quantize {scheme} runs on the CPU only, got --device {device}")
+    from torch.ao.quantization import quantize_dynamic
+    with warnings.catch_warnings():  # torch 2.13 flags its quantised tensor types as deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
