@@ -67,7 +67,7 @@ class TranscribeOptions:
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
     quantize: Optional[str] = option(None, "int8: decode with int8 weights in every linear layer (dynamic "
                                            "quantisation, CPU only; bench/vs_decode.py measures speed and "
-                                           "accuracy)", choices=QUANTIZE)
+                                           "accuracy)", choices=(None,) + QUANTIZE)
     dtype: Optional[str] = option(None, "float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: float16 "
                                         "on cuda, else float32)", choices=tuple(DTYPE_ALIASES))
     output_format: Optional[str] = option(None, "also write per-file transcripts: txt|json|srt|vtt|tsv|all",

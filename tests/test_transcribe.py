@@ -384,6 +384,7 @@ def test_int8_quantized_decoding_gives_the_same_words(checkpoint, audio_dir, cap
     fp32 = capsys.readouterr().out.strip()
     assert cli.main(base + ["--quantize", "int8"]) == 0
     assert capsys.readouterr().out.strip() == fp32 == "two"
+    assert cli.parse_options(cli.TranscribeOptions, base + ["--quantize", "none"]).quantize is None
     with pytest.raises(SystemExit):  # int8 weights with fp16 activations: refused with both values
         cli.parse_options(cli.TranscribeOptions, base + ["--quantize", "int8", "--dtype", "fp16"])
     assert "--quantize int8" in capsys.readouterr().err

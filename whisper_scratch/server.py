@@ -71,7 +71,7 @@ class ServerOptions:
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
     quantize: Optional[str] = option(None, "int8: decode with int8 weights in every linear layer (dynamic "
                                            "quantisation, CPU only; bench/vs_decode.py measures speed and "
-                                           "accuracy)", choices=QUANTIZE)
+                                           "accuracy)", choices=(None,) + QUANTIZE)
     dtype: Optional[str] = option(None, "float32 | float16 | bfloat16 (default: float16 on cuda, else float32)",
                                   choices=tuple(DTYPE_ALIASES))
     decoding: DecodingOptions = option(help="default search settings", factory=lambda: DecodingOptions(best_of=5))
