@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
-from whisper_scratch.checkpoint import QUANTIZE, CheckpointError, load_model, precision, quantize
+from whisper_scratch.checkpoint import CheckpointError, check_quantize, load_model, precision, quantize, quantize_option
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from whisper_scratch import decoding as D
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
@@ -65,9 +65,7 @@ class TranscribeOptions:
     highlight_words: bool = option(False, "srt/vtt: a cue per word, the word underlined (needs --word_timestamps)")
     condition_on_previous_text: bool = option(True, "with --vad false: prompt each 30 s window with the text so far")
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
-    quantize: Optional[str] = option(None, "int8: decode with int8 weights in every linear layer (dynamic "
-                                           "quantisation, CPU only; bench/vs_decode.py measures speed and "
-                                           "accuracy)", choices=(None,) + QUANTIZE)
+    quantize: Optional[str] = quantize_option()
     dtype: Optional[str] = option(None, "float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: float16 "
                                         "on cuda, else float32)", choices=tuple(DTYPE_ALIASES))
     output_format: Optional[str] = option(None, "also write per-file transcripts: txt|json|srt|vtt|tsv|all",
@@ -95,8 +93,7 @@ class TranscribeOptions:
         require(self.max_words_per_cue is None or self.max_words_per_cue >= 1,
                 f"max_words_per_cue must be >= 1, got {self.max_words_per_cue}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        require(self.quantize is None or self.dtype in (None, "float32"),
-                f"--quantize {self.quantize} keeps activations in float32; it cannot be combined with --dtype {self.dtype}")
+        check_quantize(self.quantize, self.dtype)
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import foreign_files as foreign
+from .config import option, require
 from .model import ModelDimensions, Whisper
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -187,6 +188,18 @@ def precision(dtype: Optional[str], device: Union[str, torch.device]):
 
 
 QUANTIZE = ("int8",)
+
+
+def quantize_option():
+    """The --quantize field of every decoding entry point (transcribe.py, the server)."""
+    return option(None, "int8: decode with int8 weights in every linear layer (dynamic quantisation, CPU only; "
+                        "bench/vs_decode.py measures speed and accuracy)", choices=(None,) + QUANTIZE)
+
+
+def check_quantize(scheme: Optional[str], dtype: Optional[str]) -> None:
+    """Options check: int8 weights run with float32 activations (dtype already canonical)."""
+    require(scheme is None or dtype in (None, "float32"),
+            f"--quantize {scheme} keeps activations in float32; it cannot be combined with --dtype {dtype}")
 
 
 def quantize(model: torch.nn.Module, scheme: Optional[str], device: Union[str, torch.device]) -> torch.nn.Module:

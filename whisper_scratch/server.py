@@ -41,7 +41,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
-from .checkpoint import QUANTIZE, load_model, precision, quantize
+from .checkpoint import check_quantize, load_model, precision, quantize, quantize_option
 from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from .decoding import DecodingOptions, FallbackOptions, with_language_model
 from .longform import chunk_limit, transcribe_chunks
@@ -69,9 +69,7 @@ class ServerOptions:
     max_upload_mb: float = option(25.0, "largest accepted upload in MiB (413 above; OpenAI's limit is 25)")
     api_key: Optional[str] = option(None, "if set, /v1 requests need 'Authorization: Bearer KEY'")
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
-    quantize: Optional[str] = option(None, "int8: decode with int8 weights in every linear layer (dynamic "
-                                           "quantisation, CPU only; bench/vs_decode.py measures speed and "
-                                           "accuracy)", choices=(None,) + QUANTIZE)
+    quantize: Optional[str] = quantize_option()
     dtype: Optional[str] = option(None, "float32 | float16 | bfloat16 (default: float16 on cuda, else float32)",
                                   choices=tuple(DTYPE_ALIASES))
     decoding: DecodingOptions = option(help="default search settings", factory=lambda: DecodingOptions(best_of=5))
@@ -87,8 +85,7 @@ class ServerOptions:
         require(self.vad.vad, "the server decodes voice-activity chunks in batches; --vad false (prompted 30 s "
                               "windows, one file at a time) is transcribe.py's")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        require(self.quantize is None or self.dtype in (None, "float32"),
-                f"--quantize {self.quantize} keeps activations in float32; it cannot be combined with --dtype {self.dtype}")
+        check_quantize(self.quantize, self.dtype)
 
 
 class ApiError(Exception):
