@@ -17,7 +17,12 @@ step, with the same padded-seconds budget per batch (--batch_seconds, default 4 
 Each implementation runs in its own process so its peak memory (ru_maxrss, and the growth over
 the RSS before the first step) is its own. Prints audio s/s and our ratio (ours / theirs).
 
+A second table splits the fastest epoch of each row into collation, forward (with the loss),
+backward, gradient clipping and the AdamW step; --optimizers runs each implementation with
+torch's for-loop (its default for CPU tensors), foreach and fused AdamW; --repeats interleaves several epochs.
+
     python bench/vs_train.py [--threads 2] [--size tiny] [--clips 96] [--batch_seconds 120]
+                             [--impls ours,ours_30s,hf] [--optimizers forloop,foreach,fused] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -45,6 +50,9 @@ IMPLS = ("ours", "ours_30s", "hf")
 NAMES = {"ours": "ours (bucketed, variable length)", "ours_30s": "ours, padded to 30 s",
          "hf": "HF transformers, padded to 30 s"}
 CHARS_PER_SECOND = 12
+PHASES = ("collate", "forward", "backward", "clip", "optimizer")
+# torch's three AdamW implementations: a Python loop over tensors, multi-tensor ops, one fused kernel
+OPTIMIZERS = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 def make_items(n: int, n_mels: int, tok, seed: int = 0) -> list:
@@ -114,22 +122,34 @@ def worker(args) -> dict:
     model = Whisper(preset_dims(args.size, n_vocab=tok.vocab_size))
     items = make_items(args.clips, model.dims.n_mels, tok)
     module, step = build(args.impl, model, tok)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
+                                  **OPTIMIZERS[args.optimizer])
     frames = 2 * model.dims.n_audio_ctx if args.impl != "ours" else None
 
+    phases = dict.fromkeys(PHASES, 0.0)  # seconds of the timed epoch in each part of a step
+    timing = [False]
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        if timing[0]:
+            phases[name] += time.perf_counter() - t
+        return out
+
     def run(indices):
-        b = collate([items[i] for i in indices], tok.pad, len(tok.sot_sequence()))
+        b = timed("collate", lambda: collate([items[i] for i in indices], tok.pad, len(tok.sot_sequence())))
         b = pad_to(b, frames) if frames else b
-        loss = step(b)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
+        loss = timed("forward", lambda: step(b))
+        timed("backward", loss.backward)
+        timed("clip", lambda: torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0))
+        timed("optimizer", optimizer.step)
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
 
     batches = batches_for(args.impl, items, args.batch_seconds)
     base = rss_mb()
     run(batches[0][:2])  # warm-up: allocator, optimizer state, first-call paths
+    timing[0] = True
     t0 = time.perf_counter()
     losses = [run(b) for b in batches]
     seconds = time.perf_counter() - t0
@@ -137,7 +157,7 @@ def worker(args) -> dict:
     padded_s = sum(len(b) * (frames or max(items[i]["mel"].shape[-1] for i in b)) for b in batches) / 100
     return {"impl": args.impl, "seconds": seconds, "audio_s": audio_s, "padded_s": padded_s, "steps": len(batches),
             "first_loss": losses[0], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "base_rss_mb": base}
+            "base_rss_mb": base, "phases": phases}
 
 
 def main() -> None:
@@ -147,32 +167,50 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=96)
     ap.add_argument("--batch_seconds", type=float, default=120.0, help="padded seconds per batch, all implementations")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    ap.add_argument("--optimizers", default="forloop", help=f"comma-separated AdamW implementations of "
+                    f"{tuple(OPTIMIZERS)}: each implementation runs with each (on CPU tensors torch defaults to "
+                    f"forloop)")
+    ap.add_argument("--repeats", type=int, default=1, help="epochs per implementation, each in a new process, "
+                    "the implementations taking turns; the table shows the fastest and the median")
+    ap.add_argument("--optimizer", default="forloop", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)  # internal: run one implementation, print JSON
     args = ap.parse_args()
     if args.impl:
         print(json.dumps(worker(args)))
         return
-    rows = []
-    for impl in args.impls.split(","):
-        cmd = [sys.executable, __file__, "--impl", impl, "--threads", str(args.threads), "--size", args.size,
-               "--clips", str(args.clips), "--batch_seconds", str(args.batch_seconds)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    print_table(rows, args)
+    runs = {}  # (impl, optimizer) -> results of its repeats
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every row
+        for impl in args.impls.split(","):
+            for opt in args.optimizers.split(","):
+                if opt not in OPTIMIZERS:
+                    raise SystemExit(f"--optimizers: {opt!r} is not one of {tuple(OPTIMIZERS)}")
+                cmd = [sys.executable, __file__, "--impl", impl, "--optimizer", opt, "--threads", str(args.threads),
+                       "--size", args.size, "--clips", str(args.clips), "--batch_seconds", str(args.batch_seconds)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                runs.setdefault((impl, opt), []).append(json.loads(out.strip().splitlines()[-1]))
+    print_table(runs, args)
 
 
-def print_table(rows: list, args) -> None:
-    r0 = rows[0]
-    print(f"{args.clips} clips, {r0['audio_s']:.1f} s of audio (mean {r0['audio_s'] / args.clips:.2f} s); model "
+def print_table(runs: dict, args) -> None:
+    """One row per (implementation, optimizer): the fastest of its repeats (and the median), then
+    the seconds of each phase in that fastest epoch, so a gap between rows can be located."""
+    first = next(iter(runs.values()))[0]
+    print(f"{args.clips} clips, {first['audio_s']:.1f} s of audio (mean {first['audio_s'] / args.clips:.2f} s); model "
           f"{args.size}; budget {args.batch_seconds:g} padded s per batch; {args.threads} threads; "
-          f"torch {torch.__version__}")
-    print(f"{'implementation':<34} {'steps':>5} {'padded s':>9} {'seconds':>8} {'audio s/s':>10} {'peak RSS MB':>12} "
-          f"{'growth MB':>10} {'ours is':>8}")
-    speed0 = r0["audio_s"] / r0["seconds"]
-    for r in rows:
+          f"{args.repeats} epoch(s) per row; torch {torch.__version__}")
+    print(f"{'implementation':<34} {'AdamW':>8} {'steps':>5} {'padded s':>9} {'seconds':>8} {'median':>7} "
+          f"{'audio s/s':>10} {'peak RSS MB':>12} {'growth MB':>10} {'ours is':>8}")
+    best = {key: min(rs, key=lambda r: r["seconds"]) for key, rs in runs.items()}
+    speed0 = first["audio_s"] / best[next(iter(runs))]["seconds"]
+    for (impl, opt), r in best.items():
         speed = r["audio_s"] / r["seconds"]
-        print(f"{NAMES[r['impl']]:<34} {r['steps']:>5} {r['padded_s']:>9.0f} {r['seconds']:>8.1f} {speed:>10.2f} "
-              f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['base_rss_mb']:>10.0f} {speed0 / speed:>7.2f}x")
+        median = float(np.median([x["seconds"] for x in runs[(impl, opt)]]))
+        print(f"{NAMES[impl]:<34} {opt:>8} {r['steps']:>5} {r['padded_s']:>9.0f} {r['seconds']:>8.1f} {median:>7.1f} "
+              f"{speed:>10.2f} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['base_rss_mb']:>10.0f} "
+              f"{speed0 / speed:>7.2f}x")
+    print(f"\nseconds per phase of the fastest epoch ({', '.join(PHASES)}):")
+    for (impl, opt), r in best.items():
+        print(f"{NAMES[impl]:<34} {opt:>8} " + " ".join(f"{r['phases'][p]:>9.2f}" for p in PHASES))
 
 
 if __name__ == "__main__":

@@ -590,6 +590,7 @@ class Trainer:
             self.restore(ckpt)
         self.history, self.last_eval, self.last_eval_step = [], {}, -1
         self.t_start, self.t_measure = time.time(), None
+        self.eval_seconds, self.budget_mark = 0.0, None  # --time-budget: evaluation time, last fit (step, time, evals)
 
     def run(self) -> dict:
         """The loop: this epoch's optimizer steps -> log -> evaluate and save, until --max-steps,
@@ -650,22 +651,52 @@ class Trainer:
         if st.step - first < BUDGET_MEASURE:
             return
         per_step = (time.time() - t0) / (st.step - first)
-        per_eval = self.time_evaluation()
+        self.fit_budget(per_step, self.time_evaluation())
+
+    def replan_budget(self, eval_seconds: float) -> None:
+        """--time-budget, after each evaluation before the adaptation: fit the schedule again to
+        the step time measured since the last fit (evaluations excluded) and to this evaluation's
+        real cost. A 20-step warm-up can be far off: on the CPU demo it measured 1.17 s/step and
+        the run went on at 1.3-1.7 s, 22 % over its 20 min. The cosine is stretched or shrunk from
+        here on. A resumed run keeps its schedule (its earlier minutes are not known here)."""
+        o, st = self.opts, self.state
+        self.eval_seconds += eval_seconds
+        if o.time_budget is None or not st.budget_steps or o.resume or st.adapting or self.budget_mark is None:
+            return
+        step0, t0, evals0 = self.budget_mark
+        if st.step - step0 < BUDGET_MEASURE or st.step >= self.schedule_steps:
+            return
+        per_step = (time.time() - t0 - (self.eval_seconds - evals0)) / (st.step - step0)
+        self.fit_budget(per_step, eval_seconds)
+
+    def fit_budget(self, per_step: float, per_eval: float) -> None:
+        """The largest schedule (steps, adaptation, the evaluations still to come) that fits the
+        budget's minutes left at these costs; rank 0's choice is every rank's."""
+        o, st = self.opts, self.state
         left = o.time_budget * 60 - (time.time() - self.t_start)
         adapt = o.pad_adapt_fraction or 0.0
         n = st.step
-        while True:  # the largest schedule whose steps and evaluations still fit
+        while True:
             m = n + 10
             cost = (m - st.step) * per_step + round(adapt * m) * per_step * ADAPT_STEP_COST
-            evals = m // o.eval_every + 2 if self.ddp.main else 0
+            evals = m // o.eval_every - st.step // o.eval_every + 2 if self.ddp.main else 0
             if cost + evals * per_eval > left:
                 break
             n = m
         adapt_steps = round(adapt * n) if o.pad_adapt_fraction is not None else o.pad_adapt_steps
+        if self.ddp.world > 1:  # ranks time differently (only rank 0 evaluates): they must agree
+            plan = torch.tensor([n, adapt_steps], device=self.device)
+            dist.broadcast(plan, 0)
+            n, adapt_steps = (int(v) for v in plan.tolist())
+        replan = bool(st.budget_steps)
+        self.budget_mark = (st.step, time.time(), self.eval_seconds)
+        if replan and (n, adapt_steps) == (st.budget_steps, st.budget_adapt_steps):
+            return
         st.budget_steps, st.budget_adapt_steps = n, adapt_steps
         self.set_schedule(n, adapt_steps)
-        tqdm.write(f"--time-budget {o.time_budget:g} min: {per_step:.2f} s/step, ~{per_eval:.0f} s per evaluation, "
-                   f"{left / 60:.1f} min left -> {n} steps" + (f" + {adapt_steps} adaptation steps" if adapt_steps else ""))
+        tqdm.write(f"--time-budget {o.time_budget:g} min{' (fitted again)' if replan else ''}: {per_step:.2f} s/step, "
+                   f"~{per_eval:.0f} s per evaluation, {left / 60:.1f} min left -> {n} steps"
+                   + (f" + {adapt_steps} adaptation steps" if adapt_steps else ""))
 
     def time_evaluation(self) -> float:
         """Seconds one dev evaluation will take, from decoding a few dev clips now (x2 with EMA).
@@ -751,6 +782,7 @@ class Trainer:
     def evaluate_and_save(self) -> None:
         st = self.state
         self.last_eval_step = st.step  # on every rank: they must agree on when to meet at the barrier
+        started = time.time()
         if self.ddp.main:
             scores = dev_evaluate(self.model, self.tokenizer, self.dev_utts, self.opts, self.amp)
             self.last_eval = {"step": st.step, **scores}
@@ -762,7 +794,9 @@ class Trainer:
             self.snapshot(scores)
             if self.ema is not None:
                 self.evaluate_ema()
-            self.save("last.pt")
+        self.replan_budget(time.time() - started if self.ddp.main else 0.0)  # on every rank: they share the plan
+        if self.ddp.main:
+            self.save("last.pt")  # with the plan resume must keep
         if self.ddp.world > 1:
             dist.barrier()
 
