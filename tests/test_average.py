@@ -94,13 +94,17 @@ class FakeClock:
         return self.now
 
 
-def budget_run(monkeypatch, tmp_path, digits, **kw):
+def budget_run(monkeypatch, tmp_path, digits, step_seconds=lambda step: 2.0, plans=None, **kw):
+    """A --time-budget run on a fake clock: each step costs step_seconds(step), each decoded dev
+    clip 0.5 s; `plans` collects the schedule length seen at every step."""
     clock = FakeClock()
     monkeypatch.setattr(T, "time", clock)
     evaluate = T.dev_evaluate
 
     def timed_step(self, micro):  # the schedule is under test, not learning: no forward/backward
-        clock.now += 2.0
+        clock.now += step_seconds(self.state.step)
+        if plans is not None:
+            plans.append(self.state.budget_steps)
         lr = T.get_lr(self.state.step, self.opts, self.schedule_steps)
         return {"lr": lr, "ce": 1.0, "ctc": 0.0, "finite": True, "audio_s": 1.0, "tokens": 1, "gnorm": 0.0}
 
@@ -110,9 +114,11 @@ def budget_run(monkeypatch, tmp_path, digits, **kw):
 
     monkeypatch.setattr(T.Trainer, "step", timed_step)
     monkeypatch.setattr(T, "dev_evaluate", timed_evaluate)
-    o = opts(tmp_path, digits, time_budget=1.5, warmup_steps=30, train_batch_size=2, keep_checkpoints=0,
-             max_eval_utts=2, **kw)
-    return train(o), o
+    o = opts(tmp_path, digits, **{"time_budget": 1.5, "warmup_steps": 30, "train_batch_size": 2,
+                                  "keep_checkpoints": 0, "max_eval_utts": 2, **kw})
+    result = train(o)
+    budget_run.clock = clock.now
+    return result, o
 
 
 def test_time_budget_sets_the_schedule_from_measured_costs(monkeypatch, tmp_path, digits):
@@ -142,28 +148,12 @@ def test_time_budget_is_kept_on_resume_and_validated(monkeypatch, tmp_path, digi
 
 def test_time_budget_is_fitted_again_when_steps_slow_down(monkeypatch, tmp_path, digits):
     # the warm-up measures 2 s/step, then every step from 30 on takes 4 s: the first fit is far too
-    # long, and the evaluation at step 50 (every 10 steps, 1 s each) shortens the schedule so the
-    # run ends within its 3 minutes
-    clock = FakeClock()
-    monkeypatch.setattr(T, "time", clock)
-    evaluate = T.dev_evaluate
+    # long, and the evaluation at step 50 (every 10 steps) shortens the schedule so the run ends
+    # within its 3 minutes
     plans = []
-
-    def slowing_step(self, micro):
-        clock.now += 2.0 if self.state.step < 30 else 4.0
-        plans.append(self.state.budget_steps)
-        return {"lr": 0.0, "ce": 1.0, "ctc": 0.0, "finite": True, "audio_s": 1.0, "tokens": 1, "gnorm": 0.0}
-
-    def timed_evaluate(model, tokenizer, utts, o, amp, max_new_tokens=None):
-        clock.now += 0.5 * len(utts)
-        return evaluate(model, tokenizer, utts, o, amp, max_new_tokens)
-
-    monkeypatch.setattr(T.Trainer, "step", slowing_step)
-    monkeypatch.setattr(T, "dev_evaluate", timed_evaluate)
-    o = opts(tmp_path, digits, time_budget=3, warmup_steps=30, train_batch_size=2, keep_checkpoints=0,
-             max_eval_utts=2, eval_every=10)
-    result = train(o)
+    result, _ = budget_run(monkeypatch, tmp_path, digits, lambda step: 2.0 if step < 30 else 4.0, plans,
+                           time_budget=3, eval_every=10)
     first = next(p for p in plans if p)
     state = load_checkpoint(tmp_path / "out/last.pt")["state"]
     assert state["budget_steps"] == result["step"] < first, (first, state["budget_steps"], result["step"])
-    assert clock.now <= 180, f"the run took {clock.now:.0f} s of a 180 s budget (first fit {first} steps)"
+    assert budget_run.clock <= 180, f"the run took {budget_run.clock:.0f} s of a 180 s budget (first fit {first} steps)"
