@@ -16,6 +16,7 @@ win there; the script prints each time and its ratio to fp32, and whether the fi
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,6 @@ from whisper_scratch.model import LayerNorm  # noqa: E402
 
 def bf16_weights(model: torch.nn.Module) -> torch.nn.Module:
     """A copy with bf16 weights and fp32 LayerNorms (decoding.encode casts the mel to the conv's dtype)."""
-    import copy
     low = copy.deepcopy(model).to(torch.bfloat16)
     for module in low.modules():
         if isinstance(module, LayerNorm):

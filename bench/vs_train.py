@@ -127,13 +127,11 @@ def worker(args) -> dict:
     frames = 2 * model.dims.n_audio_ctx if args.impl != "ours" else None
 
     phases = dict.fromkeys(PHASES, 0.0)  # seconds of the timed epoch in each part of a step
-    timing = [False]
 
     def timed(name, fn):
         t = time.perf_counter()
         out = fn()
-        if timing[0]:
-            phases[name] += time.perf_counter() - t
+        phases[name] += time.perf_counter() - t
         return out
 
     def run(indices):
@@ -149,7 +147,7 @@ def worker(args) -> dict:
     batches = batches_for(args.impl, items, args.batch_seconds)
     base = rss_mb()
     run(batches[0][:2])  # warm-up: allocator, optimizer state, first-call paths
-    timing[0] = True
+    phases.update(dict.fromkeys(PHASES, 0.0))  # the warm-up step is not part of the epoch
     t0 = time.perf_counter()
     losses = [run(b) for b in batches]
     seconds = time.perf_counter() - t0

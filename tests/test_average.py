@@ -94,10 +94,11 @@ class FakeClock:
         return self.now
 
 
-def budget_run(monkeypatch, tmp_path, digits, step_seconds=lambda step: 2.0, plans=None, **kw):
-    """A --time-budget run on a fake clock: each step costs step_seconds(step), each decoded dev
-    clip 0.5 s; `plans` collects the schedule length seen at every step."""
-    clock = FakeClock()
+def budget_run(monkeypatch, tmp_path, digits, step_seconds=lambda step: 2.0, plans=None, clock=None, **kw):
+    """A --time-budget run on a fake clock (`clock`, or a new one): each step costs
+    step_seconds(step), each decoded dev clip 0.5 s; `plans` collects the schedule length seen at
+    every step."""
+    clock = clock or FakeClock()
     monkeypatch.setattr(T, "time", clock)
     evaluate = T.dev_evaluate
 
@@ -116,9 +117,7 @@ def budget_run(monkeypatch, tmp_path, digits, step_seconds=lambda step: 2.0, pla
     monkeypatch.setattr(T, "dev_evaluate", timed_evaluate)
     o = opts(tmp_path, digits, **{"time_budget": 1.5, "warmup_steps": 30, "train_batch_size": 2,
                                   "keep_checkpoints": 0, "max_eval_utts": 2, **kw})
-    result = train(o)
-    budget_run.clock = clock.now
-    return result, o
+    return train(o), o
 
 
 def test_time_budget_sets_the_schedule_from_measured_costs(monkeypatch, tmp_path, digits):
@@ -150,10 +149,10 @@ def test_time_budget_is_fitted_again_when_steps_slow_down(monkeypatch, tmp_path,
     # the warm-up measures 2 s/step, then every step from 30 on takes 4 s: the first fit is far too
     # long, and the evaluation at step 50 (every 10 steps) shortens the schedule so the run ends
     # within its 3 minutes
-    plans = []
-    result, _ = budget_run(monkeypatch, tmp_path, digits, lambda step: 2.0 if step < 30 else 4.0, plans,
+    plans, clock = [], FakeClock()
+    result, _ = budget_run(monkeypatch, tmp_path, digits, lambda step: 2.0 if step < 30 else 4.0, plans, clock,
                            time_budget=3, eval_every=10)
     first = next(p for p in plans if p)
     state = load_checkpoint(tmp_path / "out/last.pt")["state"]
     assert state["budget_steps"] == result["step"] < first, (first, state["budget_steps"], result["step"])
-    assert budget_run.clock <= 180, f"the run took {budget_run.clock:.0f} s of a 180 s budget (first fit {first} steps)"
+    assert clock.now <= 180, f"the run took {clock.now:.0f} s of a 180 s budget (first fit {first} steps)"
