@@ -29,7 +29,7 @@ def test_log_mel_matches_openai_on_jfk(n_mels):
     ref = np.load(REFERENCE / f"jfk_logmel{n_mels}.npy")
     ours = A.log_mel_spectrogram(audio, n_mels).numpy()
     assert ours.shape == ref.shape == (n_mels, 1100)
-    assert np.abs(ours - ref).max() <= 1e-5
+    assert_matches_openai(ours, ref, audio, n_mels)
 
 
 def test_log_mel_padded_30s_matches_openai():
@@ -37,7 +37,17 @@ def test_log_mel_padded_30s_matches_openai():
     ref = np.load(REFERENCE / "jfk_logmel80_padded30s.npy")
     ours = A.log_mel_spectrogram(audio).numpy()
     assert ours.shape == (80, A.N_FRAMES)
-    assert np.abs(ours - ref).max() <= 1e-5
+    assert_matches_openai(ours, ref, audio, 80)
+
+
+def assert_matches_openai(ours, ref, audio, n_mels):
+    """Within 1e-5 of openai-whisper's own log_mel_spectrogram run here, and within 1e-4 of the
+    arrays it produced on another machine: its FFT rounds differently per CPU (on an AVX-512 Xeon
+    openai's own code is 3.9e-5 off its stored arrays; a wrong definition is off by 0.1 or more)."""
+    import whisper
+    theirs = whisper.log_mel_spectrogram(torch.from_numpy(audio), n_mels).numpy()
+    assert np.abs(ours - theirs).max() <= 1e-5
+    assert np.abs(ours - ref).max() <= 1e-4
 
 
 @pytest.mark.parametrize("n", [201, 319, 320, 16000, 12345, 80000])
