@@ -12,11 +12,14 @@ every audio file under --audio_dir, repeated if there are fewer than --n_request
 so the reference transcripts come from the library with exactly the server's options:
 `transcribe_files` with voice-activity chunks, what transcribe.py --mode batch gives. Checks
 that every answer equals its reference and that none is lost; prints throughput (requests/s,
-audio s/s) of both runs, their ratio (target >= 3x) and p50/p95 latency.
+audio s/s) of both runs, their ratio (target >= 3x) and p50/p95 latency. With --static_too (the
+default) the concurrent load also goes to a second server with `--continuous false`, whose batches
+start and end together: the reference for what continuous batching gains, in the same command.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -54,6 +57,8 @@ class LoadOptions:
     n_requests: int = option(64, "requests per run")
     concurrency: int = option(16, "concurrent clients in the loaded run")
     startup_s: float = option(300.0, "how long to wait for the server to answer /health")
+    static_too: bool = option(True, "also send the concurrent load to a server with --continuous false (batches "
+                                    "that start and end together), the reference for continuous batching")
 
     def __post_init__(self):
         require(self.n_requests >= 1, f"n_requests must be >= 1, got {self.n_requests}")
@@ -93,6 +98,17 @@ def references(server: ServerOptions, paths: list) -> dict:
         return {p: r if isinstance(r, Exception) else r["text"]
                 for p, r in transcribe_files(model, sorted(set(paths)), tokenizer, server.decoding, server.fallback,
                                              server.batch_size, vad=vad)}
+
+
+@contextlib.contextmanager
+def serving(server_argv: list, startup_s: float):
+    """The base url of a server started for the with-block (a subprocess), stopped after."""
+    proc, base = start_server(server_argv, startup_s)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def start_server(server_argv: list, startup_s: float):
@@ -155,15 +171,17 @@ def run(base: str, paths: list, concurrency: int, api_key: Optional[str]) -> dic
     wall = time.perf_counter() - t0
     after = httpx.get(base + "/health").json()["decoded"]
     per_batch = (after["requests"] - before["requests"]) / max(1, after["batches"] - before["batches"])
+    steps = after["steps"] - before["steps"]
     return {"wall": wall, "answers": [a for a, _ in done], "latency": np.array([t for _, t in done]),
-            "per_batch": per_batch, "decoding": after["seconds"] - before["seconds"]}
+            "per_batch": per_batch, "decoding": after["seconds"] - before["seconds"],
+            "rows": (after["rows"] - before["rows"]) / steps if steps else float("nan")}
 
 
 def summary(name: str, r: dict, audio_s: float) -> str:
     p50, p95 = np.percentile(r["latency"], [50, 95])
     n = len(r["answers"])
     return (f"| {name} | {r['wall']:.2f} | {n / r['wall']:.2f} | {audio_s / r['wall']:.2f} | "
-            f"{p50:.3f} | {p95:.3f} | {r['per_batch']:.1f} | {r['decoding']:.2f} |")
+            f"{p50:.3f} | {p95:.3f} | {r['per_batch']:.1f} | {r['rows']:.1f} | {r['decoding']:.2f} |")
 
 
 def check(name: str, answers: list, paths: list, refs: dict) -> list:
@@ -195,24 +213,30 @@ def main(argv=None) -> int:
     print(f"{len(paths)} requests over {len(set(paths))} files, {audio_s:.1f} s of audio per run; "
           f"server: {' '.join(server_argv)}", flush=True)
     refs = references(server, paths)
-    proc, base = start_server(server_argv, opts.startup_s)
-    try:
+    runs = {}
+    with serving(server_argv, opts.startup_s) as base:
         run(base, paths[:1], 1, server.api_key)  # warm-up: the VAD model and first-call allocations
-        sequential = run(base, paths, 1, server.api_key)
-        loaded = run(base, paths, opts.concurrency, server.api_key)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    problems = check("sequential", sequential["answers"], paths, refs) + check("concurrent", loaded["answers"], paths, refs)
-    ratio = sequential["wall"] / loaded["wall"]
+        runs["one at a time"] = run(base, paths, 1, server.api_key)
+        runs[f"{opts.concurrency} concurrent clients"] = run(base, paths, opts.concurrency, server.api_key)
+    if opts.static_too and server.continuous:
+        with serving(server_argv + ["--continuous", "false"], opts.startup_s) as base:
+            run(base, paths[:1], 1, server.api_key)
+            runs[f"{opts.concurrency} concurrent clients, --continuous false"] = run(base, paths, opts.concurrency,
+                                                                                     server.api_key)
+    problems = [line for name, r in runs.items() for line in check(name, r["answers"], paths, refs)]
+    sequential, *loaded = runs.values()
     print(f"\n## server load: {opts.n_requests} requests, {opts.model_path}\n")
-    print("| run | wall s | requests/s | audio s/s | p50 latency s | p95 latency s | requests per batch | worker decoding s |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(summary("one at a time", sequential, audio_s))
-    print(summary(f"{opts.concurrency} concurrent clients", loaded, audio_s))
-    print(f"\nthroughput ratio (concurrent / one at a time): {ratio:.2f}x (target >= 3x)")
-    answered = sum(not isinstance(a, Exception) for a in sequential["answers"] + loaded["answers"])
-    print(f"answers: {answered}/{2 * len(paths)} answered, {2 * len(paths) - len(problems)}/{2 * len(paths)} "
+    print("| run | wall s | requests/s | audio s/s | p50 latency s | p95 latency s | requests per batch | "
+          "chunks per decoder step | worker decoding s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        print(summary(name, r, audio_s))
+    print()
+    for name, r in list(runs.items())[1:]:
+        print(f"throughput ratio ({name} / one at a time): {sequential['wall'] / r['wall']:.2f}x (target >= 3x)")
+    n = len(runs) * len(paths)
+    answered = sum(not isinstance(a, Exception) for r in runs.values() for a in r["answers"])
+    print(f"answers: {answered}/{n} answered, {n - len(problems)}/{n} "
           f"equal to the library's transcript (transcribe_files, the server's options)")
     for line in problems[:20]:
         print("  " + line)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from whisper_scratch.audio import load_audio, log_mel_spectrogram
-from whisper_scratch.decoding import (CtcPrefixScorer, DecodingOptions, DecodingResult, FallbackOptions, Inference,
+from whisper_scratch.decoding import (CtcPrefixScorer, DecodingOptions, DecodingResult, FallbackOptions, GreedyStream,
+                                      Inference,
                                       beam_search, compression_ratio, decode, decode_with_fallback, encode,
                                       initial_tokens, length_normalised, needs_fallback, suppress_mask)
 from whisper_scratch.model import ModelDimensions, Whisper
@@ -110,6 +111,35 @@ def test_batched_equals_one_by_one(model, clips, beam_size):
     for mel, b in zip(mels, batched):
         alone = decode(model, mel[None], torch.tensor([mel.shape[-1]]), TOK, options)[0]
         assert same(alone, b), (alone.text, b.text)
+
+
+def test_continuous_batching_equals_decoding_alone(model, clips):
+    """GreedyStream: utterances join the running batch at different steps (several at once, in
+    batches padded to their longest) and leave it when they end; each gets what decoding it
+    alone gives, and the batch shrinks as rows end (the model stops some clips at once)."""
+    batch, lens, mels = clips
+    options = DecodingOptions(max_new_tokens=MAX)
+    alone = [decode(model, m[None], torch.tensor([m.shape[-1]]), TOK, options)[0] for m in mels]
+    stream = GreedyStream(model, TOK, options)
+    arrivals = {0: [3], 2: [0, 5], 3: [1], 7: [2, 4]}  # step -> utterances that join before it
+    got, sizes = {}, []
+    for step in range(60):
+        if step in arrivals:
+            idx = torch.tensor(arrivals[step])
+            T = int(lens[idx].max())
+            xa, xa_lens = encode(model, batch[idx, :, :T], lens[idx])
+            got.update(stream.add(xa, xa_lens, arrivals[step]))
+        sizes.append(len(stream))
+        got.update(stream.step())
+        if not len(stream) and step > max(arrivals):
+            break
+    assert sorted(got) == list(range(len(mels)))
+    for i, a in enumerate(alone):
+        assert same(a, got[i]), (i, a.text, got[i].text)
+    lengths = [len(a.tokens) for a in alone]
+    assert min(lengths) < max(lengths), f"rows should end at different steps, got lengths {lengths}"
+    assert max(sizes) > 2 and len(stream) == 0, sizes
+    assert any(b < a for a, b in zip(sizes, sizes[1:])), f"the batch should shrink as rows end: {sizes}"
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
@@ -331,7 +361,10 @@ def test_fallback_redecodes_only_failing_utterances(model, clips):
     batch, lens, mels = clips
     options = DecodingOptions(max_new_tokens=MAX)
     first = decode(model, batch, lens, TOK, options)
-    cut = sorted(r.avg_logprob for r in first)[len(first) // 2]  # half pass, half fail
+    # half pass, half fail; the cut lies midway between two utterances, so that float rounding
+    # (batched or alone) cannot move one across it
+    lps = sorted(r.avg_logprob for r in first)
+    cut = (lps[len(lps) // 2 - 1] + lps[len(lps) // 2]) / 2
     fb = FallbackOptions(temperature_increment_on_fallback=0.5, compression_ratio_threshold=None, logprob_threshold=cut)
     out = decode_with_fallback(model, batch, lens, TOK, options, fb)
     for r0, r in zip(first, out):

@@ -133,36 +133,51 @@ def ask(client, path, **kw):
 
 @contextmanager
 def worker_held(app):
-    """The decoding worker blocks at its next batch until released; yields (entered, release)."""
+    """The decoding worker blocks before it takes up its next requests until released; yields
+    (entered, release)."""
     batcher, entered, release = app.state.batcher, threading.Event(), threading.Event()
-    real = batcher.decode
+    real = batcher.begin
 
-    def held(key, audios):
+    def held(key, group):
         entered.set()
         assert release.wait(60)
-        return real(key, audios)
-    batcher.decode = held
+        return real(key, group)
+    batcher.begin = held
     try:
         yield entered, release
     finally:
         release.set()
-        batcher.decode = real
+        batcher.begin = real
 
 
 @contextmanager
 def decoded_batches(app):
-    """Records the list of audio lengths of every group the worker decodes."""
+    """Records the list of audio lengths of every group of requests the worker takes up
+    (decodes as a batch, or lets join its continuous batch)."""
     batcher, seen = app.state.batcher, []
-    real = batcher.decode
+    real = batcher.begin
 
-    def spy(key, audios):
-        seen.append([len(a) for a in audios])
-        return real(key, audios)
-    batcher.decode = spy
+    def spy(key, group):
+        seen.append([len(j.audio) for j in group])
+        return real(key, group)
+    batcher.begin = spy
     try:
         yield seen
     finally:
-        batcher.decode = real
+        batcher.begin = real
+
+
+@contextmanager
+def rows_in_flight(monkeypatch):
+    """Records how many chunks every continuous-batching step decodes."""
+    from whisper_scratch.decoding import GreedyStream
+    seen, real = [], GreedyStream.step
+
+    def spy(self):
+        seen.append(len(self))
+        return real(self)
+    monkeypatch.setattr(GreedyStream, "step", spy)
+    yield seen
 
 
 # -- answers -----------------------------------------------------------------------------------
@@ -222,14 +237,21 @@ def test_per_request_options_override_the_defaults(client, clips, library):
     assert ask(client, clips["cv"], response_format="verbose_json", language="mn").language == "mn"
 
 
-def test_requests_that_arrive_together_are_decoded_together(server, client, clips):
-    names = [f"digit{i}" for i in range(6)]  # each shorter than a chunk: one chunk each
-    sequential = {n: ask(client, clips[n]).text for n in names}
+@pytest.fixture(scope="module")
+def static(ckpt):
+    """The server with batches that start and end together (--continuous false)."""
+    with serving(ServerOptions(model_path=str(ckpt), decoding=DECODING, batch_size=4, max_wait_ms=20,
+                               continuous=False)) as s:
+        yield s
+
+
+def arrive_together(server, names: list, clips: dict) -> dict:
+    """The first request is taken up alone; the others queue meanwhile, then go on together."""
     results = {}
 
     def one(name):
         results[name] = ask(openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0), clips[name]).text
-    with decoded_batches(server[1]) as batches, worker_held(server[1]) as (entered, release):
+    with worker_held(server[1]) as (entered, release):
         first = threading.Thread(target=one, args=(names[0],))
         first.start()
         assert entered.wait(30)  # the worker is busy with the first request ...
@@ -238,8 +260,27 @@ def test_requests_that_arrive_together_are_decoded_together(server, client, clip
         wait_until(lambda: server[1].state.batcher.queue.qsize() == len(rest))  # ... while the others queue
         release.set()
         [t.join() for t in [first, *rest]]
+    return results
+
+
+def test_requests_that_arrive_together_are_decoded_together(server, client, clips, monkeypatch):
+    """Continuous batching: the five queued requests join the first one's batch at once, and
+    the batch never holds more than --batch_size 4 chunks."""
+    names = [f"digit{i}" for i in range(6)]  # each shorter than a chunk: one chunk each
+    sequential = {n: ask(client, clips[n]).text for n in names}
+    with decoded_batches(server[1]) as batches, rows_in_flight(monkeypatch) as rows:
+        results = arrive_together(server, names, clips)
     assert results == sequential  # all answered, each with its own transcript
-    assert [len(b) for b in batches] == [1, 4, 1]  # then the queue goes in batches of --batch_size 4 chunks
+    assert [len(b) for b in batches] == [1, 5]
+    assert max(rows) == 4 and rows[0] == 1, rows  # the first alone, then full batches of 4 rows
+
+
+def test_static_batches_take_requests_batch_size_chunks_at_a_time(static, clips, library):
+    names = [f"digit{i}" for i in range(6)]
+    with decoded_batches(static[1]) as batches:
+        results = arrive_together(static, names, clips)
+    assert results == {n: library(clips[n])["text"] for n in names}
+    assert [len(b) for b in batches] == [1, 4, 1]  # the queue goes in batches of --batch_size 4 chunks
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -363,20 +404,25 @@ def test_clients_that_hang_up_do_not_disturb_the_others(server, client, clips, l
     assert batcher.thread.is_alive()
 
 
-def test_a_batch_that_fails_fails_its_own_requests_only(server, client, clips, library):
-    """An error inside the decoder (here injected) is a 500 in OpenAI's shape with one line, not a
-    traceback, and the worker goes on with the next batch."""
-    batcher = server[1].state.batcher
-    real = batcher.decode
+def broken(*args):
+    raise RuntimeError("out of memory (pretend)")
 
-    def broken(key, audios):
-        raise RuntimeError("out of memory (pretend)")
-    batcher.decode = broken
-    try:
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_batch_that_fails_fails_its_own_requests_only(server, static, clips, library, monkeypatch, continuous):
+    """An error inside the decoder (here injected: in a continuous-batching step, or in a static
+    batch) is a 500 in OpenAI's shape with one line, not a traceback, and the worker goes on with
+    the next requests."""
+    from whisper_scratch.decoding import GreedyStream
+    base, app = server if continuous else static
+    client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    with monkeypatch.context() as m:
+        if continuous:
+            m.setattr(GreedyStream, "step", broken)
+        else:
+            m.setattr(app.state.batcher, "decode", broken)
         with pytest.raises(openai.InternalServerError, match=re.escape("decoding failed: RuntimeError: out of memory (pretend)")) as e:
             ask(client, clips["digit0"])
-    finally:
-        batcher.decode = real
     assert e.value.type == "server_error" and "Traceback" not in e.value.response.text
     assert ask(client, clips["digit0"]).text == library(clips["digit0"])["text"]
 

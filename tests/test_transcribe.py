@@ -224,6 +224,33 @@ def test_vad_batches_mix_long_and_short_files_and_equal_one_by_one(digit_model, 
             (s["start"], s["end"]) for s in alone["segments"]]
 
 
+def test_continuous_batching_gives_each_file_what_transcribe_gives_it(digit_model, digit_clips, monkeypatch):
+    """longform.ChunkStream (the server's continuous batching): files join while others decode,
+    at most batch_size chunks decode at once, and each file's transcript (text, segments, times,
+    scores) equals what transcribe gives that file alone. Silence gives an empty transcript."""
+    rng = np.random.default_rng(7)
+    files = {"long": spaced_digits(digit_clips, [2, 0, 1, 1, 0, 2], rng)[0],
+             "silence": np.zeros(3 * SAMPLE_RATE, np.float32),
+             **{w: in_window(c, rng) for w, c in zip(WORDS, digit_clips)}}
+    options, vad = DecodingOptions(max_new_tokens=8), VadOptions(chunk_seconds=2.0)
+    rows, real = [], decoding.GreedyStream.step
+    monkeypatch.setattr(decoding.GreedyStream, "step", lambda self: rows.append(len(self)) or real(self))
+    stream = longform.ChunkStream(digit_model, TOK, options, decoding.FallbackOptions(), vad, batch_size=4)
+    arrivals = {0: ["long"], 2: ["zero", "silence"], 5: ["one", "two"]}  # step -> files submitted before it
+    done, step = {}, 0
+    while stream.busy or step <= max(arrivals):
+        if step in arrivals:
+            stream.submit([(k, files[k], False) for k in arrivals[step]])
+        done.update(stream.step())
+        step += 1
+    assert max(rows) == 4, rows  # the long file's 6 chunks: 4 rows at a time, the rest wait
+    assert sorted(done) == sorted(files)
+    for key, audio in files.items():
+        alone = transcribe(digit_model, audio, TOK, options, vad=vad)
+        assert rounded(done[key]) == rounded(alone), key
+    assert done["long"]["text"] == "two zero one one zero two" and done["silence"]["segments"] == []
+
+
 SRT_CUE = re.compile(r"(\d+)\n(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)\n(.+)\n")
 VTT_CUE = re.compile(r"(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)\n(.+)\n")
 

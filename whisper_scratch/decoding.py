@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import option, require
-from .model import Whisper
+from .model import RowKVCache, Whisper
 from .tokenizer import Tokenizer
 
 NEG_INF = float("-inf")
@@ -615,15 +615,101 @@ def encode_and_decode(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor], t
         xa, xa_lens = encode(model, mel, mel_lens)
         temperatures = fallback.temperatures(options.temperature)
         seeds = utterance_seeds(mel, mel_lens) if max(temperatures) > 0 else [0] * xa.shape[0]
-        results: list = [None] * xa.shape[0]
-        todo = list(range(xa.shape[0]))
-        for t in temperatures:
-            idx = torch.tensor(todo, device=xa.device)
-            found = decode_features(model, xa[idx], xa_lens[idx], tokenizer, options.at_temperature(t),
-                                    [seeds[i] for i in todo])
-            for i, r in zip(todo, found):
-                results[i] = r
-            todo = [i for i in todo if needs_fallback(results[i], fallback)]
-            if not todo:
-                break
-        return results, xa, xa_lens
+        return fall_back(model, xa, xa_lens, tokenizer, options, fallback, seeds), xa, xa_lens
+
+
+def fall_back(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer, options: DecodingOptions,
+              fallback: FallbackOptions, seeds: Sequence[int], first: Optional[list] = None) -> list:
+    """The fallback loop on encoder output xa (B, S, C): decode at each temperature in turn,
+    again only the utterances that still fail the thresholds. `first`: the results of the first
+    temperature when they are already known (continuous batching decodes that pass itself)."""
+    temperatures = fallback.temperatures(options.temperature)
+    results = list(first) if first is not None else [None] * xa.shape[0]
+    todo = list(range(xa.shape[0]))
+    if first is not None:
+        todo, temperatures = [i for i in todo if needs_fallback(results[i], fallback)], temperatures[1:]
+    for t in temperatures:
+        if not todo:
+            break
+        idx = torch.tensor(todo, device=xa.device)
+        found = decode_features(model, xa[idx], xa_lens[idx], tokenizer, options.at_temperature(t),
+                                [seeds[i] for i in todo])
+        for i, r in zip(todo, found):
+            results[i] = r
+        todo = [i for i in todo if needs_fallback(results[i], fallback)]
+    return results
+
+
+# -- continuous batching -----------------------------------------------------------------------
+
+class GreedyStream:
+    """Greedy decoding where utterances join and leave the batch at any step (continuous
+    batching): a server's batch of mixed lengths no longer runs until its longest utterance is
+    done while new requests wait; they join at the next step.
+
+    `add` runs the new utterances' prompts (a plain KV cache, as `decode_features`) and takes
+    their first token; `step` advances every live utterance by one token. Both return the
+    utterances that ended, as (key, DecodingResult at temperature 0); those failing the fallback
+    thresholds go on through `fall_back(..., first=...)`. Greedy rows do not interact, so each
+    gets what `decode_features` gives it alone, up to float rounding in the padded attention."""
+
+    def __init__(self, model: Whisper, tokenizer: Tokenizer, options: DecodingOptions):
+        require(options.temperature == 0 and not options.uses_beam_search,
+                f"continuous batching decodes greedily; got temperature {options.temperature}, beam_size "
+                f"{options.beam_size}, ctc_weight {options.ctc_weight}, lm_weight {options.lm_weight}")
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        n_ctx = model.dims.n_text_ctx
+        self.prompt = initial_tokens(tokenizer, options, n_ctx)
+        self.n_new = _max_new_tokens(options, n_ctx, len(self.prompt))
+        self.suppress = suppress_mask(tokenizer, model.dims.n_vocab, model.decoder.token_embedding.weight.device)
+        self.cache = RowKVCache(n_ctx)
+        self.keys: list = []
+        self.tokens: List[List[int]] = []  # new tokens of each live row
+        self.sum_lp = torch.zeros(0, device=self.suppress.device)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, xa: Tensor, xa_lens: Tensor, keys: Sequence) -> list:
+        """Start utterances `keys` on encoder output xa (n, S, C)."""
+        with torch.inference_mode():
+            plain = self.model.new_cache()
+            prompt = torch.tensor(self.prompt, device=xa.device).repeat(xa.shape[0], 1)
+            logits = self.model.decoder(prompt, xa, xa_lens, cache=plain)[:, -1]
+            self.cache.join(plain, xa_lens)
+            self.keys += list(keys)
+            self.tokens += [[] for _ in keys]
+            self.sum_lp = torch.cat([self.sum_lp, self.sum_lp.new_zeros(len(keys))])
+            return self._advance(logits, len(self.keys) - len(keys))
+
+    def step(self) -> list:
+        """One token for every live utterance."""
+        if not self.keys:
+            return []
+        with torch.inference_mode():
+            last = torch.tensor([t[-1] for t in self.tokens], device=self.sum_lp.device)[:, None]
+            return self._advance(self.model.decoder(last, None, cache=self.cache)[:, -1], 0)
+
+    def _advance(self, logits: Tensor, first: int) -> list:
+        """Append the greedy choice from logits (rows first..) and retire the rows that ended."""
+        logprobs = _logprobs(logits, self.suppress)
+        nxt = logprobs.argmax(-1)
+        self.sum_lp[first:] += logprobs.gather(1, nxt[:, None]).squeeze(1)
+        ended = []
+        for row, t in enumerate(nxt.tolist(), start=first):
+            self.tokens[row].append(t)
+            if t == self.tokenizer.eot or len(self.tokens[row]) == self.n_new:
+                ended.append(row)
+        if not ended:
+            return []
+        out = []
+        for row in ended:
+            seq, lp = self.tokens[row], self.sum_lp[row].item()
+            cand = Candidate(seq[:-1] if seq[-1] == self.tokenizer.eot else seq, lp, lp)
+            out.append((self.keys[row], _best([cand], self.tokenizer, self.options)))
+        gone = set(ended)
+        keep = [r for r in range(len(self.keys)) if r not in gone]
+        self.cache.keep(torch.tensor(keep, dtype=torch.long, device=self.sum_lp.device))
+        self.keys, self.tokens = [self.keys[r] for r in keep], [self.tokens[r] for r in keep]
+        self.sum_lp = self.sum_lp[keep]
+        return out

@@ -146,6 +146,75 @@ class KVCache:
         self.cross_kv = {i: (k[index], v[index]) for i, (k, v) in self.cross_kv.items()}
 
 
+class RowKVCache(KVCache):
+    """A KV cache where every row has its own length, for continuous batching: utterances join
+    (`join`, with a prompt already run through a plain KVCache) and leave (`keep`) at any step,
+    and each step feeds one token per row at that row's own position.
+
+    Self-attention buffers grow by doubling as the longest row needs them; cross-attention K/V
+    are padded to the longest audio present, `xa_lens` masks the rest.
+    """
+
+    def __init__(self, max_len: int):
+        super().__init__(max_len)
+        self.lens: Optional[Tensor] = None  # (B,) tokens already processed per row
+        self.xa_lens: Optional[Tensor] = None  # (B,) encoder frames per row
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.lens is None else self.lens.shape[0]
+
+    def update_self(self, layer: int, k: Tensor, v: Tensor) -> tuple:
+        if k.shape[1] != 1:
+            raise ValueError(f"a RowKVCache step takes one token per row, got {k.shape[1]}")
+        k_buf, v_buf = self.self_kv[layer]
+        rows = torch.arange(k.shape[0], device=k.device)
+        k_buf[rows, self.lens] = k[:, 0]
+        v_buf[rows, self.lens] = v[:, 0]
+        end = int(self.lens.max()) + 1
+        return k_buf[:, :end], v_buf[:, :end]
+
+    def reserve(self, end: int) -> None:
+        """Room for `end` tokens in every row's self-attention buffers."""
+        if end > self.max_len:
+            raise ValueError(f"decoder context is {self.max_len} tokens; cannot decode to position {end}")
+        for i, (k, v) in self.self_kv.items():
+            if k.shape[1] < end:
+                size = min(self.max_len, max(end, 2 * k.shape[1]))
+                self.self_kv[i] = tuple(F.pad(b, (0, 0, 0, size - b.shape[1])) for b in (k, v))
+
+    def join(self, other: KVCache, xa_lens: Tensor) -> None:
+        """Append the rows of `other` (a prompt prefilled with the plain cache) as new rows."""
+        n, used = xa_lens.shape[0], other.offset
+        if self.lens is None:  # empty: take other's buffers, trimmed to what is used
+            self.self_kv = {i: (k[:, :used], v[:, :used]) for i, (k, v) in other.self_kv.items()}
+            self.cross_kv = dict(other.cross_kv)
+            self.lens = torch.full((n,), used, dtype=torch.long, device=xa_lens.device)
+            self.xa_lens = xa_lens
+            return
+        self.reserve(used)
+        for i, (k, v) in self.self_kv.items():
+            pad = k.shape[1] - used
+            self.self_kv[i] = tuple(torch.cat([a, F.pad(b[:, :used], (0, 0, 0, pad))])
+                                    for a, b in zip((k, v), other.self_kv[i]))
+        for i, (k, v) in self.cross_kv.items():
+            s = max(k.shape[1], other.cross_kv[i][0].shape[1])
+            self.cross_kv[i] = tuple(torch.cat([F.pad(a, (0, 0, 0, s - a.shape[1])), F.pad(b, (0, 0, 0, s - b.shape[1]))])
+                                     for a, b in zip((k, v), other.cross_kv[i]))
+        self.lens = torch.cat([self.lens, torch.full((n,), used, dtype=torch.long, device=self.lens.device)])
+        self.xa_lens = torch.cat([self.xa_lens, xa_lens])
+
+    def keep(self, index: Tensor) -> None:
+        """Keep rows `index` only; the audio side is trimmed to the longest audio left."""
+        if not index.numel():
+            self.__init__(self.max_len)
+            return
+        s = int(self.xa_lens[index].max())
+        self.self_kv = {i: (k[index], v[index]) for i, (k, v) in self.self_kv.items()}
+        self.cross_kv = {i: (k[index, :s], v[index, :s]) for i, (k, v) in self.cross_kv.items()}
+        self.lens, self.xa_lens = self.lens[index], self.xa_lens[index]
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
@@ -271,6 +340,8 @@ class TextDecoder(nn.Module):
         cache is advanced by T. `tokens` may have n rows per row of `xa` (B = n * xa's batch,
         utterance-major): n hypotheses of one utterance then share its audio (beam search).
         """
+        if isinstance(cache, RowKVCache):
+            return self._row_step(tokens, cache)
         offset = cache.offset if cache is not None else 0
         T = tokens.shape[1]
         if tokens.shape[0] % xa.shape[0]:
@@ -291,6 +362,23 @@ class TextDecoder(nn.Module):
                 x = block(x, mask, xa, xa_mask, cache, i)
         if cache is not None:
             cache.offset += T
+        x = self.ln(x)
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+
+
+    def _row_step(self, tokens: Tensor, cache: RowKVCache) -> Tensor:
+        """One token per row (B, 1), each at its row's own position -> logits (B, 1, n_vocab)."""
+        if tokens.shape != (cache.rows, 1):
+            raise ValueError(f"a RowKVCache step takes ({cache.rows}, 1) tokens, got {tuple(tokens.shape)}")
+        cache.reserve(int(cache.lens.max()) + 1)
+        k0 = next(iter(cache.cross_kv.values()))[0]
+        x = (self.token_embedding(tokens) + self.positional_embedding[cache.lens][:, None]).to(k0.dtype)
+        end = int(cache.lens.max()) + 1
+        mask = (torch.arange(end, device=tokens.device)[None] <= cache.lens[:, None])[:, None, None, :]
+        xa_mask = attention_key_mask(cache.xa_lens, k0.shape[1])
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, None, xa_mask, cache, i)
+        cache.lens = cache.lens + 1
         x = self.ln(x)
         return (x @ self.token_embedding.weight.to(x.dtype).T).float()
 

@@ -6,10 +6,13 @@
   GET  /v1/models, GET /health
 
 One worker thread owns the model (torch modules are not decoded from two threads at once). Requests
-wait in a queue; the worker takes what has arrived, up to --batch_size chunks, and while busy waits
-up to --max_wait_ms for more, and decodes requests with the same decoding options together through
-longform.transcribe_chunks, so a busy server decodes batches. The event loop only parses uploads
-and formats replies. The `model` field is accepted whatever it says (clients written for
+wait in a queue. Greedy requests (the default) are decoded with continuous batching
+(longform.ChunkStream): their chunks join the running batch of up to --batch_size rows at the next
+decoder step and leave it when they end, so a busy server keeps its batch full and a short request
+is not held up by a long one. Beam search and sampling go a batch at a time: the worker takes what
+has arrived, up to --batch_size chunks, while busy waits up to --max_wait_ms for more, and decodes
+requests with the same options together through longform.transcribe_chunks. The event loop only
+parses uploads and formats replies. The `model` field is accepted whatever it says (clients written for
 "whisper-1" work unchanged); /v1/models lists --model_name. Errors use OpenAI's JSON shape
 {"error": {message, type, param, code}}, so the openai client raises BadRequestError etc.
 """
@@ -44,8 +47,8 @@ from .audio import SAMPLE_RATE, AudioError, load_audio
 from .checkpoint import check_quantize, load_model, precision, quantize, quantize_option
 from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from .decoding import DecodingOptions, FallbackOptions, with_language_model
-from .longform import chunk_limit, transcribe_chunks
-from .vad import VadOptions, with_checkpoint_chunks
+from .longform import ChunkStream, chunk_limit, transcribe_chunks
+from .vad import VadOptions, speech_probabilities, with_checkpoint_chunks
 from .writers import to_srt, to_txt, to_vtt
 
 log = logging.getLogger("whisper_scratch.server")
@@ -64,6 +67,8 @@ class ServerOptions:
     port: int = option(8000, "TCP port")
     model_name: str = option("whisper-scratch", "the model id /v1/models lists (any `model` field is accepted)")
     batch_size: int = option(16, "chunks decoded together")
+    continuous: bool = option(True, "continuous batching for greedy requests: a chunk joins the running batch as "
+                                    "soon as a row is free (false: batches that start and end together)")
     max_wait_ms: float = option(60.0, "while the server is busy, how long a batch waits to fill up (an idle "
                                        "server decodes a lone request at once)")
     max_upload_mb: float = option(25.0, "largest accepted upload in MiB (413 above; OpenAI's limit is 25)")
@@ -106,6 +111,7 @@ def error_response(status: int, message: str, param=None, code=None, type="inval
 @dataclass
 class Job:
     audio: np.ndarray
+    speech: Optional[np.ndarray]  # silero's frame probabilities, when computed as the upload came in
     key: tuple  # (DecodingOptions, word_timestamps): only equal keys share a transcribe_chunks call
     chunks: int  # about how many chunks the audio will be cut into (what --batch_size counts)
     future: asyncio.Future
@@ -114,22 +120,30 @@ class Job:
 
 
 class Batcher:
-    """A queue of jobs and the one thread that decodes them, a batch at a time. `decode(key,
-    audios)` returns a result or an Exception per audio; an exception it raises fails that
-    group only, never the thread."""
+    """A queue of jobs and the one thread that decodes them. Jobs whose key has a stream
+    (`new_stream(key)`: a longform.ChunkStream, greedy decoding) join it and are decoded with
+    continuous batching, one token per step for everything in flight; the others are decoded a
+    batch at a time by `decode(key, audios)`, which returns a result or an Exception per audio.
+    An exception raised inside either fails those requests only, never the thread."""
 
-    def __init__(self, decode: Callable[[tuple, list], list], batch_size: int, max_wait_s: float):
-        self.decode, self.batch_size, self.max_wait_s = decode, batch_size, max_wait_s
+    def __init__(self, decode: Callable[[tuple, list], list], batch_size: int, max_wait_s: float,
+                 new_stream: Callable[[tuple], Optional[ChunkStream]] = lambda key: None,
+                 context: Callable = contextlib.nullcontext):
+        self.decode, self.batch_size, self.max_wait_s, self.new_stream = decode, batch_size, max_wait_s, new_stream
+        self.context = context  # entered around all decoding work (autocast for --dtype)
         self.queue: queue.Queue = queue.Queue()
+        self.streams: dict = {}  # DecodingOptions -> ChunkStream
+        self.in_stream: dict = {}  # key given to the stream -> its Job
         # /health: how well requests share batches, and how much of the wall time the worker decodes
-        self.decoded = {"requests": 0, "batches": 0, "seconds": 0.0}
+        # (continuous batching: steps run and the chunks they decoded, summed)
+        self.decoded = {"requests": 0, "batches": 0, "seconds": 0.0, "steps": 0, "rows": 0}
         self.arriving = 0  # requests being uploaded or read, not yet queued (changed on the event loop)
         self.last_batch = 0  # requests in the previous batch
         self.thread = threading.Thread(target=self._run, name="whisper-decoder", daemon=True)
 
-    def submit(self, audio: np.ndarray, key: tuple, chunks: int) -> Job:
+    def submit(self, audio: np.ndarray, key: tuple, chunks: int, speech: Optional[np.ndarray] = None) -> Job:
         loop = asyncio.get_running_loop()
-        job = Job(audio, key, chunks, loop.create_future(), loop)
+        job = Job(audio, speech, key, chunks, loop.create_future(), loop)
         self.queue.put(job)
         return job
 
@@ -142,7 +156,10 @@ class Batcher:
         is busy (the last batch was shared, or requests are being uploaded) whatever comes within
         max_wait_s, up to batch_size chunks. A lone client never waits; a crowd's returning
         clients get into the same batch instead of alternating in half-full ones.
-        None once close() was called and the queue is empty."""
+        While a stream is decoding it never waits: whatever is queued (maybe nothing) joins at the
+        next step. None once close() was called and the queue is empty."""
+        if self._streaming():
+            return self._drain()
         first = self.queue.get()
         if first is None:
             return None
@@ -160,26 +177,78 @@ class Batcher:
             jobs.append(job)
         return jobs
 
+    def _streaming(self) -> bool:
+        return any(stream.busy for stream in self.streams.values())
+
+    def _drain(self) -> list:
+        jobs = []
+        with contextlib.suppress(queue.Empty):
+            while (job := self.queue.get_nowait()) is not None:
+                jobs.append(job)
+            self.queue.put(None)  # close() was called: stop once the streams are done
+        return jobs
+
     def _run(self) -> None:
         while (jobs := self._collect()) is not None:
-            self.last_batch = len(jobs)
+            if jobs:
+                self.last_batch = len(jobs) + sum(s.files for s in self.streams.values())
             groups: dict = {}
             for job in jobs:
                 if not job.abandoned:
                     groups.setdefault(job.key, []).append(job)
             for key, group in groups.items():
-                self.decoded["requests"] += len(group)
-                self.decoded["batches"] += 1
-                start = time.perf_counter()
-                try:
-                    results = self.decode(key, [j.audio for j in group])
-                except Exception as e:  # e.g. out of memory: this group fails, the server goes on
-                    log.exception("decoding a batch of %d failed", len(group))
-                    results = [e] * len(group)
-                self.decoded["seconds"] += time.perf_counter() - start
-                for job, result in zip(group, results):
-                    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                        job.loop.call_soon_threadsafe(_settle, job.future, result)
+                self.begin(key, group)
+            for stream in list(self.streams.values()):
+                if stream.busy:
+                    self._timed(self._step, stream)
+
+    def begin(self, key: tuple, group: list) -> None:
+        """Take up requests with equal keys: join their stream, or decode them as a batch."""
+        self.decoded["requests"] += len(group)
+        self.decoded["batches"] += 1
+        if key[0] not in self.streams and (stream := self.new_stream(key)) is not None:
+            self.streams[key[0]] = stream
+        stream = self.streams.get(key[0])
+        if stream is not None:
+            words = key[1]
+            for job in group:
+                self.in_stream[id(job)] = job
+            stream.submit([(id(job), job.audio, words, job.speech) for job in group])  # queued: they start at a step
+            return
+        try:
+            results = self._timed(self.decode, key, [j.audio for j in group])
+        except Exception as e:  # e.g. out of memory: this group fails, the server goes on
+            log.exception("decoding a batch of %d failed", len(group))
+            results = [e] * len(group)
+        for job, result in zip(group, results):
+            _answer(job, result)
+
+    def _step(self, stream: ChunkStream) -> None:
+        self.decoded["steps"] += 1
+        self.decoded["rows"] += min(self.batch_size, len(stream.running) + len(stream.waiting))
+        try:
+            done = stream.step()
+        except Exception as e:  # everything in this stream fails; the next requests start afresh
+            log.exception("a decoding step failed")
+            done = stream.abort(e)
+        self._answer_done(done)
+
+    def _answer_done(self, done: list) -> None:
+        for key, result in done:
+            _answer(self.in_stream.pop(key), result)
+
+    def _timed(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            with self.context():
+                return fn(*args)
+        finally:
+            self.decoded["seconds"] += time.perf_counter() - start
+
+
+def _answer(job: Job, result) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+        job.loop.call_soon_threadsafe(_settle, job.future, result)
 
 
 def _settle(future: asyncio.Future, result) -> None:
@@ -339,11 +408,17 @@ def create_app(opts: ServerOptions) -> FastAPI:
 
     def decode(key: tuple, audios: list) -> list:
         options, words = key
-        with precision(opts.dtype, device):
-            return [r for _, r in transcribe_chunks(model, list(enumerate(audios)), tokenizer, options,
-                                                    opts.fallback, vad, opts.batch_size, words)]
+        return [r for _, r in transcribe_chunks(model, list(enumerate(audios)), tokenizer, options,
+                                                opts.fallback, vad, opts.batch_size, words)]
 
-    batcher = Batcher(decode, opts.batch_size, opts.max_wait_ms / 1000)
+    def streamed(options: DecodingOptions) -> bool:  # beam search and sampling go a batch at a time
+        return opts.continuous and options.temperature == 0 and not options.uses_beam_search
+
+    def new_stream(key: tuple) -> Optional[ChunkStream]:
+        return ChunkStream(model, tokenizer, key[0], opts.fallback, vad, opts.batch_size) if streamed(key[0]) else None
+
+    batcher = Batcher(decode, opts.batch_size, opts.max_wait_ms / 1000, new_stream,
+                      context=lambda: precision(opts.dtype, device))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -397,12 +472,15 @@ def create_app(opts: ServerOptions) -> FastAPI:
                     if not isinstance(upload, UploadFile):
                         raise ApiError(400, "no audio: send the file in the multipart field 'file'", "file")
                     audio = await asyncio.to_thread(load_upload, upload)
+                    # silero beside the decoder: in the worker it would run a file or two at a time
+                    # while the stream waits, and it costs per call, not per file (longform.ChunkStream)
+                    speech = await asyncio.to_thread(speech_probabilities, audio) if streamed(asked.options) else None
                 finally:
                     await form.close()
             finally:
                 batcher.arriving -= 1
             chunks = max(1, math.ceil(len(audio) / SAMPLE_RATE / chunk_s))
-            result = await wait_for(batcher.submit(audio, (asked.options, asked.words), chunks), request)
+            result = await wait_for(batcher.submit(audio, (asked.options, asked.words), chunks, speech), request)
         except ClientDisconnect:  # nobody to answer; the other requests go on
             log.info("client disconnected before its transcription was sent")
             return Response(status_code=499)
