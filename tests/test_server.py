@@ -263,6 +263,25 @@ def arrive_together(server, names: list, clips: dict) -> dict:
     return results
 
 
+@pytest.mark.parametrize("continuous", [True, False])
+def test_all_torch_work_runs_in_the_worker_thread(server, static, clips, monkeypatch, continuous):
+    """Silero, the encoder and the decoder run in the one worker thread: torch's OpenMP stops
+    spin-waiting once more threads than cores have thread teams, and silero run on the uploads
+    beside the worker made every decoder step about 3x slower."""
+    import whisper_scratch.vad as vad
+    from whisper_scratch.model import AudioEncoder, TextDecoder
+    base, _ = server if continuous else static
+    seen = set()
+
+    def spy(real):
+        return lambda *a, **k: seen.add(threading.current_thread().name) or real(*a, **k)
+    monkeypatch.setattr(vad, "_silero_batch", spy(vad._silero_batch))
+    monkeypatch.setattr(AudioEncoder, "forward", spy(AudioEncoder.forward))
+    monkeypatch.setattr(TextDecoder, "forward", spy(TextDecoder.forward))
+    ask(openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0), clips["cv"])
+    assert seen == {"whisper-decoder"}, seen
+
+
 def test_requests_that_arrive_together_are_decoded_together(server, client, clips, monkeypatch):
     """Continuous batching: the five queued requests join the first one's batch at once, and
     the batch never holds more than --batch_size 4 chunks."""

@@ -135,17 +135,12 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
             yield key, audio if isinstance(audio, Exception) else file_transcript(segments[i], tokenizer, options, audio)
 
 
-def speech_pieces(audios: Sequence[Union[np.ndarray, Exception]], limit: float, vad: VadOptions,
-                  known: Optional[Sequence[Optional[np.ndarray]]] = None) -> Tuple[list, dict]:
+def speech_pieces(audios: Sequence[Union[np.ndarray, Exception]], limit: float, vad: VadOptions) -> Tuple[list, dict]:
     """The speech chunks of every loaded input (an Exception in `audios` is a file that failed
     to load: skipped), as (input index, first sample, end sample), and each input's silero
-    frame probabilities by index. Silero runs on all inputs at once, except those whose
-    probabilities are `known` already."""
-    known = known or [None] * len(audios)
+    frame probabilities by index. Silero runs on all inputs at once (it costs per call, not per file)."""
     loaded = [i for i, audio in enumerate(audios) if not isinstance(audio, Exception)]
-    todo = [i for i in loaded if known[i] is None]
-    speech = {i: known[i] for i in loaded}
-    speech.update(zip(todo, speech_probabilities_many([audios[i] for i in todo])))
+    speech = dict(zip(loaded, speech_probabilities_many([audios[i] for i in loaded])))
     pieces = [(i, a, b) for i, probs in speech.items() for a, b in speech_chunks(audios[i], limit, vad, probs)]
     return pieces, speech
 
@@ -227,11 +222,9 @@ class ChunkStream:
         return self.files > 0
 
     def submit(self, items: Sequence[tuple]) -> None:
-        """Queue files (key, 16 kHz samples, word timestamps?[, silero probabilities]). They are
-        cut into chunks when rows are free for them, silero on all such files at once (a server
-        computes the probabilities beside the decoder instead, as the uploads come in:
-        vad.speech_probabilities)."""
-        self.unsplit += [_File(key, audio, words, probs[0] if probs else None, 0) for key, audio, words, *probs in items]
+        """Queue files (key, 16 kHz samples, word timestamps?). They are cut into chunks when
+        rows are free for them, silero on all such files at once."""
+        self.unsplit += [_File(key, audio, words, None, 0) for key, audio, words in items]
         self.queued_since = min(self.queued_since, self.steps)
         self.files += len(items)
 
@@ -277,7 +270,7 @@ class ChunkStream:
         files, self.unsplit = self.unsplit, []
         if not files:
             return []
-        pieces, speech = speech_pieces([f.audio for f in files], self.limit, self.vad, [f.speech for f in files])
+        pieces, speech = speech_pieces([f.audio for f in files], self.limit, self.vad)
         for i, f in enumerate(files):
             f.speech = speech[i]
         for i, a, b in pieces:

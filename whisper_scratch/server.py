@@ -5,7 +5,9 @@
                                   response_format, timestamp_granularities[])
   GET  /v1/models, GET /health
 
-One worker thread owns the model (torch modules are not decoded from two threads at once). Requests
+One worker thread owns the model and runs all torch work, silero included: torch's OpenMP (libgomp)
+stops spin-waiting once more threads than cores have thread teams, and a second thread running
+torch (silero on the uploads, say) made every decoder step about 3x slower (measured). Requests
 wait in a queue. Greedy requests (the default) are decoded with continuous batching
 (longform.ChunkStream): their chunks join the running batch of up to --batch_size rows at the next
 decoder step and leave it when they end, so a busy server keeps its batch full and a short request
@@ -48,7 +50,7 @@ from .checkpoint import check_quantize, load_model, precision, quantize, quantiz
 from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from .decoding import DecodingOptions, FallbackOptions, with_language_model
 from .longform import ChunkStream, chunk_limit, transcribe_chunks
-from .vad import VadOptions, speech_probabilities, with_checkpoint_chunks
+from .vad import VadOptions, with_checkpoint_chunks
 from .writers import to_srt, to_txt, to_vtt
 
 log = logging.getLogger("whisper_scratch.server")
@@ -111,7 +113,6 @@ def error_response(status: int, message: str, param=None, code=None, type="inval
 @dataclass
 class Job:
     audio: np.ndarray
-    speech: Optional[np.ndarray]  # silero's frame probabilities, when computed as the upload came in
     key: tuple  # (DecodingOptions, word_timestamps): only equal keys share a transcribe_chunks call
     chunks: int  # about how many chunks the audio will be cut into (what --batch_size counts)
     future: asyncio.Future
@@ -141,9 +142,9 @@ class Batcher:
         self.last_batch = 0  # requests in the previous batch
         self.thread = threading.Thread(target=self._run, name="whisper-decoder", daemon=True)
 
-    def submit(self, audio: np.ndarray, key: tuple, chunks: int, speech: Optional[np.ndarray] = None) -> Job:
+    def submit(self, audio: np.ndarray, key: tuple, chunks: int) -> Job:
         loop = asyncio.get_running_loop()
-        job = Job(audio, speech, key, chunks, loop.create_future(), loop)
+        job = Job(audio, key, chunks, loop.create_future(), loop)
         self.queue.put(job)
         return job
 
@@ -213,7 +214,7 @@ class Batcher:
             words = key[1]
             for job in group:
                 self.in_stream[id(job)] = job
-            stream.submit([(id(job), job.audio, words, job.speech) for job in group])  # queued: they start at a step
+            stream.submit([(id(job), job.audio, words) for job in group])  # queued: they start at a step
             return
         try:
             results = self._timed(self.decode, key, [j.audio for j in group])
@@ -472,15 +473,12 @@ def create_app(opts: ServerOptions) -> FastAPI:
                     if not isinstance(upload, UploadFile):
                         raise ApiError(400, "no audio: send the file in the multipart field 'file'", "file")
                     audio = await asyncio.to_thread(load_upload, upload)
-                    # silero beside the decoder: in the worker it would run a file or two at a time
-                    # while the stream waits, and it costs per call, not per file (longform.ChunkStream)
-                    speech = await asyncio.to_thread(speech_probabilities, audio) if streamed(asked.options) else None
                 finally:
                     await form.close()
             finally:
                 batcher.arriving -= 1
             chunks = max(1, math.ceil(len(audio) / SAMPLE_RATE / chunk_s))
-            result = await wait_for(batcher.submit(audio, (asked.options, asked.words), chunks, speech), request)
+            result = await wait_for(batcher.submit(audio, (asked.options, asked.words), chunks), request)
         except ClientDisconnect:  # nobody to answer; the other requests go on
             log.info("client disconnected before its transcription was sent")
             return Response(status_code=499)
