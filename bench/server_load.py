@@ -12,9 +12,9 @@ every audio file under --audio_dir, repeated if there are fewer than --n_request
 so the reference transcripts come from the library with exactly the server's options:
 `transcribe_files` with voice-activity chunks, what transcribe.py --mode batch gives. Checks
 that every answer equals its reference and that none is lost; prints throughput (requests/s,
-audio s/s) of both runs, their ratio (target >= 3x) and p50/p95 latency. With --static_too (the
-default) the concurrent load also goes to a second server with `--continuous false`, whose batches
-start and end together: the reference for what continuous batching gains, in the same command.
+audio s/s) of both runs, their ratio (target >= 3x) and p50/p95 latency. With --other_mode (the
+default) the concurrent load also goes to a second server with the other `--continuous` setting
+(batches that start and end together, or continuous batching), to compare both in one command.
 """
 from __future__ import annotations
 
@@ -57,8 +57,7 @@ class LoadOptions:
     n_requests: int = option(64, "requests per run")
     concurrency: int = option(16, "concurrent clients in the loaded run")
     startup_s: float = option(300.0, "how long to wait for the server to answer /health")
-    static_too: bool = option(True, "also send the concurrent load to a server with --continuous false (batches "
-                                    "that start and end together), the reference for continuous batching")
+    other_mode: bool = option(True, "also send the concurrent load to a server with the other --continuous setting")
 
     def __post_init__(self):
         require(self.n_requests >= 1, f"n_requests must be >= 1, got {self.n_requests}")
@@ -218,11 +217,12 @@ def main(argv=None) -> int:
         run(base, paths[:1], 1, server.api_key)  # warm-up: the VAD model and first-call allocations
         runs["one at a time"] = run(base, paths, 1, server.api_key)
         runs[f"{opts.concurrency} concurrent clients"] = run(base, paths, opts.concurrency, server.api_key)
-    if opts.static_too and server.continuous:
-        with serving(server_argv + ["--continuous", "false"], opts.startup_s) as base:
+    if opts.other_mode:
+        other = "false" if server.continuous else "true"
+        with serving(server_argv + ["--continuous", other], opts.startup_s) as base:
             run(base, paths[:1], 1, server.api_key)
-            runs[f"{opts.concurrency} concurrent clients, --continuous false"] = run(base, paths, opts.concurrency,
-                                                                                     server.api_key)
+            runs[f"{opts.concurrency} concurrent clients, --continuous {other}"] = run(base, paths, opts.concurrency,
+                                                                                       server.api_key)
     problems = [line for name, r in runs.items() for line in check(name, r["answers"], paths, refs)]
     sequential, *loaded = runs.values()
     print(f"\n## server load: {opts.n_requests} requests, {opts.model_path}\n")

@@ -91,7 +91,9 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    with serving(ServerOptions(model_path=str(ckpt), decoding=DECODING, batch_size=4, max_wait_ms=20)) as s:
+    """The server with continuous batching (--continuous true); `static` below has the default batches."""
+    with serving(ServerOptions(model_path=str(ckpt), decoding=DECODING, batch_size=4, max_wait_ms=20,
+                               continuous=True)) as s:
         yield s
 
 
@@ -239,9 +241,8 @@ def test_per_request_options_override_the_defaults(client, clips, library):
 
 @pytest.fixture(scope="module")
 def static(ckpt):
-    """The server with batches that start and end together (--continuous false)."""
-    with serving(ServerOptions(model_path=str(ckpt), decoding=DECODING, batch_size=4, max_wait_ms=20,
-                               continuous=False)) as s:
+    """The server with batches that start and end together (the default, --continuous false)."""
+    with serving(ServerOptions(model_path=str(ckpt), decoding=DECODING, batch_size=4, max_wait_ms=20)) as s:
         yield s
 
 

@@ -204,7 +204,7 @@ class ChunkStream:
 
     def __init__(self, model: Whisper, tokenizer: Tokenizer, options: DecodingOptions,
                  fallback: FallbackOptions = FallbackOptions(), vad: VadOptions = VadOptions(), batch_size: int = 16,
-                 max_join_wait: int = 8):
+                 max_join_wait: int = 30):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.options, self.fallback = model, tokenizer, options, fallback
@@ -232,16 +232,15 @@ class ChunkStream:
         """Start what fits, then one token for every running chunk; the files now complete
         (a file with no speech completes when it is cut, with an empty transcript).
 
-        Work joins in groups of a quarter of batch_size, or after max_join_wait steps, or at once
-        when nothing runs: a join has a fixed cost that a group shares. Silero above all steps
-        through its frames one call at a time, so one file costs about what sixteen do (measured:
-        45 calls for 64 files, one or two files each, took 3.5 s; one call for 32 files 0.34 s)."""
+        Queued work joins at once when nothing runs, else once it has waited max_join_wait steps:
+        a join has a fixed cost that its files share (silero steps through its frames one call at
+        a time, so one file costs about what sixteen do; the encoder and the prompt run once per
+        join). bench/server_load.py, 16 clients: joining groups of a quarter of batch_size after
+        at most 8 steps took 8.3-8.5 s, this rule with 30 steps 7.0 s and with 60 6.8 s."""
         self.steps += 1
-        group = max(1, self.batch_size // 4)
         free, queued = self.batch_size - len(self.running), len(self.waiting) + len(self.unsplit)
         done = []
-        if queued and free and (not self.running or min(queued, free) >= group
-                                or self.steps - self.queued_since >= self.max_join_wait):
+        if queued and free and (not self.running or self.steps - self.queued_since >= self.max_join_wait):
             done = self._split()
             if self.waiting:
                 done += self._start()
