@@ -92,8 +92,7 @@ class TranscribeOptions:
                     f"--{name} {getattr(self, name)} needs --word_timestamps (cues are cut at word times)")
         require(self.max_words_per_cue is None or self.max_words_per_cue >= 1,
                 f"max_words_per_cue must be >= 1, got {self.max_words_per_cue}")
-        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        check_quantize(self.quantize, self.dtype)
+        object.__setattr__(self, "dtype", check_quantize(self.quantize, canonical_dtype(self.dtype)))
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ bench/decode.py) are decoded in one batch, greedy and beam 5, by:
   variable-length gain from the implementation's own speed;
 - HF: `WhisperForConditionalGeneration.generate` on 30 s mels;
 - ours, int8: the same with `--quantize int8` (every nn.Linear dynamically quantised);
+- ours, bf16: the same with `--quantize bf16` (weights and activations in bfloat16, LayerNorms fp32;
+  CTranslate2 has no bf16 on the CPU, so it is compared with CTranslate2's fastest, int8);
 - CTranslate2 fp32 and int8, unpadded: `ctranslate2.models.Whisper.generate` on the same batch
   padded only to its longest clip (it accepts fewer than 3000 frames), exported with our
   vocabulary size (`--compact`): the fastest way a user can run it, and the fair comparison;
@@ -36,6 +38,7 @@ directory and a lightly loaded server do): ours fp32 and int8 against CTranslate
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -103,7 +106,7 @@ def ours_decode(model, tok, n_new: int):
         beam_size=beam, max_new_tokens=n_new))]
 
 
-def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int, cts: dict, q8) -> list:
+def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int, cts: dict, q8, bf) -> list:
     from transformers import WhisperForConditionalGeneration
 
     var, lens = batch_padded(mels)
@@ -113,7 +116,7 @@ def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int, cts: 
     om = load_openai_model(folder / "openai.pt")
     hf = WhisperForConditionalGeneration.from_pretrained(folder / "hf").eval()
     prompt = list(tok.sot_sequence())
-    fp32, int8 = ours_decode(model, tok, n_new), ours_decode(q8, tok, n_new)
+    fp32, int8, bf16 = ours_decode(model, tok, n_new), ours_decode(q8, tok, n_new), ours_decode(bf, tok, n_new)
 
     def hf_run(beam):
         with torch.inference_mode():
@@ -127,6 +130,7 @@ def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int, cts: 
     runners = [Runner("ours (variable length)", lambda beam: fp32(var, lens, beam)),
                Runner(padded, lambda beam: fp32(full, None, beam)),
                Runner("ours int8", lambda beam: int8(var, lens, beam)),
+               Runner("ours bf16", lambda beam: bf16(var, lens, beam)),
                Runner("CT2 fp32, unpadded", ct2("float32", var)), Runner("CT2 int8, unpadded", ct2("int8", var)),
                Runner("HF transformers generate", hf_run, padded)]
     for name, q in (("CT2 fp32, 30 s", "float32"), ("CT2 int8, 30 s", "int8"), ("CT2 fp32, 30 s, fw vocab", "fw")):
@@ -160,8 +164,8 @@ def main() -> None:
         mels = load_mels(paths, model.dims.n_mels)
         audio_s = sum(m.shape[-1] for m in mels) / 100
         cts = ct2_models(model, tok, Path(tmp), args.threads)
-        q8 = quantize(model, "int8", "cpu")
-        runners = make_runners(model, tok, mels, Path(tmp), args.threads, args.max_new_tokens, cts, q8)
+        q8, bf = quantize(model, "int8", "cpu"), quantize(copy.deepcopy(model), "bf16", "cpu")
+        runners = make_runners(model, tok, mels, Path(tmp), args.threads, args.max_new_tokens, cts, q8, bf)
         import ctranslate2
         import transformers
         transformers.logging.set_verbosity_error()  # generate's notes on max_length vs max_new_tokens
@@ -170,25 +174,28 @@ def main() -> None:
               f"torch {torch.__version__}, transformers {transformers.__version__}, ctranslate2 {ctranslate2.__version__}")
         tables = {name: report(runners, name, beam, args, audio_s)
                   for name, beam in (("greedy", 1), (f"beam {args.beam_size}", args.beam_size))}
-        tables["one by one, greedy"] = report(one_by_one(model, q8, tok, mels, cts, args.max_new_tokens),
+        tables["one by one, greedy"] = report(one_by_one(model, q8, bf, tok, mels, cts, args.max_new_tokens),
                                               "one by one, greedy", 1, args, audio_s)
         print("\nagainst CTranslate2 fed the same unpadded features (their time / ours; targets: fp32 batched >= 1.5, "
               "one by one >= 1.0; int8 >= 1.0)")
         for name, t in tables.items():
             print(f"  {name:<20} fp32 {t['CT2 fp32, unpadded'] / t['ours (variable length)']:.2f}x   "
-                  f"int8 {t['CT2 int8, unpadded'] / t['ours int8']:.2f}x")
+                  f"int8 {t['CT2 int8, unpadded'] / t['ours int8']:.2f}x   "
+                  f"ours bf16 vs CT2 int8 {t['CT2 int8, unpadded'] / t['ours bf16']:.2f}x   "
+                  f"ours bf16 vs CT2 fp32 {t['CT2 fp32, unpadded'] / t['ours bf16']:.2f}x")
 
 
-def one_by_one(model, q8, tok, mels: list, cts: dict, n_new: int) -> list:
+def one_by_one(model, q8, bf, tok, mels: list, cts: dict, n_new: int) -> list:
     """Each clip alone at its own length, greedy: per-file latency without batching."""
     prompt = list(tok.sot_sequence())
 
     def each(run):
         return lambda beam: [t for m in mels for t in run(m[None], beam)]
 
-    ours, int8 = ours_decode(model, tok, n_new), ours_decode(q8, tok, n_new)
+    ours, int8, bf16 = ours_decode(model, tok, n_new), ours_decode(q8, tok, n_new), ours_decode(bf, tok, n_new)
     return [Runner("ours (variable length)", each(lambda m, beam: ours(m, None, beam))),
             Runner("ours int8", each(lambda m, beam: int8(m, None, beam))),
+            Runner("ours bf16", each(lambda m, beam: bf16(m, None, beam))),
             Runner("CT2 fp32, unpadded", each(lambda m, beam: ct2_generate(cts["float32"], m, prompt, n_new, beam))),
             Runner("CT2 int8, unpadded", each(lambda m, beam: ct2_generate(cts["int8"], m, prompt, n_new, beam)))]
 

@@ -423,6 +423,25 @@ def test_int8_quantized_decoding_gives_the_same_words(checkpoint, audio_dir, cap
     assert quantize(model, None, "cpu") is model
 
 
+@pytest.mark.parametrize("search", [[], ["--beam_size", "3"]])
+def test_bf16_weights_decode_the_same_words(checkpoint, audio_dir, capsys, search):
+    """--quantize bf16: weights (LayerNorms excepted) and activations in bfloat16, greedy or beam
+    search; the same words as fp32."""
+    base = ["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav"), "--device", "cpu", *FAST,
+            *search]
+    assert cli.main(base) == 0
+    fp32 = capsys.readouterr().out.strip()
+    assert cli.main(base + ["--quantize", "bf16"]) == 0
+    assert capsys.readouterr().out.strip() == fp32 == "two"
+    with pytest.raises(SystemExit):  # bf16 weights under fp16 autocast: refused with both values
+        cli.parse_options(cli.TranscribeOptions, base + ["--quantize", "bf16", "--dtype", "fp16"])
+    assert "--quantize bf16" in capsys.readouterr().err
+    from whisper_scratch.checkpoint import load_model, quantize
+    model = quantize(load_model(checkpoint)[0], "bf16", "cpu")
+    assert model.decoder.blocks[0].mlp[0].weight.dtype == model.encoder.conv1.weight.dtype == torch.bfloat16
+    assert model.decoder.blocks[0].mlp_ln.weight.dtype == model.encoder.ln_post.weight.dtype == torch.float32
+
+
 def test_every_decoding_flag_reaches_the_decoder(checkpoint, audio_dir):
     base = ["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav")]
     opts = cli.parse_options(cli.TranscribeOptions, base + [

@@ -187,30 +187,46 @@ def precision(dtype: Optional[str], device: Union[str, torch.device]):
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, name))
 
 
-QUANTIZE = ("int8",)
+QUANTIZE = ("int8", "bf16")
 
 
 def quantize_option():
     """The --quantize field of every decoding entry point (transcribe.py, the server)."""
-    return option(None, "int8: decode with int8 weights in every linear layer (dynamic quantisation, CPU only; "
-                        "bench/vs_decode.py measures speed and accuracy)", choices=(None,) + QUANTIZE)
+    return option(None, "int8: int8 weights in every linear layer (dynamic quantisation, CPU only); bf16: every "
+                        "weight but the LayerNorms in bfloat16, activations too (fastest on CPUs with AMX: "
+                        "bench/vs_decode.py measures speed, bench/RESULTS.md accuracy)", choices=(None,) + QUANTIZE)
 
 
-def check_quantize(scheme: Optional[str], dtype: Optional[str]) -> None:
-    """Options check: int8 weights run with float32 activations (dtype already canonical)."""
+def check_quantize(scheme: Optional[str], dtype: Optional[str]) -> Optional[str]:
+    """Options check: quantised weights set the activations' precision themselves (int8: float32,
+    bf16: bfloat16), so no autocast dtype may be given beside them (dtype already canonical).
+    Returns the dtype to run in: "float32" (no autocast, even on a GPU) with quantised weights."""
     require(scheme is None or dtype in (None, "float32"),
-            f"--quantize {scheme} keeps activations in float32; it cannot be combined with --dtype {dtype}")
+            f"--quantize {scheme} sets the activations' precision itself; it cannot be combined with --dtype {dtype}")
+    return dtype if scheme is None else "float32"
 
 
 def quantize(model: torch.nn.Module, scheme: Optional[str], device: Union[str, torch.device]) -> torch.nn.Module:
-    """The model for decoding with int8 weights: every nn.Linear becomes a dynamically quantised one
-    (weights int8 per tensor, activations quantised per batch at run time; torch's fbgemm/onednn
-    kernels). Convolutions, embeddings, LayerNorms and the tied output projection stay fp32.
-    CPU only: torch has no CUDA kernels for it. scheme None returns the model as it is."""
+    """The model for decoding with smaller weights. scheme None returns the model as it is.
+
+    int8: every nn.Linear becomes a dynamically quantised one (weights int8 per tensor, activations
+    quantised per batch at run time; torch's fbgemm/onednn kernels). Convolutions, embeddings,
+    LayerNorms and the tied output projection stay fp32. CPU only: torch has no CUDA kernels for it.
+
+    bf16: the model (converted in place) in bfloat16 except its LayerNorms, which normalise in fp32 and cast back (the
+    encoder casts the mel to the conv's dtype; logits are returned in fp32). Unlike autocast, the
+    weights are not cast again at every call: on a CPU with AMX the encoder runs 3.6x and batched
+    greedy decoding 1.9x faster than fp32 (bench/RESULTS.md); on older CPUs it can be slower."""
     if scheme is None:
         return model
     if scheme not in QUANTIZE:
         raise ValueError(f"--quantize must be one of {QUANTIZE} or none, got {scheme!r}")
+    if scheme == "bf16":
+        model = model.to(torch.bfloat16)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.float()
+        return model
     if torch.device(device).type != "cpu":
         raise ValueError(f"--quantize {scheme} runs on the CPU only, got --device {device}")
     from torch.ao.quantization import quantize_dynamic

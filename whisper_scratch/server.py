@@ -93,8 +93,7 @@ class ServerOptions:
         require(self.max_upload_mb > 0, f"max_upload_mb must be > 0, got {self.max_upload_mb}")
         require(self.vad.vad, "the server decodes voice-activity chunks in batches; --vad false (prompted 30 s "
                               "windows, one file at a time) is transcribe.py's")
-        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        check_quantize(self.quantize, self.dtype)
+        object.__setattr__(self, "dtype", check_quantize(self.quantize, canonical_dtype(self.dtype)))
 
 
 class ApiError(Exception):
