@@ -33,6 +33,12 @@ speed ratio (their time / ours; > 1: we are faster).
 A last table decodes the clips one at a time (greedy, each at its own length; what --mode
 directory and a lightly loaded server do): ours fp32 and int8 against CTranslate2 fp32 and int8.
 
+CTranslate2 is timed in a child process of its own (this script with --ct2_child), one after the
+other with ours, never beside it: once CTranslate2 has run in a process, its OpenMP threads make
+every later torch decode in that process 1.6-2x slower (measured: ours greedy 0.71 s before, 1.12 s
+after), while CTranslate2 alone in a process is as fast as beside torch. The same clips, exports and
+tokens are used; the child writes its times and outputs to a JSON file.
+
     python bench/vs_decode.py [--threads 2] [--size tiny] [--max_new_tokens 64] [--beam_size 5]
 """
 from __future__ import annotations
@@ -44,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -75,27 +82,75 @@ def batch_padded(mels: list, frames=None):
 
 class Runner:
     """One implementation: run(beam) -> token lists (text tokens only, prompt and eot removed).
-    same_as: the runner whose function it computes (its "same text" column counts equal outputs)."""
+    same_as: the runner whose function it computes (its "same text" column counts equal outputs).
+    measured: {table name: (seconds, token lists)} already timed elsewhere (CTranslate2's child)."""
 
-    def __init__(self, name: str, run, same_as: str = "ours (variable length)"):
-        self.name, self.run, self.same_as = name, run, same_as
+    def __init__(self, name: str, run, same_as: str = "ours (variable length)", measured: Optional[dict] = None):
+        self.name, self.run, self.same_as, self.measured = name, run, same_as, measured
 
 
-def ct2_models(model, tok, folder: Path, threads: int) -> dict:
+CT2_ROWS = {"CT2 fp32, unpadded": ("float32", "var"), "CT2 int8, unpadded": ("int8", "var"),
+            "CT2 fp32, 30 s": ("float32", "full"), "CT2 int8, 30 s": ("int8", "full"),
+            "CT2 fp32, 30 s, fw vocab": ("fw", "full")}
+ONE_BY_ONE = "one by one, greedy"
+
+
+def ct2_child(folder: Path) -> None:
+    """--ct2_child: time every CTranslate2 row on the inputs `folder/inputs.npz` and the exports
+    beside it (no torch compute in this process), writing `folder/ct2.json`."""
+    import json
+    spec = json.loads((folder / "spec.json").read_text())
+    data = np.load(folder / "inputs.npz")
+    mels = [data[f"mel{i}"] for i in range(spec["clips"])]
+    inputs = {"var": data["var"], "full": data["full"]}
+    cts = ct2_load(folder, spec["threads"])
+    n_new, prompt, out = spec["max_new_tokens"], spec["prompt"], {}
+
+    def best(fn):
+        fn()  # warm-up
+        return min((timed(fn, 1) for _ in range(spec["repeats"])), key=lambda r: r[0])
+    for name, (q, kind) in CT2_ROWS.items():
+        for table, beam in spec["tables"].items():
+            out.setdefault(name, {})[table] = best(lambda: ct2_generate(cts[q], inputs[kind], prompt, n_new, beam))
+    for name in ("CT2 fp32, unpadded", "CT2 int8, unpadded"):
+        q = CT2_ROWS[name][0]
+        out[name][ONE_BY_ONE] = best(lambda: [t for m in mels for t in ct2_generate(cts[q], m[None], prompt, n_new, 1)])
+    (folder / "ct2.json").write_text(json.dumps(out))
+
+
+def ct2_measured(folder: Path, model, tok, mels: list, args, tables: dict) -> dict:
+    """Export CTranslate2's models, run the child, and return its {row: {table: (s, tokens)}}."""
+    import json
+    import subprocess
+    ct2_export(model, tok, folder)
+    var, _ = batch_padded(mels)
+    full, _ = batch_padded(mels, 2 * model.dims.n_audio_ctx)
+    np.savez(folder / "inputs.npz", var=var.numpy(), full=full.numpy(), **{f"mel{i}": m.numpy() for i, m in enumerate(mels)})
+    (folder / "spec.json").write_text(json.dumps({"clips": len(mels), "threads": args.threads, "repeats": args.repeats,
+                                                  "max_new_tokens": args.max_new_tokens, "tables": tables,
+                                                  "prompt": list(tok.sot_sequence())}))
+    subprocess.run([sys.executable, __file__, "--ct2_child", str(folder)], check=True)
+    return {name: {t: tuple(v) for t, v in rows.items()} for name, rows in json.loads((folder / "ct2.json").read_text()).items()}
+
+
+def ct2_export(model, tok, folder: Path) -> None:
     """CTranslate2 exports of `model`: compact fp32 and int8 (our vocabulary) and fp32 in
     faster-whisper's layout ("fw")."""
-    import ctranslate2
     for q in ("float32", "int8"):  # our vocabulary size, as the other implementations here
         export_ct2(model, tok, folder / f"ct2_{q}", q, compact=True)
     export_ct2(model, tok, folder / "ct2_fw", "float32")  # faster-whisper's 51,865-token layout
+
+
+def ct2_load(folder: Path, threads: int) -> dict:
+    import ctranslate2
     return {q: ctranslate2.models.Whisper(str(folder / f"ct2_{q}"), device="cpu",
                                           compute_type="int8" if q == "int8" else "float32",
                                           intra_threads=threads, inter_threads=1) for q in ("float32", "int8", "fw")}
 
 
-def ct2_generate(ct, mel: torch.Tensor, prompt: list, n_new: int, beam: int) -> list:
+def ct2_generate(ct, mel: np.ndarray, prompt: list, n_new: int, beam: int) -> list:
     import ctranslate2
-    features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy()))
+    features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel))
     # CTranslate2's Whisper max_length: it generates up to max_length // 2 new tokens (measured)
     return [r.sequences_ids[0] for r in ct.generate(features, [prompt] * mel.shape[0], beam_size=beam,
                                                     max_length=2 * n_new, suppress_blank=False)]
@@ -106,7 +161,7 @@ def ours_decode(model, tok, n_new: int):
         beam_size=beam, max_new_tokens=n_new))]
 
 
-def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int, cts: dict, q8, bf) -> list:
+def make_runners(model, tok, mels, folder: Path, n_new: int, ct2: dict, q8, bf) -> list:
     from transformers import WhisperForConditionalGeneration
 
     var, lens = batch_padded(mels)
@@ -123,18 +178,15 @@ def make_runners(model, tok, mels, folder: Path, threads: int, n_new: int, cts: 
             out = hf.generate(input_features=full, max_new_tokens=n_new, num_beams=beam, do_sample=False)
         return [[t for t in row.tolist() if t < tok.n_text] for row in out]
 
-    def ct2(q, x):
-        return lambda beam: ct2_generate(cts[q], x, prompt, n_new, beam)
-
     padded = "ours, padded to 30 s"  # what the 30 s implementations compute
     runners = [Runner("ours (variable length)", lambda beam: fp32(var, lens, beam)),
                Runner(padded, lambda beam: fp32(full, None, beam)),
                Runner("ours int8", lambda beam: int8(var, lens, beam)),
                Runner("ours bf16", lambda beam: bf16(var, lens, beam)),
-               Runner("CT2 fp32, unpadded", ct2("float32", var)), Runner("CT2 int8, unpadded", ct2("int8", var)),
+               *(Runner(name, None, measured=ct2[name]) for name in ("CT2 fp32, unpadded", "CT2 int8, unpadded")),
                Runner("HF transformers generate", hf_run, padded)]
-    for name, q in (("CT2 fp32, 30 s", "float32"), ("CT2 int8, 30 s", "int8"), ("CT2 fp32, 30 s, fw vocab", "fw")):
-        runners.append(Runner(name, ct2(q, full), padded))
+    for name in ("CT2 fp32, 30 s", "CT2 int8, 30 s", "CT2 fp32, 30 s, fw vocab"):
+        runners.append(Runner(name, None, padded, measured=ct2[name]))
     runners.append(Runner("openai-whisper decode", lambda beam: [r.tokens for r in openai_decode(
         om, full, tok, beam_size=beam, max_new_tokens=n_new)], padded))
     return runners
@@ -157,25 +209,28 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--beam_size", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per setting")
+    ap.add_argument("--ct2_child", default=None, help=argparse.SUPPRESS)  # internal: time CTranslate2 alone
     args = ap.parse_args()
+    if args.ct2_child:
+        return ct2_child(Path(args.ct2_child))
     tok, model = random_model(args.size, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_clips(Path(tmp), args.clips)
         mels = load_mels(paths, model.dims.n_mels)
         audio_s = sum(m.shape[-1] for m in mels) / 100
-        cts = ct2_models(model, tok, Path(tmp), args.threads)
+        names = {"greedy": 1, f"beam {args.beam_size}": args.beam_size}
+        ct2 = ct2_measured(Path(tmp), model, tok, mels, args, names)
         q8, bf = quantize(model, "int8", "cpu"), quantize(copy.deepcopy(model), "bf16", "cpu")
-        runners = make_runners(model, tok, mels, Path(tmp), args.threads, args.max_new_tokens, cts, q8, bf)
+        runners = make_runners(model, tok, mels, Path(tmp), args.max_new_tokens, ct2, q8, bf)
         import ctranslate2
         import transformers
         transformers.logging.set_verbosity_error()  # generate's notes on max_length vs max_new_tokens
         print(f"{len(mels)} clips, {audio_s:.1f} s of audio; model {args.size} ({model.num_parameters() / 1e6:.1f} M "
               f"params, vocab {tok.vocab_size}); {args.max_new_tokens} tokens per clip; {args.threads} threads; "
               f"torch {torch.__version__}, transformers {transformers.__version__}, ctranslate2 {ctranslate2.__version__}")
-        tables = {name: report(runners, name, beam, args, audio_s)
-                  for name, beam in (("greedy", 1), (f"beam {args.beam_size}", args.beam_size))}
-        tables["one by one, greedy"] = report(one_by_one(model, q8, bf, tok, mels, cts, args.max_new_tokens),
-                                              "one by one, greedy", 1, args, audio_s)
+        tables = {name: report(runners, name, beam, args, audio_s) for name, beam in names.items()}
+        tables[ONE_BY_ONE] = report(one_by_one(model, q8, bf, tok, mels, ct2, args.max_new_tokens),
+                                    ONE_BY_ONE, 1, args, audio_s)
         print("\nagainst CTranslate2 fed the same unpadded features (their time / ours; targets: fp32 batched >= 1.5, "
               "one by one >= 1.0; int8 >= 1.0)")
         for name, t in tables.items():
@@ -185,10 +240,8 @@ def main() -> None:
                   f"ours bf16 vs CT2 fp32 {t['CT2 fp32, unpadded'] / t['ours bf16']:.2f}x")
 
 
-def one_by_one(model, q8, bf, tok, mels: list, cts: dict, n_new: int) -> list:
+def one_by_one(model, q8, bf, tok, mels: list, ct2: dict, n_new: int) -> list:
     """Each clip alone at its own length, greedy: per-file latency without batching."""
-    prompt = list(tok.sot_sequence())
-
     def each(run):
         return lambda beam: [t for m in mels for t in run(m[None], beam)]
 
@@ -196,18 +249,18 @@ def one_by_one(model, q8, bf, tok, mels: list, cts: dict, n_new: int) -> list:
     return [Runner("ours (variable length)", each(lambda m, beam: ours(m, None, beam))),
             Runner("ours int8", each(lambda m, beam: int8(m, None, beam))),
             Runner("ours bf16", each(lambda m, beam: bf16(m, None, beam))),
-            Runner("CT2 fp32, unpadded", each(lambda m, beam: ct2_generate(cts["float32"], m, prompt, n_new, beam))),
-            Runner("CT2 int8, unpadded", each(lambda m, beam: ct2_generate(cts["int8"], m, prompt, n_new, beam)))]
+            *(Runner(name, None, measured=ct2[name]) for name in ("CT2 fp32, unpadded", "CT2 int8, unpadded"))]
 
 
 def report(runners: list, name: str, beam: int, args, audio_s: float) -> None:
     for r in runners:  # warm-up (first-call allocations, lazy init), not timed
-        r.run(1)
+        if r.measured is None:
+            r.run(1)
     print(f"\n{name}: {'implementation':<26} {'seconds':>8} {'RTF':>7} {'tokens/clip':>12} {'same text':>10} "
           f"{'ours is':>9}")
     t_ours, outs, times = None, {}, {}
     for r in runners:
-        seconds, out = timed(lambda: r.run(beam), args.repeats)
+        seconds, out = r.measured[name] if r.measured else timed(lambda: r.run(beam), args.repeats)
         t_ours = t_ours or seconds
         outs[r.name], times[r.name] = out, seconds
         ref = outs.get(r.same_as, out)

@@ -116,8 +116,10 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"decoder context is {self.max_len} tokens; cannot decode to position {end}")
         if layer not in self.self_kv:
+            # uninitialised: only positions < offset are ever read, and each is written first
+            # (zero-filling 448 positions for 80 beam rows cost 5 % of a beam search)
             shape = (k.shape[0], self.max_len, k.shape[2])
-            self.self_kv[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+            self.self_kv[layer] = (k.new_empty(shape), v.new_empty(shape))
         k_buf, v_buf = self.self_kv[layer]
         k_buf[:, self.offset:end] = k
         v_buf[:, self.offset:end] = v
