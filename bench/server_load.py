@@ -41,7 +41,7 @@ from whisper_scratch.checkpoint import load_model  # noqa: E402
 from whisper_scratch.config import option, parse_options, require  # noqa: E402
 from whisper_scratch.evaluation import resolve_references  # noqa: E402
 from whisper_scratch.longform import transcribe_files  # noqa: E402
-from whisper_scratch.checkpoint import precision  # noqa: E402
+from whisper_scratch.checkpoint import precision, quantize  # noqa: E402
 from whisper_scratch.server import ServerOptions  # noqa: E402
 from whisper_scratch.vad import with_checkpoint_chunks  # noqa: E402
 
@@ -92,6 +92,7 @@ def references(server: ServerOptions, paths: list) -> dict:
     """{path: text} from the library with the server's options and its chunk-length rule."""
     device = server.device or ("cuda" if torch.cuda.is_available() else "cpu")  # the server's rules
     model, tokenizer, ckpt = load_model(server.model_path, device)
+    model = quantize(model, server.quantize, device)
     vad = with_checkpoint_chunks(server.vad, ckpt)
     with precision(server.dtype, device):
         return {p: r if isinstance(r, Exception) else r["text"]

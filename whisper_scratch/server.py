@@ -7,7 +7,8 @@
 
 One worker thread owns the model and runs all torch work, silero included: torch's OpenMP (libgomp)
 stops spin-waiting once more threads than cores have thread teams, and a second thread running
-torch (silero on the uploads, say) made every decoder step about 3x slower (measured). Requests
+torch (silero on the uploads, say, or --quantize's conversion on 2 threads in the main thread) made
+every decoder step 3-4.5x slower (measured). Requests
 wait in a queue. By default the worker takes what has arrived, up to --batch_size chunks, while
 busy waits up to --max_wait_ms for more, and decodes requests with the same options together
 through longform.transcribe_chunks: batches that start and end together. With --continuous true,
@@ -399,7 +400,12 @@ def create_app(opts: ServerOptions) -> FastAPI:
     """Load the model and build the app; the worker runs while the app is served."""
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, ckpt = load_model(opts.model_path, device)
-    model = quantize(model, opts.quantize, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # converting the weights here on 2 threads would give this thread an OpenMP
+    try:                      # team, and the worker's decoding would run 4.5x slower (module docstring)
+        model = quantize(model, opts.quantize, device)
+    finally:
+        torch.set_num_threads(threads)
     vad = with_checkpoint_chunks(opts.vad, ckpt)
     require(opts.decoding.language in (None, *tokenizer.languages),  # fail at start, not on every request
             f"--language {opts.decoding.language!r} is not one of the model's languages {tokenizer.languages}")
