@@ -170,7 +170,6 @@ def make_runners(model, tok, mels, folder: Path, n_new: int, ct2: dict, q8, bf) 
     export_hf(model, tok, folder / "hf")
     om = load_openai_model(folder / "openai.pt")
     hf = WhisperForConditionalGeneration.from_pretrained(folder / "hf").eval()
-    prompt = list(tok.sot_sequence())
     fp32, int8, bf16 = ours_decode(model, tok, n_new), ours_decode(q8, tok, n_new), ours_decode(bf, tok, n_new)
 
     def hf_run(beam):
