@@ -174,8 +174,8 @@ class _File:
     key: Hashable
     audio: np.ndarray
     words: bool
-    speech: Optional[np.ndarray]  # silero frame probabilities (once cut into chunks)
-    left: int  # chunks not decoded yet
+    speech: Optional[np.ndarray] = None  # silero frame probabilities (once cut into chunks)
+    left: int = 0  # chunks not decoded yet
     segments: list = field(default_factory=list)
 
 
@@ -191,13 +191,13 @@ class _Chunk:
 
 class ChunkStream:
     """Voice-activity chunks of files that arrive at any time, decoded greedily with continuous
-    batching (decoding.GreedyStream): a chunk joins the running batch as soon as a row is free,
-    and leaves it as soon as it ends, so a batch of mixed lengths never waits for its longest
-    chunk while new work waits for the batch. What a server under load needs.
+    batching (decoding.GreedyStream): chunks join the running batch at a decoder step (see
+    `step` for when) and leave it as soon as they end, so a batch of mixed lengths never holds
+    a short request until its longest chunk is done (server --continuous true).
 
-    `submit` queues files; `step` cuts queued files into chunks and lets chunks join up to
-    batch_size rows (encoded together) when rows are free, advances every row by one token and
-    returns the files whose last chunk ended, as (key, transcript). A
+    `submit` queues files; `step` cuts queued files into chunks and lets chunks join, up to
+    batch_size rows (encoded together), advances every row by one token and returns the files
+    whose last chunk ended, as (key, transcript). A
     transcript equals transcribe_chunks' for the same file and options (up to float rounding in
     the padded attention). Chunks whose text fails the thresholds fall back as there, alone.
     """
@@ -224,7 +224,7 @@ class ChunkStream:
     def submit(self, items: Sequence[tuple]) -> None:
         """Queue files (key, 16 kHz samples, word timestamps?). They are cut into chunks when
         rows are free for them, silero on all such files at once."""
-        self.unsplit += [_File(key, audio, words, None, 0) for key, audio, words in items]
+        self.unsplit += [_File(key, audio, words) for key, audio, words in items]
         self.queued_since = min(self.queued_since, self.steps)
         self.files += len(items)
 

@@ -161,6 +161,7 @@ class RowKVCache(KVCache):
         super().__init__(max_len)
         self.lens: Optional[Tensor] = None  # (B,) tokens already processed per row
         self.xa_lens: Optional[Tensor] = None  # (B,) encoder frames per row
+        self.end = 0  # keys the current step attends to: the longest row's length + 1 (set by begin_step)
 
     @property
     def rows(self) -> int:
@@ -170,11 +171,17 @@ class RowKVCache(KVCache):
         if k.shape[1] != 1:
             raise ValueError(f"a RowKVCache step takes one token per row, got {k.shape[1]}")
         k_buf, v_buf = self.self_kv[layer]
-        rows = torch.arange(k.shape[0], device=k.device)
-        k_buf[rows, self.lens] = k[:, 0]
-        v_buf[rows, self.lens] = v[:, 0]
-        end = int(self.lens.max()) + 1
-        return k_buf[:, :end], v_buf[:, :end]
+        k_buf[self._rows, self.lens] = k[:, 0]
+        v_buf[self._rows, self.lens] = v[:, 0]
+        return k_buf[:, :self.end], v_buf[:, :self.end]
+
+    def begin_step(self) -> int:
+        """Make room for one more token in every row and return the step's key count (once per
+        step, not per layer: it reads the lengths back from the tensor)."""
+        self.end = int(self.lens.max()) + 1
+        self.reserve(self.end)
+        self._rows = torch.arange(self.rows, device=self.lens.device)
+        return self.end
 
     def reserve(self, end: int) -> None:
         """Room for `end` tokens in every row's self-attention buffers."""
@@ -367,15 +374,13 @@ class TextDecoder(nn.Module):
         x = self.ln(x)
         return (x @ self.token_embedding.weight.to(x.dtype).T).float()
 
-
     def _row_step(self, tokens: Tensor, cache: RowKVCache) -> Tensor:
         """One token per row (B, 1), each at its row's own position -> logits (B, 1, n_vocab)."""
         if tokens.shape != (cache.rows, 1):
             raise ValueError(f"a RowKVCache step takes ({cache.rows}, 1) tokens, got {tuple(tokens.shape)}")
-        cache.reserve(int(cache.lens.max()) + 1)
+        end = cache.begin_step()
         k0 = next(iter(cache.cross_kv.values()))[0]
         x = (self.token_embedding(tokens) + self.positional_embedding[cache.lens][:, None]).to(k0.dtype)
-        end = int(cache.lens.max()) + 1
         mask = (torch.arange(end, device=tokens.device)[None] <= cache.lens[:, None])[:, None, None, :]
         xa_mask = attention_key_mask(cache.xa_lens, k0.shape[1])
         for i, block in enumerate(self.blocks):

@@ -6,19 +6,19 @@
   GET  /v1/models, GET /health
 
 One worker thread owns the model and runs all torch work, silero included: torch's OpenMP (libgomp)
-stops spin-waiting once more threads than cores have thread teams, and a second thread running
-torch (silero on the uploads, say, or --quantize's conversion on 2 threads in the main thread) made
-every decoder step 3-4.5x slower (measured). Requests
-wait in a queue. By default the worker takes what has arrived, up to --batch_size chunks, while
-busy waits up to --max_wait_ms for more, and decodes requests with the same options together
-through longform.transcribe_chunks: batches that start and end together. With --continuous true,
-greedy requests are decoded with continuous batching instead (longform.ChunkStream): their chunks
-join the running batch at a decoder step and leave it when they end, so a short request is not
-held up by a long one (bench/server_load.py, 16 clients of short clips: p95 latency 2.1 s against
-2.9 s, but 1.27x less throughput, as every join pays silero and the encoder for a few files). The
-event loop only parses uploads and formats replies. The `model` field is accepted whatever it says (clients written for
-"whisper-1" work unchanged); /v1/models lists --model_name. Errors use OpenAI's JSON shape
-{"error": {message, type, param, code}}, so the openai client raises BadRequestError etc.
+stops spin-waiting once more threads than cores have thread teams, and a second thread running torch
+(silero on the uploads, say, or --quantize's conversion on 2 threads in the main thread) made every
+decoder step 3-4.5x slower (measured). Requests wait in a queue. By default the worker takes what
+has arrived, up to --batch_size chunks, while busy waits up to --max_wait_ms for more, and decodes
+requests with the same options together through longform.transcribe_chunks: batches that start and
+end together. With --continuous true, greedy requests are decoded with continuous batching instead
+(longform.ChunkStream): their chunks join the running batch at a decoder step and leave it when
+they end, so a short request is not held up by a long one (bench/server_load.py, 16 clients of
+short clips: p95 latency 2.1 s against 2.9 s, but 1.27x less throughput, as every join pays silero
+and the encoder for a few files). The event loop only parses uploads and formats replies. The
+`model` field is accepted whatever it says (clients written for "whisper-1" work unchanged);
+/v1/models lists --model_name. Errors use OpenAI's JSON shape {"error": {message, type, param,
+code}}, so the openai client raises BadRequestError etc.
 """
 from __future__ import annotations
 
