@@ -9,7 +9,8 @@ import soundfile as sf
 import torch
 
 from whisper_scratch import audio as A
-from whisper_scratch.augment import AugmentOptions, add_noise, pad_silence, spec_augment, speed_perturb
+from whisper_scratch.augment import (AugmentOptions, add_noise, channel_response, pad_silence, spec_augment,
+                                    speed_perturb, vtlp)
 from whisper_scratch.data import (AsrDataset, Collator, DataReport, DurationBucketSampler, FeatureCache,
                                   filter_for_model, find_cv_language_dir, load_split, make_loader,
                                   read_common_voice, read_manifest, read_references)
@@ -284,6 +285,46 @@ def test_augmentations(small_corpus, tmp_path):
     assert not (a[0]["mel"].shape == b[0]["mel"].shape and torch.equal(a[0]["mel"], b[0]["mel"]))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         AsrDataset(utts, tok, augment=AugmentOptions(noise_dir=str(tmp_path / "none")))
+
+
+@pytest.mark.parametrize("alpha, hz", [(1.1, 1100), (0.9, 900), (1.2, 1200)])
+def test_vtlp_moves_a_tone_where_the_warped_tone_lies(alpha, hz):
+    """Warping a 1 kHz tone's log-mel by alpha must put its energy in the bins of an alpha kHz tone:
+    closer to that tone's log-mel than the unwarped one is, and with the same loudest bin."""
+    mel = A.log_mel_spectrogram(tone(1.0, 1000, 16000))
+    ref = A.log_mel_spectrogram(tone(1.0, hz, 16000))
+    warped = vtlp(mel, alpha)
+    assert warped.shape == mel.shape and torch.equal(vtlp(mel, 1.0), mel)
+    assert warped.mean(1).argmax() == ref.mean(1).argmax() != mel.mean(1).argmax()
+
+    def centre(m):  # the power-weighted mean mel bin
+        power = 10 ** (4 * m.mean(1).double())
+        return float((power * torch.arange(80)).sum() / power.sum())
+    assert abs(centre(warped) - centre(ref)) < 0.3 * abs(centre(mel) - centre(ref)), \
+        (centre(mel), centre(warped), centre(ref))
+
+
+def test_channel_response_is_a_bounded_smooth_gain_over_frequency(data_dir):
+    mel = A.log_mel_spectrogram(data_dir / "samples/jfk/jfk.flac")[:, :300]
+    speech = mel > mel.max() - 1.5  # cells well above the floor keep the gain exactly
+    for seed in range(5):
+        out = channel_response(mel, 12.0, np.random.default_rng(seed))
+        gain = (out - mel) * 40  # dB
+        assert gain[speech].abs().max() <= 12.0 + 1e-3
+        assert out.min() >= out.max() - 2.0 - 1e-6  # the max - 8 floor, taken again
+        per_bin = [gain[b][speech[b]] for b in range(80)]
+        for b, g in enumerate(per_bin):  # the same gain in every frame of a bin
+            if len(g) > 1:
+                assert g.max() - g.min() < 1e-3, b
+        bins = [b for b in range(80) if len(per_bin[b])]
+        steps = [abs(per_bin[b][0] - per_bin[b - 1][0]) for b in bins if b - 1 in bins]
+        assert max(steps) < 12.0 * 3 * np.pi / 79 * 1.01, "a smooth curve: three cosines at most"
+    a, b = (channel_response(mel, 12.0, np.random.default_rng(3)) for _ in range(2))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="channel_db"):
+        AugmentOptions(channel_db=-1)
+    with pytest.raises(ValueError, match="vtlp_max"):
+        AugmentOptions(vtlp_max=0.7)
 
 
 def test_silence_padding_on_the_mel_equals_zeros_around_the_waveform():

@@ -300,3 +300,18 @@ def test_speed_perturb_max_sets_the_speeds_and_bad_values_are_rejected(tmp_path,
     assert dataset.augment.speeds == (0.8, 1.0, 1.2)
     with pytest.raises(ValueError, match="speed-perturb-max.*1.5"):
         opts(tmp_path, digits, speed_perturb_max=1.5)
+
+
+def test_vtlp_and_channel_flags_reach_the_dataset_and_change_its_features(tmp_path, digits):
+    utts = read_manifest(digits, "train")
+    tok = build_tokenizer("char", [u.text for u in utts], languages=("en",))
+    plain = build_batches(opts(tmp_path, digits), utts, tok, 80, Dist())[1]
+    o = opts(tmp_path, digits, vtlp_max=0.1, channel_db=10)
+    _, dataset = build_batches(o, utts, tok, 80, Dist())
+    assert (dataset.augment.vtlp_max, dataset.augment.channel_db) == (0.1, 10)
+    assert dataset[0]["mel"].shape == plain[0]["mel"].shape
+    assert not torch.allclose(dataset[0]["mel"], plain[0]["mel"])
+    with pytest.raises(ValueError, match="vtlp-max.*0.6"):
+        opts(tmp_path, digits, vtlp_max=0.6)
+    with pytest.raises(ValueError, match="channel-db.*-3"):
+        opts(tmp_path, digits, channel_db=-3)

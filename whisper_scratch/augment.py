@@ -1,5 +1,5 @@
-"""Training-only augmentation: speed perturbation and additive noise on the waveform, SpecAugment
-on the log-mel. Each is a pure function of its inputs and a numpy Generator, so a worker's RNG
+"""Training-only augmentation: speed perturbation and additive noise on the waveform; vocal tract
+length perturbation, a random channel (microphone) response and SpecAugment on the log-mel. Each is a pure function of its inputs and a numpy Generator, so a worker's RNG
 decides everything and runs are reproducible."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import soxr
 import torch
 
-from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, load_audio
+from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, hz_to_mel, mel_to_hz, load_audio
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,14 @@ class AugmentOptions:
     snr_range: tuple = (5.0, 20.0)
     silence_pad_max: float = 0.0  # seconds of silence added before and after a clip, each up to this
     silence_pad_prob: float = 0.5
+    vtlp_max: float = 0.0  # warp factor drawn from [1 - x, 1 + x]; 0 = off
+    channel_db: float = 0.0  # largest gain (dB) of the random channel response; 0 = off
 
     def __post_init__(self):
+        if not 0 <= self.vtlp_max < 0.5:
+            raise ValueError(f"vtlp_max must be in [0, 0.5), got {self.vtlp_max}")
+        if not 0 <= self.channel_db <= 30:
+            raise ValueError(f"channel_db must be in [0, 30] dB, got {self.channel_db}")
         if not 0 <= self.silence_pad_max <= 5:
             raise ValueError(f"silence_pad_max must be in [0, 5] seconds, got {self.silence_pad_max}")
         if not 0 <= self.noise_prob <= 1:
@@ -76,6 +82,43 @@ def spec_augment(mel: torch.Tensor, opts: AugmentOptions, rng: np.random.Generat
         t0 = int(rng.integers(0, max(1, T - w)))
         mel[:, t0:t0 + w] = fill
     return mel
+
+
+def vtlp(mel: torch.Tensor, alpha: float, sr: int = SAMPLE_RATE, f_hi: float = 4800.0) -> torch.Tensor:
+    """Vocal tract length perturbation (Jaitly & Hinton 2013) on a (n_mels, T) log-mel: the
+    spectrum is stretched along frequency by `alpha` (formants move as in a longer or shorter vocal
+    tract), piecewise linearly so that 0 Hz and Nyquist stay put. Done on the mel bins, by
+    interpolating each output bin from the input at its unwarped frequency, so it works on cached
+    features. Speed perturbation moves pitch, formants and tempo together; this moves the formants
+    alone, which is what separates one voice from another most."""
+    if alpha == 1.0:
+        return mel
+    n_mels, nyq = mel.shape[0], sr / 2
+    centres = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(nyq), n_mels + 2))[1:-1]
+    knee = f_hi * min(alpha, 1.0) / alpha  # below it f -> alpha f; above it a line to (nyq, nyq)
+    grid = np.linspace(0, nyq, 2048)
+    warped = np.where(grid <= knee, alpha * grid,
+                      nyq - (nyq - alpha * knee) / (nyq - knee) * (nyq - grid))
+    source = np.interp(centres, warped, grid)  # the input frequency each output bin shows
+    pos = np.interp(hz_to_mel(source), hz_to_mel(centres), np.arange(n_mels))
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, n_mels - 1)
+    hi = np.minimum(lo + 1, n_mels - 1)
+    w = torch.from_numpy((pos - lo).astype(np.float32)).to(mel.dtype)[:, None]
+    return mel[lo] * (1 - w) + mel[hi] * w
+
+
+def channel_response(mel: torch.Tensor, max_db: float, rng: np.random.Generator) -> torch.Tensor:
+    """A random smooth gain over frequency (a tilt plus two slower bumps, at most `max_db` dB
+    anywhere), as another microphone or room would give: FSDD's speakers each recorded on their own
+    equipment, and a model trained on four of them learns their channels along with their voices.
+    The gain is added in the normalised log-mel (1 unit = 40 dB) and the max - 8 floor is taken
+    again, as if the gain had been applied before the log."""
+    n_mels = mel.shape[0]
+    x = np.linspace(0.0, 1.0, n_mels)
+    curve = sum(rng.uniform(-1, 1) * np.cos(np.pi * k * x) for k in (1, 2, 3))
+    curve = curve / max(np.abs(curve).max(), 1e-6) * rng.uniform(0, max_db)
+    out = mel + torch.from_numpy((curve / 40.0).astype(np.float32)).to(mel.dtype)[:, None]
+    return torch.maximum(out, out.max() - 2.0)
 
 
 def pad_silence(mel: torch.Tensor, max_seconds: float, max_frames: int, rng: np.random.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from . import audio as A
 from . import tables as T
-from .augment import AugmentOptions, NoiseBank, add_noise, pad_silence, spec_augment, speed_perturb
+from .augment import AugmentOptions, NoiseBank, add_noise, channel_response, pad_silence, spec_augment, speed_perturb, vtlp
 from .config import option, parse_options
 from .tokenizer import Tokenizer
 
@@ -615,6 +615,10 @@ class AsrDataset(torch.utils.data.Dataset):
             if use_noise:
                 wav = add_noise(wav, self.noise.sample(rng), float(rng.uniform(*aug.snr_range)), rng)
             mel = A.log_mel_spectrogram(wav, self.n_mels)
+        if aug.vtlp_max > 0:
+            mel = vtlp(mel, float(rng.uniform(1 - aug.vtlp_max, 1 + aug.vtlp_max)))
+        if aug.channel_db > 0:
+            mel = channel_response(mel, aug.channel_db, rng)
         if aug.silence_pad_max > 0 and rng.random() < aug.silence_pad_prob:
             mel = pad_silence(mel, aug.silence_pad_max, A.N_FRAMES, rng)
         return spec_augment(mel, aug, rng) if aug.spec_augment else mel

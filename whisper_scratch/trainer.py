@@ -124,6 +124,11 @@ class TrainOptions:
                                         "(x = --speed-perturb-max)")
     speed_perturb_max: float = option(0.1, "largest speed change of --speed-perturb: 0.1 is Kaldi's 0.9 / 1.0 / 1.1; "
                                            "0.2 also varies pitch like a new voice (tempo and pitch move together)")
+    vtlp_max: float = option(0.0, "vocal tract length perturbation: each clip's spectrum stretched along frequency "
+                                  "by a factor from [1 - x, 1 + x] (formants of a shorter or longer vocal tract); "
+                                  "0 = off, 0.1 is Jaitly & Hinton's range")
+    channel_db: float = option(0.0, "a random smooth gain over frequency of up to this many dB per clip (another "
+                                    "microphone); 0 = off")
     silence_pad_max: float = option(0.0, "half of the clips get up to this many seconds of silence before and "
                                          "after (each drawn on its own): for corpora cut tight to the speech, so "
                                          "the model reads nothing into the silence a VAD chunk starts with")
@@ -151,6 +156,10 @@ class TrainOptions:
                                  f"with --max-steps {self.max_steps}")
         if not 0 < self.speed_perturb_max < 1:
             raise ValueError(f"--speed-perturb-max must be in (0, 1), got {self.speed_perturb_max}")
+        if not 0 <= self.vtlp_max < 0.5:
+            raise ValueError(f"--vtlp-max must be in [0, 0.5), got {self.vtlp_max}")
+        if not 0 <= self.channel_db <= 30:
+            raise ValueError(f"--channel-db must be in [0, 30] dB, got {self.channel_db}")
         if not 0 <= self.silence_pad_max <= 5:
             raise ValueError(f"--silence-pad-max must be in [0, 5] seconds, got {self.silence_pad_max}")
         if self.pad_adapt_fraction is not None:
@@ -330,7 +339,8 @@ def build_batches(opts: TrainOptions, utts: list, tokenizer, n_mels: int, ddp: D
                                       o.num_buckets, shuffle=True, seed=o.seed, rank=ddp.rank, world_size=ddp.world)
     x = o.speed_perturb_max
     augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, speeds=(1 - x, 1.0, 1 + x),
-                             noise_dir=o.noise_dir, snr_range=(o.snr_low, o.snr_high), silence_pad_max=o.silence_pad_max)
+                             noise_dir=o.noise_dir, snr_range=(o.snr_low, o.snr_high), silence_pad_max=o.silence_pad_max,
+                             vtlp_max=o.vtlp_max, channel_db=o.channel_db)
     dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
     return sampler, dataset
 
