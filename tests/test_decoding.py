@@ -177,6 +177,21 @@ def test_hypotheses_sharing_audio_equal_replicated_audio(model, clips):
             model.decoder(tokens[:5], xa, xa_lens)
 
 
+def test_new_hypotheses_stay_in_their_parents_slots():
+    from whisper_scratch.decoding import _children_in_place
+    parent = torch.tensor([[0, 0, 0, 0], [2, 0, 2, 1], [3, 2, 1, 0], [1, 1, 3, 3]])
+    order = _children_in_place(parent, 4)
+    slot_parent = parent.gather(1, order)
+    for b in range(parent.shape[0]):
+        assert sorted(order[b].tolist()) == [0, 1, 2, 3], "a permutation of the hypotheses"
+        for p in set(parent[b].tolist()):
+            kids = [j for j in range(4) if parent[b, j] == p]
+            assert order[b, p] == kids[0], "a parent's slot goes to its best child"
+        kept = sum(int(slot_parent[b, s] == s) for s in range(4))
+        assert kept == len(set(parent[b].tolist())), "only the childless parents' slots take copies"
+    assert order[2].tolist() == [3, 2, 1, 0] and order[0].tolist() == [0, 1, 2, 3]
+
+
 def test_beam_search_finds_at_least_the_greedy_score(clips):
     batch, lens, _ = clips
     m = tiny_model(seed=3, eot_scale=1.0)

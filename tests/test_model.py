@@ -147,14 +147,16 @@ def test_cached_equals_uncached(model):
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
 
 
-def test_cache_reorder_and_context_limit(model):
+@pytest.mark.parametrize("order", [[2, 2, 0], [0, 0, 2], [0, 1, 2], [1, 0]])
+def test_cache_reorder_and_context_limit(model, order):
+    """Every row moved, one row moved (only it is copied), none, and fewer rows."""
     mel = torch.randn(3, 80, 100)
     tokens = torch.randint(0, 50, (3, 5))
     with torch.no_grad():
         xa = model.encoder(mel)
         cache = model.new_cache()
         model.decoder(tokens[:, :4], xa, cache=cache)
-        index = torch.tensor([2, 2, 0])
+        index = torch.tensor(order)
         cache.reorder(index)
         step = model.decoder(tokens[index, 4:5], xa[index], cache=cache)
         full = model.decoder(tokens[index], xa[index])

@@ -442,15 +442,33 @@ def _beam_step(beams: _Beams, logprobs: Tensor, K: int, eot: int, max_cand: int,
         if len(done) < max_cand:
             done.append(Candidate(beams.tokens[i * K + src[i, j], P:].tolist(), top[i, j].item(),
                                   att_top[i, j].item()))
-    rows = (torch.arange(b, device=src.device)[:, None] * K + src[keep].view(b, K)).flatten()
-    new_tok = tok[keep].view(-1)
+    kept = keep.nonzero()[:, 1].view(b, K)  # the kept candidates' columns, best first
+    kept = kept.gather(1, _children_in_place(src.gather(1, kept), K))
+    rows = (torch.arange(b, device=src.device)[:, None] * K + src.gather(1, kept)).flatten()
+    new_tok = tok.gather(1, kept).view(-1)
     if ctc is not None:
-        ctc.advance(rows, col[keep].view(-1), *ctc_out, new_tok)
+        ctc.advance(rows, col.gather(1, kept).view(-1), *ctc_out, new_tok)
     if fusion.lm is not None:
         fusion.lm.advance(rows, new_tok)
     beams.tokens = torch.cat([beams.tokens[rows], new_tok[:, None]], dim=1)
-    beams.scores, beams.att = top[keep].view(b, K), att_top[keep].view(b, K)
+    beams.scores, beams.att = top.gather(1, kept), att_top.gather(1, kept)
     return rows
+
+
+def _children_in_place(parent: Tensor, K: int) -> Tensor:
+    """An order of each audio's K new hypotheses (parent (b, K): their source beams) that puts a
+    child in its parent's slot wherever it can: each parent's best child takes the parent's slot,
+    the other children fill the slots of parents that left none. The KV cache then copies only
+    the rows whose source is another row (KVCache.reorder), often half or fewer, where a sorted
+    order moves nearly all of them; which slot holds which hypothesis does not change the search.
+    Returns order (b, K): slot s gets hypothesis order[:, s]."""
+    slots = torch.arange(K, device=parent.device)
+    onehot = parent[..., None] == slots  # (b, hypothesis, slot)
+    first = (onehot & (onehot.cumsum(1) == 1)).any(-1)  # the best child of its parent
+    free = torch.argsort(onehot.any(1).to(torch.int8), dim=1, stable=True)  # childless slots first, in order
+    extra = ((~first).cumsum(1) - 1).clamp(min=0)  # the j-th other child takes the j-th free slot
+    slot = torch.where(first, parent, free.gather(1, extra))
+    return torch.empty_like(slot).scatter_(1, slot, slots.expand_as(slot).contiguous())
 
 
 def _drop_done(beams: _Beams, inference: Inference, fusion: Fusion, K: int, max_cand: int) -> bool:

@@ -134,8 +134,15 @@ class KVCache:
         an utterance, and every row keeps the same audio.
         """
         n, end = index.shape[0], self.offset
+        moved = None
+        if self.self_kv and n == next(iter(self.self_kv.values()))[0].shape[0]:
+            # the same rows, permuted (a beam step): copy only the rows that take another's past
+            moved = (index != torch.arange(n, device=index.device)).nonzero()[:, 0]
+            src = index[moved]
         for i, (k, v) in self.self_kv.items():
-            if n <= k.shape[0]:
+            if moved is not None:
+                k[moved, :end], v[moved, :end] = k[src, :end], v[src, :end]  # right side is a copy
+            elif n <= k.shape[0]:
                 k[:n, :end], v[:n, :end] = k[index, :end], v[index, :end]  # right side is a copy
                 self.self_kv[i] = (k[:n], v[:n])
             else:
