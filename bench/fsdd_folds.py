@@ -9,7 +9,11 @@ are the dev split (best_model.pt is picked on them), so the test clips never ste
 `one-SPEAKER` is the tiny-corpus case: 30 clips of one speaker (recordings 0-2) to train on,
 recordings 3-12 as dev and 13-49 as test. The
 test split is decoded with transcribe.py --mode evaluate and the table gives WER/CER per fold,
-the mean over the speaker folds and the worst one. Flags after `--` go to train.py."""
+the mean over the speaker folds and the worst one. Flags after `--` go to train.py.
+
+`--espeak-voices N` adds the ten digit words spoken by N espeak-ng voices (synth.build_digits,
+8 kHz like FSDD) to every fold's train split, never to dev or test: four real speakers are few
+to learn a voice-independent model from, and synthetic voices are data the project makes itself."""
 import argparse
 import csv
 import json
@@ -35,8 +39,9 @@ def split_of(fold: str, speaker: str, take: int) -> str:
     return "dev" if take in DEV_TAKES else "train"
 
 
-def write_fold(fsdd: Path, fold: str, out: Path) -> tuple:
-    """OUT/manifest.tsv (train and dev rows, audio paths absolute) and OUT/test.tsv (path, text)."""
+def write_fold(fsdd: Path, fold: str, out: Path, extra_train: list = ()) -> tuple:
+    """OUT/manifest.tsv (train and dev rows, audio paths absolute) and OUT/test.tsv (path, text).
+    extra_train: more train rows (dicts with absolute path, duration, text, speaker)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(fsdd / "manifest.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
@@ -58,11 +63,27 @@ def write_fold(fsdd: Path, fold: str, out: Path) -> tuple:
                 t.write(f"{audio}\t{r['text']}\n")
             else:
                 m.write(f"{audio}\t{r['duration']}\t{r['text']}\t{r['speaker']}\t{split}\n")
+        for r in extra_train:
+            m.write(f"{r['path']}\t{r['duration']}\t{r['text']}\t{r['speaker']}\ttrain\n")
+    counts["train"] += len(extra_train)
     return manifest, test, counts
 
 
-def run_fold(fsdd: Path, fold: str, out: Path, train_flags: list, threads: int, checkpoints: list) -> list:
-    manifest, test, counts = write_fold(fsdd, fold, out)
+def espeak_rows(out: Path, voices: int) -> list:
+    """Train rows of the synthetic digits (built once under OUT/espeak_digits_N)."""
+    if not voices:
+        return []
+    sys.path.insert(0, str(ROOT))
+    from whisper_scratch.synth import build_digits
+    manifest = build_digits(out / f"espeak_digits_{voices}", voices)
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [{**r, "path": str((manifest.parent / r["path"]).resolve())} for r in rows]
+
+
+def run_fold(fsdd: Path, fold: str, out: Path, train_flags: list, threads: int, checkpoints: list,
+             extra_train: list = ()) -> list:
+    manifest, test, counts = write_fold(fsdd, fold, out, extra_train)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     log = open(out / "train.log", "a")
     train = [sys.executable, str(ROOT / "train.py"), "--local-data-dir", str(manifest), "--train-split", "train",
@@ -108,9 +129,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoints", nargs="+", default=["best_model.pt"],
                    help="which files of each fold are tested: best_model.pt, last.pt, best_ema.pt, avg-last-N.pt, ...")
+    p.add_argument("--espeak-voices", type=int, default=0,
+                   help="add the digits spoken by this many espeak-ng voices to every fold's train split")
     a = p.parse_args(argv)
+    extra = espeak_rows(Path(a.out), a.espeak_voices)
     results = [r for fold in a.folds
-               for r in run_fold(Path(a.fsdd), fold, Path(a.out) / fold, train_flags, a.threads, a.checkpoints)]
+               for r in run_fold(Path(a.fsdd), fold, Path(a.out) / fold, train_flags, a.threads, a.checkpoints,
+                                 extra)]
     print("train.py " + " ".join(train_flags))
     print("| fold | checkpoint | train | dev | test | test WER % | test CER % | dev WER % per evaluation |")
     print("|---|---|---|---|---|---|---|---|")

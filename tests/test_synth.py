@@ -169,3 +169,25 @@ def test_failed_sentence_is_reported_not_dropped(tmp_path, monkeypatch, capsys):
     assert "FAILED 1" in out and summary["clips"]["validated"] == 2
     _, rows = read_tsv(tmp_path / "out" / "mn" / "validated.tsv")
     assert sorted(r["sentence"] for r in rows) == ["Маш бага хүн ирсэн.", "Өглөө эрт бос."]
+
+
+@needs_espeak
+def test_digits_in_many_voices(tmp_path):
+    """synth.build_digits: every digit word in every voice, 8 kHz WAV files the manifest lists
+    with their real durations, distinct voices, and a rebuild with the same parameters is a no-op."""
+    from whisper_scratch.data import read_manifest
+    manifest = synth.build_digits(tmp_path / "d", 3, seed=1, jobs=1)
+    utts = read_manifest(manifest, "train")
+    assert len(utts) == 30
+    assert sorted({u.text for u in utts}) == sorted(synth.DIGIT_WORDS)
+    assert len({u.speaker for u in utts}) == 3
+    for u in utts[:5]:
+        info = sf.info(u.audio)
+        assert info.samplerate == 8000 and abs(info.frames / 8000 - u.duration) < 1e-3
+    voices = synth.digit_voices(3, seed=1)
+    assert len(set(voices)) == 3 and voices == synth.digit_voices(3, seed=1) != synth.digit_voices(3, seed=2)
+    before = manifest.stat().st_mtime_ns
+    assert synth.build_digits(tmp_path / "d", 3, seed=1, jobs=1) == manifest
+    assert manifest.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="num_voices"):
+        synth.build_digits(tmp_path / "e", 0)

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Collection, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -384,6 +384,88 @@ def summary_line(summary: dict) -> str:
         tail = f"; FAILED {len(failed)}: " + ", ".join(f["path"] for f in failed)
     head = "already built: " if summary.get("skipped") else ""
     return head + " | ".join(parts) + f" | {n} clips in {secs:.1f} s{rate}{tail}"
+
+
+# ---------------------------------------------------------------------------------------------
+# English digits in many voices: more speakers for FSDD-sized corpora
+# ---------------------------------------------------------------------------------------------
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+EN_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+              "en-us-nyc")
+# espeak-ng's human-sounding variants (not its robots, whispers or effects)
+EN_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2",
+               "klatt3", "klatt4", "adam", "anika", "Andy", "Annie", "aunty", "belinda", "benjamin", "boris",
+               "caleb", "david", "ed", "edward", "grandma", "grandpa", "iven", "iven2", "iven3", "john", "linda",
+               "max", "michel", "norbert", "paul", "pedro", "quincy", "rob", "robert", "shelby", "steph",
+               "travis", "victor", "zac", "Alex", "Alicia", "Andrea", "Denis", "Gene", "Hugo", "Jacky", "Lee",
+               "Michael", "Mike")
+
+
+class SpokenVoice(NamedTuple):
+    """An espeak-ng voice (accent+variant) at a speed and pitch: what `espeak_wav` needs."""
+    name: str
+    speed: int
+    pitch: int
+
+
+def digit_voices(n: int, seed: int = 0) -> List[SpokenVoice]:
+    """n distinct random voices: accent, variant, speed (110-200 wpm) and pitch (15-85)."""
+    rng = random.Random(seed)
+    voices: dict = {}
+    while len(voices) < n:
+        v = SpokenVoice(f"{rng.choice(EN_ACCENTS)}+{rng.choice(EN_VARIANTS)}", rng.randint(110, 200),
+                        rng.randint(15, 85))
+        voices.setdefault(v, None)
+    return list(voices)
+
+
+def _digit_job(job: Tuple[str, SpokenVoice, str, int, str]) -> Tuple[str, Optional[float], str]:
+    """Worker: (word, voice, out path, sample rate, binary) -> (path, seconds, error)."""
+    word, voice, path, sr, binary = job
+    try:
+        y, rate = espeak_wav(word, voice, binary)
+        y = soxr.resample(y, rate, sr).astype(np.float32)
+        y = (y * (PEAK / np.abs(y).max())).astype(np.float32)
+        sf.write(path, y, sr, subtype="PCM_16")
+        return path, len(y) / sr, ""
+    except (SynthError, RuntimeError, OSError) as e:
+        return path, None, str(e)
+
+
+def build_digits(out_dir: PathLike, num_voices: int, seed: int = 0, sample_rate: int = 8000,
+                 jobs: Optional[int] = None) -> Path:
+    """The ten digit words of FSDD spoken by `num_voices` espeak-ng voices, as WAV at
+    `sample_rate` (FSDD's 8 kHz: the same bandwidth as the real clips) and OUT_DIR/manifest.tsv
+    (path, duration, text, speaker, split = train). Kept when already built with the same
+    parameters. A clip espeak-ng fails on is logged and left out of the manifest. Returns the
+    manifest's path."""
+    if num_voices < 1:
+        raise ValueError(f"num_voices must be >= 1, got {num_voices}")
+    root = Path(out_dir)
+    manifest, stamp = root / "manifest.tsv", root / "params.json"
+    params = {"num_voices": num_voices, "seed": seed, "sample_rate": sample_rate, "version": 1}
+    if manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return manifest
+    binary = espeak_path()
+    (root / "clips").mkdir(parents=True, exist_ok=True)
+    voices = digit_voices(num_voices, seed)
+    work = [(word, v, str(root / "clips" / f"v{i:04d}_{word}.wav"), sample_rate, binary)
+            for i, v in enumerate(voices) for word in DIGIT_WORDS]
+    seconds, speaker = {}, {job[2]: f"espeak{i // len(DIGIT_WORDS):04d}" for i, job in enumerate(work)}
+    with Pool(max(1, jobs or os.cpu_count() or 1)) as pool:
+        for path, secs, err in pool.imap_unordered(_digit_job, work, chunksize=8):
+            if secs is None:
+                print(f"synth digits: skipped {path}: {err}", file=sys.stderr)
+            else:
+                seconds[path] = secs
+    rows = [f"clips/{Path(p).name}\t{seconds[p]:.4f}\t{w}\t{speaker[p]}\ttrain"
+            for w, _, p, _, _ in work if p in seconds]
+    write_tsv(manifest, ("path", "duration", "text", "speaker", "split"), rows)
+    stamp.write_text(json.dumps(params))
+    print(f"synth digits: {len(rows)} clips of {num_voices} voices in {root} ({len(work) - len(rows)} failed)",
+          file=sys.stderr)
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
