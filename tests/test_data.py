@@ -9,8 +9,8 @@ import soundfile as sf
 import torch
 
 from whisper_scratch import audio as A
-from whisper_scratch.augment import (AugmentOptions, add_noise, channel_response, pad_silence, spec_augment,
-                                    speed_perturb, vtlp)
+from whisper_scratch.augment import (AugmentOptions, add_noise, channel_response, pad_silence, random_gain,
+                                    spec_augment, speed_perturb, vtlp)
 from whisper_scratch.data import (AsrDataset, Collator, DataReport, DurationBucketSampler, FeatureCache,
                                   filter_for_model, find_cv_language_dir, load_split, make_loader,
                                   read_common_voice, read_manifest, read_references)
@@ -325,6 +325,19 @@ def test_channel_response_is_a_bounded_smooth_gain_over_frequency(data_dir):
         AugmentOptions(channel_db=-1)
     with pytest.raises(ValueError, match="vtlp_max"):
         AugmentOptions(vtlp_max=0.7)
+
+
+def test_random_gain_equals_scaling_the_waveform():
+    """A gain of g dB on the log-mel must be what the waveform times 10^(g/20) gives."""
+    wav = tone(1.0, 440, 16000)
+    mel = A.log_mel_spectrogram(wav)
+    rng = np.random.default_rng(4)
+    g = float(np.random.default_rng(4).uniform(-12, 12))
+    assert abs(g) > 1
+    louder = A.log_mel_spectrogram(wav * 10 ** (g / 20))
+    assert torch.allclose(random_gain(mel, 12.0, rng), louder, atol=1e-4)
+    with pytest.raises(ValueError, match="gain_db"):
+        AugmentOptions(gain_db=-1)
 
 
 def test_silence_padding_on_the_mel_equals_zeros_around_the_waveform():

@@ -306,12 +306,14 @@ def test_vtlp_and_channel_flags_reach_the_dataset_and_change_its_features(tmp_pa
     utts = read_manifest(digits, "train")
     tok = build_tokenizer("char", [u.text for u in utts], languages=("en",))
     plain = build_batches(opts(tmp_path, digits), utts, tok, 80, Dist())[1]
-    o = opts(tmp_path, digits, vtlp_max=0.1, channel_db=10)
+    o = opts(tmp_path, digits, vtlp_max=0.1, channel_db=10, gain_db=6)
     _, dataset = build_batches(o, utts, tok, 80, Dist())
-    assert (dataset.augment.vtlp_max, dataset.augment.channel_db) == (0.1, 10)
+    assert (dataset.augment.vtlp_max, dataset.augment.channel_db, dataset.augment.gain_db) == (0.1, 10, 6)
     assert dataset[0]["mel"].shape == plain[0]["mel"].shape
     assert not torch.allclose(dataset[0]["mel"], plain[0]["mel"])
     with pytest.raises(ValueError, match="vtlp-max.*0.6"):
         opts(tmp_path, digits, vtlp_max=0.6)
     with pytest.raises(ValueError, match="channel-db.*-3"):
         opts(tmp_path, digits, channel_db=-3)
+    with pytest.raises(ValueError, match="gain-db.*50"):
+        opts(tmp_path, digits, gain_db=50)

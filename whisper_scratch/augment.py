@@ -30,10 +30,13 @@ class AugmentOptions:
     silence_pad_prob: float = 0.5
     vtlp_max: float = 0.0  # warp factor drawn from [1 - x, 1 + x]; 0 = off
     channel_db: float = 0.0  # largest gain (dB) of the random channel response; 0 = off
+    gain_db: float = 0.0  # a clip's level moved by up to this many dB either way; 0 = off
 
     def __post_init__(self):
         if not 0 <= self.vtlp_max < 0.5:
             raise ValueError(f"vtlp_max must be in [0, 0.5), got {self.vtlp_max}")
+        if not 0 <= self.gain_db <= 40:
+            raise ValueError(f"gain_db must be in [0, 40] dB, got {self.gain_db}")
         if not 0 <= self.channel_db <= 30:
             raise ValueError(f"channel_db must be in [0, 30] dB, got {self.channel_db}")
         if not 0 <= self.silence_pad_max <= 5:
@@ -119,6 +122,13 @@ def channel_response(mel: torch.Tensor, max_db: float, rng: np.random.Generator)
     curve = curve / max(np.abs(curve).max(), 1e-6) * rng.uniform(0, max_db)
     out = mel + torch.from_numpy((curve / 40.0).astype(np.float32)).to(mel.dtype)[:, None]
     return torch.maximum(out, out.max() - 2.0)
+
+
+def random_gain(mel: torch.Tensor, max_db: float, rng: np.random.Generator) -> torch.Tensor:
+    """The clip played up to max_db louder or softer. Whisper's log-mel keeps the absolute level
+    (its floor is max - 8, relative to the clip's own peak), so a gain is a constant added to every
+    cell, 1 unit per 40 dB; FSDD's speakers differ by 20 dB in peak level."""
+    return mel + float(rng.uniform(-max_db, max_db)) / 40.0
 
 
 def pad_silence(mel: torch.Tensor, max_seconds: float, max_frames: int, rng: np.random.Generator) -> torch.Tensor:

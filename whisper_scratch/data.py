@@ -17,7 +17,7 @@ import torch
 
 from . import audio as A
 from . import tables as T
-from .augment import AugmentOptions, NoiseBank, add_noise, channel_response, pad_silence, spec_augment, speed_perturb, vtlp
+from .augment import AugmentOptions, NoiseBank, add_noise, channel_response, pad_silence, random_gain, spec_augment, speed_perturb, vtlp
 from .config import option, parse_options
 from .tokenizer import Tokenizer
 
@@ -619,6 +619,8 @@ class AsrDataset(torch.utils.data.Dataset):
             mel = vtlp(mel, float(rng.uniform(1 - aug.vtlp_max, 1 + aug.vtlp_max)))
         if aug.channel_db > 0:
             mel = channel_response(mel, aug.channel_db, rng)
+        if aug.gain_db > 0:
+            mel = random_gain(mel, aug.gain_db, rng)
         if aug.silence_pad_max > 0 and rng.random() < aug.silence_pad_prob:
             mel = pad_silence(mel, aug.silence_pad_max, A.N_FRAMES, rng)
         return spec_augment(mel, aug, rng) if aug.spec_augment else mel

@@ -129,6 +129,8 @@ class TrainOptions:
                                   "0 = off, 0.1 is Jaitly & Hinton's range")
     channel_db: float = option(0.0, "a random smooth gain over frequency of up to this many dB per clip (another "
                                     "microphone); 0 = off")
+    gain_db: float = option(0.0, "each clip made up to this many dB louder or softer (the log-mel keeps the "
+                                 "recording level); 0 = off")
     silence_pad_max: float = option(0.0, "half of the clips get up to this many seconds of silence before and "
                                          "after (each drawn on its own): for corpora cut tight to the speech, so "
                                          "the model reads nothing into the silence a VAD chunk starts with")
@@ -158,6 +160,8 @@ class TrainOptions:
             raise ValueError(f"--speed-perturb-max must be in (0, 1), got {self.speed_perturb_max}")
         if not 0 <= self.vtlp_max < 0.5:
             raise ValueError(f"--vtlp-max must be in [0, 0.5), got {self.vtlp_max}")
+        if not 0 <= self.gain_db <= 40:
+            raise ValueError(f"--gain-db must be in [0, 40] dB, got {self.gain_db}")
         if not 0 <= self.channel_db <= 30:
             raise ValueError(f"--channel-db must be in [0, 30] dB, got {self.channel_db}")
         if not 0 <= self.silence_pad_max <= 5:
@@ -340,7 +344,7 @@ def build_batches(opts: TrainOptions, utts: list, tokenizer, n_mels: int, ddp: D
     x = o.speed_perturb_max
     augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, speeds=(1 - x, 1.0, 1 + x),
                              noise_dir=o.noise_dir, snr_range=(o.snr_low, o.snr_high), silence_pad_max=o.silence_pad_max,
-                             vtlp_max=o.vtlp_max, channel_db=o.channel_db)
+                             vtlp_max=o.vtlp_max, channel_db=o.channel_db, gain_db=o.gain_db)
     dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
     return sampler, dataset
 
