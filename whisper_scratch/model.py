@@ -129,7 +129,9 @@ class KVCache:
         """Keep batch rows `index` (beam search: which hypotheses survive), in every layer.
 
         Only the `offset` filled positions are copied, in place when the batch does not grow
-        (copying whole n_text_ctx buffers every beam step dominated decoding time).
+        (copying whole n_text_ctx buffers every beam step dominated decoding time), and when the
+        rows stay the same, only those whose source is another row (beam search keeps children
+        in their parents' slots: on a trained model about 1 row in 10 moves per step).
         cross=False leaves the cross-attention K/V as they are: beam search reorders rows within
         an utterance, and every row keeps the same audio.
         """
