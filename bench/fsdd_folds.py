@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from whisper_scratch.synth import build_digits  # noqa: E402
+
 SPEAKERS = ("george", "jackson", "nicolas", "theo", "yweweler")
 DEV_TAKES = range(5, 8)
 
@@ -73,8 +76,6 @@ def espeak_rows(out: Path, voices: int) -> list:
     """Train rows of the synthetic digits (built once under OUT/espeak_digits_N)."""
     if not voices:
         return []
-    sys.path.insert(0, str(ROOT))
-    from whisper_scratch.synth import build_digits
     manifest = build_digits(out / f"espeak_digits_{voices}", voices)
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))

@@ -1,9 +1,11 @@
 """Training-only augmentation: speed perturbation and additive noise on the waveform; vocal tract
-length perturbation, a random channel (microphone) response and SpecAugment on the log-mel. Each is a pure function of its inputs and a numpy Generator, so a worker's RNG
-decides everything and runs are reproducible."""
+length perturbation, a random channel (microphone) response, a random level, silence padding and
+SpecAugment on the log-mel. Each is a pure function of its inputs and a numpy Generator, so a
+worker's RNG decides everything and runs are reproducible."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -11,7 +13,21 @@ import numpy as np
 import soxr
 import torch
 
-from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, hz_to_mel, mel_to_hz, load_audio
+from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, hz_to_mel, load_audio, mel_to_hz
+
+
+# The allowed range of each amount (inclusive), checked here and by train.py's flags alike.
+LIMITS = {"vtlp_max": (0.0, 0.5, ""), "channel_db": (0.0, 30.0, " dB"), "gain_db": (0.0, 40.0, " dB"),
+          "silence_pad_max": (0.0, 5.0, " seconds")}
+
+
+def check_limits(values: dict, name=lambda field: field) -> None:
+    """A ValueError naming the first amount in `values` (field -> value) outside LIMITS; `name`
+    spells the field as the caller's user knows it (train.py: --vtlp-max)."""
+    for field, value in values.items():
+        lo, hi, unit = LIMITS[field]
+        if not lo <= value <= hi:
+            raise ValueError(f"{name(field)} must be in [{lo:g}, {hi:g}]{unit}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -33,14 +49,7 @@ class AugmentOptions:
     gain_db: float = 0.0  # a clip's level moved by up to this many dB either way; 0 = off
 
     def __post_init__(self):
-        if not 0 <= self.vtlp_max < 0.5:
-            raise ValueError(f"vtlp_max must be in [0, 0.5), got {self.vtlp_max}")
-        if not 0 <= self.gain_db <= 40:
-            raise ValueError(f"gain_db must be in [0, 40] dB, got {self.gain_db}")
-        if not 0 <= self.channel_db <= 30:
-            raise ValueError(f"channel_db must be in [0, 30] dB, got {self.channel_db}")
-        if not 0 <= self.silence_pad_max <= 5:
-            raise ValueError(f"silence_pad_max must be in [0, 5] seconds, got {self.silence_pad_max}")
+        check_limits({field: getattr(self, field) for field in LIMITS})
         if not 0 <= self.noise_prob <= 1:
             raise ValueError(f"noise_prob must be in [0, 1], got {self.noise_prob}")
         if self.snr_range[0] > self.snr_range[1]:
@@ -87,6 +96,12 @@ def spec_augment(mel: torch.Tensor, opts: AugmentOptions, rng: np.random.Generat
     return mel
 
 
+@lru_cache(maxsize=None)
+def _mel_centres(n_mels: int, sr: int) -> np.ndarray:
+    """Centre frequency (Hz) of each slaney mel bin of audio.mel_filters."""
+    return mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2))[1:-1]
+
+
 def vtlp(mel: torch.Tensor, alpha: float, sr: int = SAMPLE_RATE, f_hi: float = 4800.0) -> torch.Tensor:
     """Vocal tract length perturbation (Jaitly & Hinton 2013) on a (n_mels, T) log-mel: the
     spectrum is stretched along frequency by `alpha` (formants move as in a longer or shorter vocal
@@ -97,7 +112,7 @@ def vtlp(mel: torch.Tensor, alpha: float, sr: int = SAMPLE_RATE, f_hi: float = 4
     if alpha == 1.0:
         return mel
     n_mels, nyq = mel.shape[0], sr / 2
-    centres = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(nyq), n_mels + 2))[1:-1]
+    centres = _mel_centres(n_mels, sr)
     knee = f_hi * min(alpha, 1.0) / alpha  # below it f -> alpha f; above it a line to (nyq, nyq)
     grid = np.linspace(0, nyq, 2048)
     warped = np.where(grid <= knee, alpha * grid,

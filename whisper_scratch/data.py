@@ -17,7 +17,8 @@ import torch
 
 from . import audio as A
 from . import tables as T
-from .augment import AugmentOptions, NoiseBank, add_noise, channel_response, pad_silence, random_gain, spec_augment, speed_perturb, vtlp
+from .augment import (AugmentOptions, NoiseBank, add_noise, channel_response, pad_silence, random_gain, spec_augment,
+                      speed_perturb, vtlp)
 from .config import option, parse_options
 from .tokenizer import Tokenizer
 

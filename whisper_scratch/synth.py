@@ -215,9 +215,9 @@ def espeak_wav(text: str, voice: Voice, binary: str = "espeak-ng") -> Tuple[np.n
     return y, sr
 
 
-def to_clip(y: np.ndarray, sr: int) -> np.ndarray:
-    """Resample to 48 kHz and set the peak to PEAK (espeak's level varies by voice)."""
-    y = soxr.resample(y, sr, SAMPLE_RATE)
+def to_clip(y: np.ndarray, sr: int, out_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample to out_sr (default 48 kHz) and set the peak to PEAK (espeak's level varies by voice)."""
+    y = soxr.resample(y, sr, out_sr)
     return (y * (PEAK / np.abs(y).max())).astype(np.float32)
 
 
@@ -424,9 +424,7 @@ def _digit_job(job: Tuple[str, SpokenVoice, str, int, str]) -> Tuple[str, Option
     """Worker: (word, voice, out path, sample rate, binary) -> (path, seconds, error)."""
     word, voice, path, sr, binary = job
     try:
-        y, rate = espeak_wav(word, voice, binary)
-        y = soxr.resample(y, rate, sr).astype(np.float32)
-        y = (y * (PEAK / np.abs(y).max())).astype(np.float32)
+        y = to_clip(*espeak_wav(word, voice, binary), sr)
         sf.write(path, y, sr, subtype="PCM_16")
         return path, len(y) / sr, ""
     except (SynthError, RuntimeError, OSError) as e:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .audio import FRAMES_PER_SECOND
-from .augment import AugmentOptions
+from .augment import LIMITS as AUGMENT_LIMITS, AugmentOptions, check_limits
 from .average import Ema, prune_snapshots, snapshot_name
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import DTYPE_ALIASES, canonical_dtype, flag, option
@@ -158,14 +158,7 @@ class TrainOptions:
                                  f"with --max-steps {self.max_steps}")
         if not 0 < self.speed_perturb_max < 1:
             raise ValueError(f"--speed-perturb-max must be in (0, 1), got {self.speed_perturb_max}")
-        if not 0 <= self.vtlp_max < 0.5:
-            raise ValueError(f"--vtlp-max must be in [0, 0.5), got {self.vtlp_max}")
-        if not 0 <= self.gain_db <= 40:
-            raise ValueError(f"--gain-db must be in [0, 40] dB, got {self.gain_db}")
-        if not 0 <= self.channel_db <= 30:
-            raise ValueError(f"--channel-db must be in [0, 30] dB, got {self.channel_db}")
-        if not 0 <= self.silence_pad_max <= 5:
-            raise ValueError(f"--silence-pad-max must be in [0, 5] seconds, got {self.silence_pad_max}")
+        check_limits({field: getattr(self, field) for field in AUGMENT_LIMITS}, lambda f: "--" + f.replace("_", "-"))
         if self.pad_adapt_fraction is not None:
             if self.time_budget is None or not 0 <= self.pad_adapt_fraction < 1:
                 raise ValueError(f"--pad-adapt-fraction {self.pad_adapt_fraction} must be in [0, 1) and needs "
