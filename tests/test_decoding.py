@@ -13,7 +13,8 @@ from whisper_scratch.audio import load_audio, log_mel_spectrogram
 from whisper_scratch.decoding import (CtcPrefixScorer, DecodingOptions, DecodingResult, FallbackOptions, GreedyStream,
                                       Inference,
                                       beam_search, compression_ratio, decode, decode_with_fallback, encode,
-                                      initial_tokens, length_normalised, needs_fallback, suppress_mask)
+                                      initial_tokens, length_normalised, loop_cuts, needs_fallback, sample_search,
+                                      suppress_mask, _best)
 from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer
 from conftest import DATA
@@ -55,7 +56,7 @@ def same(a: DecodingResult, b: DecodingResult, tol=1e-4) -> bool:
 
 def test_options_are_validated_with_the_bad_value():
     for kw, bad in [("beam_size", 0), ("best_of", 0), ("patience", 0.0), ("temperature", -0.5),
-                    ("max_new_tokens", 0), ("ctc_weight", 1.5), ("length_penalty", -1.0)]:
+                    ("max_new_tokens", 0), ("ctc_weight", 1.5), ("length_penalty", -1.0), ("loop_span", 2)]:
         with pytest.raises(ValueError, match=f"{kw} must .* got {bad}"):
             DecodingOptions(**{kw: bad})
     o = replace(DecodingOptions(), beam_size=5)
@@ -86,7 +87,7 @@ def test_greedy_equals_beam_size_1(model, clips):
     decode() sends beam_size 1 to the greedy loop, so beam_search is called directly, set up as
     decode() sets it up for beam search."""
     batch, lens, _ = clips
-    options = DecodingOptions(max_new_tokens=MAX)
+    options = DecodingOptions(max_new_tokens=MAX, loop_span=0)  # the search records untrimmed tokens
     assert not options.uses_beam_search
     greedy = decode(model, batch, lens, TOK, options)
     xa, xa_lens = encode(model, batch, lens)
@@ -360,6 +361,71 @@ def test_ctc_alone_decodes_what_the_ctc_head_spells(clips):
     assert torch.equal(enc_lens, xa_lens) and int(enc_lens.max()) == S and len(seen) == 1 and seen[0] >= S
 
 
+# -- loops -----------------------------------------------------------------------------------
+
+def cut(text: str, span: int = 12) -> str:
+    return text[:int(loop_cuts(torch.tensor([[ord(c) for c in text]]), span)[0])]
+
+
+def test_loop_cuts_keep_one_copy_of_the_first_loop():
+    assert cut("үнэээсээсээсээсээсэн тэсэх") == "үнэээс"  # "ээс" five times: the shortest block
+    assert cut("x тэсэн тэсэн тэсэн тэр") == "x тэсэн"  # a word three times (18 tokens)
+    assert cut("ааааааааааааа") == "а" and cut("ааааааааааа") == "ааааааааааа"  # 13 in a row, not 11
+    assert cut("abcabcabcabc") == "abc" and cut("abcabcabcab") == "abcabcabcab"  # needs the whole span
+    assert cut("abcdefgh" * 2) == "abcdefgh" * 2  # two copies of a long block are not a loop
+    assert cut("abcdefgh" * 3 + "xyz") == "abcdefgh"  # three are (24 tokens, 3 x 8)
+    assert cut("the quick brown fox jumps over the lazy dog") == "the quick brown fox jumps over the lazy dog"
+    assert cut("hi hahahahahahaha and then zzzzzzzzzzzzzzzz") == "hi ha"  # the first loop ends the text
+    assert cut("ababababababab", span=0) == "ababababababab"  # off
+    assert cut("ababababababab", span=16) == "ababababababab"
+    rows = torch.tensor([[1, 2] * 8, list(range(16))])
+    assert loop_cuts(rows, 12).tolist() == [2, 16] and loop_cuts(rows[:, :0], 12).tolist() == [0, 0]
+
+
+class Cycle:
+    """A fake decoder that always prefers the next token of the cycle 1, 2, 3 and never ends."""
+
+    def logits(self, tokens):
+        out = torch.full((tokens.shape[0], TOK.vocab_size), -10.0)
+        out[torch.arange(len(tokens)), tokens[:, -1] % 3 + 1] = 5.0
+        return out
+
+    def reorder(self, index, same_audio=False):
+        pass
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_searches_end_a_loop_and_keep_one_copy(beam_size):
+    suppress, n_new = suppress_mask(TOK, TOK.vocab_size), 40
+    for span in (12, 0):
+        options = DecodingOptions(beam_size=beam_size, loop_span=span)
+        prompt = torch.tensor([[TOK.sot]]).repeat(2 * beam_size, 1)
+        if beam_size == 1:
+            found = sample_search(Cycle(), prompt, n_new, suppress, TOK.eot, loop_span=span)
+        else:
+            found = beam_search(Cycle(), prompt, n_new, suppress, TOK.eot, beam_size, loop_span=span)
+        for cands in found:
+            r = _best(cands, TOK, options)
+            if span:  # ended at the first check after the loop was complete, cut to one copy
+                assert all(len(c.tokens) == 16 for c in cands) and r.tokens == [1, 2, 3] and r.looped
+            else:
+                assert len(r.tokens) == n_new and r.tokens[:6] == [1, 2, 3, 1, 2, 3] and not r.looped
+
+
+def test_continuous_batching_ends_loops_as_decoding_alone(model, clips):
+    batch, lens, _ = clips
+    options = DecodingOptions(max_new_tokens=40)  # the random model repeats a letter
+    alone = decode(model, batch, lens, TOK, options)
+    assert any(r.looped and len(r.tokens) < 3 for r in alone)
+    stream = GreedyStream(model, TOK, options)
+    xa, xa_lens = encode(model, batch, lens)
+    ended = dict(stream.add(xa, xa_lens, range(len(lens))))
+    while len(stream):
+        ended.update(stream.step())
+    assert [ended[i].tokens for i in range(len(lens))] == [r.tokens for r in alone]
+    assert [ended[i].looped for i in range(len(lens))] == [r.looped for r in alone]
+
+
 # -- temperature fallback ----------------------------------------------------------------------
 
 def test_compression_ratio_and_fallback_rule():
@@ -370,6 +436,9 @@ def test_compression_ratio_and_fallback_rule():
     assert not needs_fallback(r, FallbackOptions(logprob_threshold=-2.0))
     assert not needs_fallback(r, FallbackOptions(compression_ratio_threshold=None, logprob_threshold=None))
     assert needs_fallback(replace(r, avg_logprob=-0.1, compression_ratio=3.0), FallbackOptions())
+    looped = replace(r, avg_logprob=-0.1, looped=True)  # a loop cut short compresses badly, but is one
+    assert needs_fallback(looped, FallbackOptions())
+    assert not needs_fallback(looped, FallbackOptions(compression_ratio_threshold=None))
 
 
 def test_fallback_redecodes_only_failing_utterances(model, clips):

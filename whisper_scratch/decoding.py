@@ -24,6 +24,8 @@ from .model import RowKVCache, Whisper
 from .tokenizer import Tokenizer
 
 NEG_INF = float("-inf")
+LOOP_COPIES, LOOP_MAX_PERIOD = 3, 32  # a loop: one block of at most 32 tokens, at least 3 times in a row
+LOOP_CHECK_EVERY = 8  # tokens between checks: a late find only costs steps, the text is trimmed the same
 
 
 # -- options and results -----------------------------------------------------------------------
@@ -50,6 +52,10 @@ class DecodingOptions:
                                    "needs --lm_path; > 0 switches to beam search even at beam size 1)")
     length_bonus: float = option(0.0, "added to a hypothesis's score per text token in beam search: offsets the "
                                       "language model's preference for short outputs")
+    loop_span: int = option(12, "end a hypothesis once loop_span or more of its tokens in a row repeat one block "
+                                "(3+ copies) and keep the text up to one copy: a loop the model cannot leave; "
+                                "counts as too repetitive for the fallback (0 = off: run to the token limit, as "
+                                "openai-whisper)")
     lm: Optional[object] = option(None, "the language model (lm.TokenLM) that --lm_weight weighs", cli=False)
     prompt: Tuple[int, ...] = option((), "previous text's token ids, sent after <|startofprev|>", cli=False)
     use_cache: bool = option(True, "False re-runs the decoder on the whole prefix (for tests)", cli=False)
@@ -65,6 +71,8 @@ class DecodingOptions:
                f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
         require(0.0 <= self.ctc_weight <= 1.0, f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
         require(self.lm_weight >= 0, f"lm_weight must be >= 0, got {self.lm_weight}")
+        require(self.loop_span == 0 or self.loop_span >= LOOP_COPIES,
+                f"loop_span must be 0 (off) or >= {LOOP_COPIES}, got {self.loop_span}")
         require(self.lm_weight == 0 or self.lm_path is not None or self.lm is not None,
                 f"lm_weight {self.lm_weight} needs a language model: give --lm_path")
         if self.temperature > 0:  # sampling: the beam settings would be silently unused
@@ -126,6 +134,7 @@ class DecodingResult:
     compression_ratio: float
     temperature: float
     score: float  # the ranking score (with CTC: the joint score)
+    looped: bool = False  # the search ended it in a loop; text and tokens keep one copy of the block
 
 
 class Candidate(NamedTuple):
@@ -142,9 +151,45 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
+def loop_cuts(tokens: Tensor, span: int) -> Tensor:
+    """tokens (R, L) -> (R,) the length of each row to keep: everything before its first loop
+    and one copy of the loop's block, or L when it has none. A loop: one block of p <= 32 tokens
+    repeated over max(span, 3p) or more tokens in a row; the shortest block wins at the first
+    place a loop is complete ("ээсээсээс" is "ээс" three times, not "ээсээс" 1.5 times)."""
+    R, L = tokens.shape
+    periods = min(LOOP_MAX_PERIOD, L // LOOP_COPIES)
+    cut = torch.full((R,), L, dtype=torch.long, device=tokens.device)
+    if span <= 0 or L < span or periods < 1:
+        return cut
+    padded = torch.cat([tokens.new_full((R, periods), -1), tokens], dim=1)
+    p = torch.arange(1, periods + 1, device=tokens.device)
+    shifted = torch.stack([padded[:, periods - k:periods - k + L] for k in range(1, periods + 1)], dim=1)
+    same = tokens[:, None, :] == shifted  # (R, p, L): token j equals token j - p
+    pos = torch.arange(L, device=tokens.device)
+    run = pos - torch.where(same, -1, pos).cummax(dim=-1).values  # equal pairs in a row ending at j
+    need = torch.clamp(LOOP_COPIES * p, min=span) - p  # a block repeated over max(span, 3p) tokens
+    hit = run >= need[None, :, None]
+    found = hit.any(1)  # (R, L)
+    rows = found.any(1).nonzero().squeeze(1)
+    if len(rows):
+        j = found[rows].int().argmax(1)  # where the first loop is complete
+        k = hit[rows, :, j].int().argmax(1)  # its shortest block
+        cut[rows] = j - run[rows, k, j] + 1  # the region starts at j - run - p + 1; keep one block
+    return cut
+
+
+def _looping_rows(tokens: Tensor, first: int, span: int) -> List[int]:
+    """Rows of tokens (R, L) whose generated part (from column `first`) holds a loop, checked
+    every LOOP_CHECK_EVERY generated tokens."""
+    n = tokens.shape[1] - first
+    if span <= 0 or n < span or n % LOOP_CHECK_EVERY:
+        return []
+    return (loop_cuts(tokens[:, first:], span) < n).nonzero().squeeze(1).tolist()
+
+
 def needs_fallback(result: DecodingResult, fallback: FallbackOptions) -> bool:
     too_repetitive = (fallback.compression_ratio_threshold is not None
-                      and result.compression_ratio > fallback.compression_ratio_threshold)
+                      and (result.looped or result.compression_ratio > fallback.compression_ratio_threshold))
     too_unlikely = fallback.logprob_threshold is not None and result.avg_logprob < fallback.logprob_threshold
     return too_repetitive or too_unlikely
 
@@ -234,11 +279,12 @@ def _logprobs(logits: Tensor, suppress: Tensor) -> Tensor:
 
 def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tensor, eot: int,
                   temperature: float = 0.0, seeds: Optional[Sequence[int]] = None,
-                  group: int = 1) -> List[List[Candidate]]:
+                  group: int = 1, loop_span: int = 0) -> List[List[Candidate]]:
     """Greedy (temperature 0) or sampling, every row independent. tokens (R, P): the prompt,
     `group` consecutive rows per utterance (best_of samples). Sampling draws each row's noise
     from its own generator seeded by `seeds[row]`, so a row's text does not depend on which
-    other rows share its batch. Returns per utterance its `group` candidates (score = logprob)."""
+    other rows share its batch. A row caught in a loop (loop_cuts with loop_span) ends there.
+    Returns per utterance its `group` candidates (score = logprob)."""
     R, P = tokens.shape
     rows = torch.arange(R, device=tokens.device)  # original row of each live row
     gens = [torch.Generator(tokens.device).manual_seed(int(s)) for s in seeds] if temperature > 0 else []
@@ -255,6 +301,7 @@ def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Te
         sum_lp = sum_lp + logprobs.gather(1, nxt[:, None]).squeeze(1)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done = (nxt == eot) | (step == n_new - 1)
+        done[_looping_rows(tokens, P, loop_span)] = True
         for i in done.nonzero().squeeze(1).tolist():
             seq, lp = tokens[i, P:].tolist(), sum_lp[i].item()
             out[int(rows[i])] = Candidate(seq[:-1] if seq[-1] == eot else seq, lp, lp)
@@ -471,6 +518,20 @@ def _children_in_place(parent: Tensor, K: int) -> Tensor:
     return torch.empty_like(slot).scatter_(1, slot, slots.expand_as(slot).contiguous())
 
 
+def _end_loops(beams: _Beams, K: int, P: int, max_cand: int, span: int) -> None:
+    """Hypotheses caught in a loop end where they are (recorded like an ended one, without
+    <|endoftext|>'s score) and leave the beam: their score becomes -inf."""
+    for row in _looping_rows(beams.tokens, P, span):
+        i, j = divmod(row, K)
+        score = beams.scores[i, j].item()
+        if not np.isfinite(score):
+            continue
+        done = beams.finished[beams.audios[i]]
+        if len(done) < max_cand:
+            done.append(Candidate(beams.tokens[row, P:].tolist(), score, beams.att[i, j].item()))
+        beams.scores[i, j] = NEG_INF
+
+
 def _drop_done(beams: _Beams, inference: Inference, fusion: Fusion, K: int, max_cand: int) -> bool:
     """Remove utterances with enough ended hypotheses; True when none is left."""
     live = [i for i, a in enumerate(beams.audios) if len(beams.finished[a]) < max_cand]
@@ -492,10 +553,11 @@ def _drop_done(beams: _Beams, inference: Inference, fusion: Fusion, K: int, max_
 def beam_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tensor, eot: int, K: int,
                 patience: float = 1.0, ctc: Optional[CtcPrefixScorer] = None, ctc_weight: float = 0.0,
                 lm: Optional[LmScorer] = None, lm_weight: float = 0.0,
-                length_bonus: float = 0.0) -> List[List[Candidate]]:
+                length_bonus: float = 0.0, loop_span: int = 0) -> List[List[Candidate]]:
     """openai-whisper's beam search, batched: tokens (B*K, P) holds each utterance's prompt K
-    times. Stops an utterance once round(K * patience) hypotheses ended; returns per utterance
-    its finished candidates (score: joint with CTC and the LM; logprob: the decoder's sum)."""
+    times. Stops an utterance once round(K * patience) hypotheses ended (a hypothesis caught in
+    a loop, see loop_cuts, ends too); returns per utterance its finished candidates (score:
+    joint with CTC and the LM; logprob: the decoder's sum)."""
     fusion = Fusion(ctc, ctc_weight, lm, lm_weight, length_bonus)
     n_audio, P = tokens.shape[0] // K, tokens.shape[1]
     max_cand = max(1, round(K * patience))
@@ -505,6 +567,7 @@ def beam_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tens
     for step in range(n_new):
         logprobs = _logprobs(inference.logits(beams.tokens), suppress)
         rows = _beam_step(beams, logprobs, K, eot, max_cand, P, fusion)
+        _end_loops(beams, K, P, max_cand, loop_span)
         if step == n_new - 1:
             break
         inference.reorder(rows, same_audio=True)
@@ -580,7 +643,7 @@ def _beam_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tok
     if options.lm_weight > 0:
         lm = LmScorer(with_language_model(options, tokenizer, model.dims.n_vocab).lm, B * K, xa.device)
     return beam_search(inference, tokens, n_new, suppress, tokenizer.eot, K, options.patience, ctc, options.ctc_weight,
-                       lm, options.lm_weight, options.length_bonus)
+                       lm, options.lm_weight, options.length_bonus, options.loop_span)
 
 
 def _sampled_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
@@ -597,7 +660,8 @@ def _sampled_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: 
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     # sample k of utterance i: its own stream, different for every temperature
     row_seeds = [hash((int(s), k, options.temperature)) & (2**63 - 1) for s in seeds for k in range(n)]
-    return sample_search(inference, tokens, n_new, suppress, tokenizer.eot, options.temperature, row_seeds, group=n)
+    return sample_search(inference, tokens, n_new, suppress, tokenizer.eot, options.temperature, row_seeds, group=n,
+                         loop_span=options.loop_span)
 
 
 def _ctc_scorer(model: Whisper, xa: Tensor, xa_lens: Tensor, rows: Tensor, tokenizer: Tokenizer) -> CtcPrefixScorer:
@@ -609,12 +673,15 @@ def _ctc_scorer(model: Whisper, xa: Tensor, xa_lens: Tensor, rows: Tensor, token
 
 
 def _best(cands: List[Candidate], tokenizer: Tokenizer, options: DecodingOptions) -> DecodingResult:
-    """Rank one utterance's candidates by length-normalised score (openai's ranker)."""
+    """Rank one utterance's candidates by length-normalised score (openai's ranker); a loop at
+    the end of the best one is cut to one copy of its block (scores stay those of the search)."""
     best = max(cands, key=lambda c: length_normalised(c.score, len(c.tokens), options.length_penalty))
-    text, lp = tokenizer.decode(best.tokens), best.logprob
-    return DecodingResult(text=text, tokens=best.tokens, sum_logprob=lp, avg_logprob=lp / (len(best.tokens) + 1),
+    keep = int(loop_cuts(torch.tensor([best.tokens], dtype=torch.long), options.loop_span)[0]) if best.tokens else 0
+    tokens = best.tokens[:keep]
+    text, lp = tokenizer.decode(tokens), best.logprob
+    return DecodingResult(text=text, tokens=tokens, sum_logprob=lp, avg_logprob=lp / (len(best.tokens) + 1),
                           compression_ratio=compression_ratio(text), temperature=options.temperature,
-                          score=best.score)
+                          score=best.score, looped=keep < len(best.tokens))
 
 
 def decode_with_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor], tokenizer: Tokenizer,
@@ -716,7 +783,9 @@ class GreedyStream:
         ended = []
         for row, t in enumerate(nxt.tolist(), start=first):
             self.tokens[row].append(t)
-            if t == self.tokenizer.eot or len(self.tokens[row]) == self.n_new:
+            n = len(self.tokens[row])
+            if t == self.tokenizer.eot or n == self.n_new or _looping_rows(
+                    torch.tensor([self.tokens[row]]), 0, self.options.loop_span):
                 ended.append(row)
         if not ended:
             return []
