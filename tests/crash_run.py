@@ -7,6 +7,8 @@ process; N = 0 never kills):
   step  inside an optimizer step: after backward, before the gradient clip and the weight update
   eval  inside a dev evaluation: after its first decoded clip, before the scores exist
   save  inside a checkpoint write: half of the file's bytes on disk, not yet renamed into place
+  last  the same, counting only the writes of last.pt (how many other files a step writes, such
+        as best_model.pt, depends on the dev scores)
 
 The points are hooks on the functions train.py really calls (nothing in the package knows about
 them); the kill is a real SIGKILL, so no handler, finally or atexit runs. The "mini" preset is
@@ -61,12 +63,16 @@ def hook_eval(reached) -> None:
     evaluation.transcribe_files = transcribe_files
 
 
-def hook_save(reached) -> None:
+def hook_save(reached, prefix: str = "") -> None:
     import torch
     real = torch.save
 
+    def name(f) -> str:  # atomic_save writes through os.fdopen: the name is a descriptor
+        n = getattr(f, "name", f)
+        return os.path.basename(os.readlink(f"/proc/self/fd/{n}") if isinstance(n, int) else str(n))
+
     def save(obj, f, *args, **kw):
-        if not reached():
+        if not name(f).startswith(prefix) or not reached():
             return real(obj, f, *args, **kw)
         buf = io.BytesIO()
         real(obj, buf, *args, **kw)
@@ -78,7 +84,8 @@ def hook_save(reached) -> None:
     torch.save = save
 
 
-HOOKS = {"step": hook_step, "eval": hook_eval, "save": hook_save}
+HOOKS = {"step": hook_step, "eval": hook_eval, "save": hook_save,
+         "last": lambda reached: hook_save(reached, ".last.pt.")}
 
 
 def main() -> None:

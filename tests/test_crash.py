@@ -17,9 +17,8 @@ from conftest import DATA, REPO
 
 STEPS = 8
 # (point, N): where each process of the chain kills itself; N counts within that process
-# step 5 | the evaluation at step 6 | the write of last.pt at step 6 (best_model.pt is save 1, the
-# step-0000006.pt snapshot save 2) | step 8
-KILLS = [("step", 5), ("eval", 1), ("save", 3), ("step", 4)]
+# step 5 | the evaluation at step 6 | the write of last.pt at step 6 | step 8
+KILLS = [("step", 5), ("eval", 1), ("last", 1), ("step", 4)]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +81,7 @@ def test_killed_three_ways_then_resumed_equals_an_uninterrupted_run(manifest, tm
         assert p.returncode == -signal.SIGKILL, (point, n, p.returncode, p.stderr[-2000:])
         step, temporaries = check_folder(out, finished=False)
         resumed_from.append(step)
-        if point == "save":  # killed writing last.pt: the half-written file is a temporary, last.pt the old one
+        if point == "last":  # killed writing last.pt: the half-written file is a temporary, last.pt the old one
             assert [t for t in temporaries if t.startswith(".last.pt.")], temporaries
     done = train(manifest, out, resume=True)
     assert done.returncode == 0, done.stderr

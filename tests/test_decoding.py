@@ -63,6 +63,8 @@ def test_options_are_validated_with_the_bad_value():
     assert o.beam_size == 5 and DecodingOptions().beam_size == 1
     with pytest.raises(ValueError, match="temperature_increment_on_fallback must be > 0 or none, got 0"):
         FallbackOptions(temperature_increment_on_fallback=0)
+    with pytest.raises(ValueError, match="fallback_rows must be >= 1, got 0"):
+        FallbackOptions(fallback_rows=0)
     assert FallbackOptions().temperatures() == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert FallbackOptions(temperature_increment_on_fallback=None).temperatures(0.3) == (0.3,)
 
@@ -460,5 +462,9 @@ def test_fallback_redecodes_only_failing_utterances(model, clips):
     again = decode_with_fallback(model, batch, lens, TOK, options, fb)
     alone = [decode_with_fallback(model, m[None], torch.tensor([m.shape[-1]]), TOK, options, fb)[0] for m in mels]
     assert [r.tokens for r in out] == [r.tokens for r in again] == [r.tokens for r in alone]
+    # several temperatures in one batch (the default when few fail) or one at a time: the same
+    assert any(r.temperature == 1.0 for r in out), "some utterance should need both fallback temperatures"
+    one_by_one = decode_with_fallback(model, batch, lens, TOK, options, replace(fb, fallback_rows=1))
+    assert [(r.tokens, r.temperature) for r in out] == [(r.tokens, r.temperature) for r in one_by_one]
     none = decode_with_fallback(model, batch, lens, TOK, options, FallbackOptions(temperature_increment_on_fallback=None))
     assert all(same(a, b) for a, b in zip(none, first))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -111,10 +111,13 @@ class FallbackOptions:
         0.2, "raise the temperature by this up to 1.0 while decoding fails the thresholds; none = no fallback")
     compression_ratio_threshold: Optional[float] = option(2.4, "fall back when the text's zlib ratio is above")
     logprob_threshold: Optional[float] = option(-1.0, "fall back when the average token logprob is below")
+    fallback_rows: int = option(16, "rows the fallback may sample at once: with few failing utterances it tries "
+                                    "several temperatures in one batch (same results as one at a time)")
 
     def __post_init__(self):
         inc = self.temperature_increment_on_fallback
         require(inc is None or inc > 0, f"temperature_increment_on_fallback must be > 0 or none, got {inc}")
+        require(self.fallback_rows >= 1, f"fallback_rows must be >= 1, got {self.fallback_rows}")
 
     def temperatures(self, first: float = 0.0) -> Tuple[float, ...]:
         inc = self.temperature_increment_on_fallback
@@ -278,26 +281,31 @@ def _logprobs(logits: Tensor, suppress: Tensor) -> Tensor:
 # -- greedy and sampling -----------------------------------------------------------------------
 
 def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Tensor, eot: int,
-                  temperature: float = 0.0, seeds: Optional[Sequence[int]] = None,
+                  temperature: Union[float, Sequence[float]] = 0.0, seeds: Optional[Sequence[int]] = None,
                   group: int = 1, loop_span: int = 0) -> List[List[Candidate]]:
     """Greedy (temperature 0) or sampling, every row independent. tokens (R, P): the prompt,
-    `group` consecutive rows per utterance (best_of samples). Sampling draws each row's noise
-    from its own generator seeded by `seeds[row]`, so a row's text does not depend on which
-    other rows share its batch. A row caught in a loop (loop_cuts with loop_span) ends there.
-    Returns per utterance its `group` candidates (score = logprob)."""
+    `group` consecutive rows per utterance (best_of samples); `temperature`: one for all rows or
+    one per row. Sampling draws each row's noise from its own generator seeded by `seeds[row]`,
+    so a row's text does not depend on which other rows share its batch. A row caught in a loop
+    (loop_cuts with loop_span) ends there. Returns per utterance its `group` candidates (score =
+    logprob)."""
     R, P = tokens.shape
     rows = torch.arange(R, device=tokens.device)  # original row of each live row
-    gens = [torch.Generator(tokens.device).manual_seed(int(s)) for s in seeds] if temperature > 0 else []
+    temps = torch.as_tensor(temperature, dtype=torch.float32, device=tokens.device).expand(R)
+    sampling = temps > 0
+    gens = {r: torch.Generator(tokens.device).manual_seed(int(seeds[r])) for r in sampling.nonzero().squeeze(1).tolist()}
     sum_lp = torch.zeros(R, device=tokens.device)
     out: List[Optional[Candidate]] = [None] * R
     for step in range(n_new):
         logits = inference.logits(tokens).float().masked_fill(suppress, NEG_INF)
         logprobs = F.log_softmax(logits, dim=-1)
-        if temperature == 0:
-            nxt = logprobs.argmax(-1)
-        else:  # Gumbel-max sample of softmax(logits / T); scored with the untempered logprobs (openai)
-            u = torch.stack([torch.rand(logits.shape[-1], generator=gens[r], device=logits.device) for r in rows])
-            nxt = (logits / temperature - (-u.clamp(1e-12, 1 - 1e-7).log()).log()).argmax(-1)
+        nxt = logprobs.argmax(-1)
+        if gens:  # Gumbel-max sample of softmax(logits / T); scored with the untempered logprobs (openai)
+            live = [i for i, r in enumerate(rows.tolist()) if r in gens]
+            u = torch.stack([torch.rand(logits.shape[-1], generator=gens[r], device=logits.device)
+                             for r in rows[live].tolist()])
+            t = temps[rows[live]][:, None]
+            nxt[live] = (logits[live] / t - (-u.clamp(1e-12, 1 - 1e-7).log()).log()).argmax(-1)
         sum_lp = sum_lp + logprobs.gather(1, nxt[:, None]).squeeze(1)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done = (nxt == eot) | (step == n_new - 1)
@@ -648,20 +656,41 @@ def _beam_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tok
 
 def _sampled_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
                         options: DecodingOptions, prompt: List[int], n_new: int, suppress: Tensor,
-                        seeds: Optional[Sequence[int]]) -> List[List[Candidate]]:
+                        seeds: Optional[Sequence[int]], temperatures: Sequence[float] = ()) -> List[List[Candidate]]:
     """Greedy (one row per utterance) or best_of samples per utterance, each row with its own
-    audio copy and seed."""
+    audio copy and seed. temperatures: several sampling temperatures decoded together (rows
+    temperature-major); the candidates come per (temperature, utterance)."""
     B = xa.shape[0]
-    n = options.best_of if options.temperature > 0 else 1
-    rows = torch.arange(B, device=xa.device).repeat_interleave(n)
+    temps = list(temperatures) or [options.temperature]
+    n = options.best_of if temps[0] > 0 else 1
+    require(len(temps) == 1 or min(temps) > 0, f"temperatures decoded together must all sample, got {temps}")
+    rows = torch.arange(B, device=xa.device).repeat_interleave(n).repeat(len(temps))
     inference = Inference(model, xa[rows], xa_lens[rows], options.use_cache)
-    tokens = torch.tensor(prompt, device=xa.device).repeat(B * n, 1)
+    tokens = torch.tensor(prompt, device=xa.device).repeat(len(rows), 1)
     if seeds is None:  # drawn even when greedy, so the global generator advances the same way
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     # sample k of utterance i: its own stream, different for every temperature
-    row_seeds = [hash((int(s), k, options.temperature)) & (2**63 - 1) for s in seeds for k in range(n)]
-    return sample_search(inference, tokens, n_new, suppress, tokenizer.eot, options.temperature, row_seeds, group=n,
+    row_seeds = [hash((int(s), k, t)) & (2**63 - 1) for t in temps for s in seeds for k in range(n)]
+    row_temps = [t for t in temps for _ in range(B * n)]
+    return sample_search(inference, tokens, n_new, suppress, tokenizer.eot, row_temps, row_seeds, group=n,
                          loop_span=options.loop_span)
+
+
+def decode_at_temperatures(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
+                           options: DecodingOptions, temperatures: Sequence[float],
+                           seeds: Sequence[int]) -> List[List[DecodingResult]]:
+    """Sampling at several temperatures (all > 0) in one batch: per utterance, its result at each
+    temperature, each what `decode_features` at that temperature gives it."""
+    with torch.inference_mode():
+        n_ctx = model.dims.n_text_ctx
+        prompt = initial_tokens(tokenizer, options, n_ctx)
+        n_new = _max_new_tokens(options, n_ctx, len(prompt))
+        suppress = suppress_mask(tokenizer, model.dims.n_vocab, xa.device)
+        opts = [options.at_temperature(t) for t in temperatures]
+        cands = _sampled_candidates(model, xa, xa_lens, tokenizer, opts[0], prompt, n_new, suppress, seeds,
+                                    temperatures)
+        B = xa.shape[0]
+        return [[_best(cands[j * B + i], tokenizer, o) for j, o in enumerate(opts)] for i in range(B)]
 
 
 def _ctc_scorer(model: Whisper, xa: Tensor, xa_lens: Tensor, rows: Tensor, tokenizer: Tokenizer) -> CtcPrefixScorer:
@@ -711,16 +740,21 @@ def fall_back(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
     temperatures = fallback.temperatures(options.temperature)
     results = list(first) if first is not None else [None] * xa.shape[0]
     todo = list(range(xa.shape[0]))
-    if first is not None:
-        todo, temperatures = [i for i in todo if needs_fallback(results[i], fallback)], temperatures[1:]
-    for t in temperatures:
-        if not todo:
-            break
+    if first is None:
+        results = decode_features(model, xa, xa_lens, tokenizer, options.at_temperature(temperatures[0]), seeds)
+    todo, left = [i for i in todo if needs_fallback(results[i], fallback)], list(temperatures[1:])
+    while todo and left:
+        # the batch has room: try the next few temperatures at once (the first that passes wins,
+        # as one at a time), rather than a few rows for each temperature in turn
+        k = max(1, min(len(left), fallback.fallback_rows // (len(todo) * options.best_of)))
+        run, left = left[:k], left[k:]
         idx = torch.tensor(todo, device=xa.device)
-        found = decode_features(model, xa[idx], xa_lens[idx], tokenizer, options.at_temperature(t),
-                                [seeds[i] for i in todo])
-        for i, r in zip(todo, found):
-            results[i] = r
+        found = decode_at_temperatures(model, xa[idx], xa_lens[idx], tokenizer, options, run, [seeds[i] for i in todo])
+        for i, tried in zip(todo, found):
+            for r in tried:
+                results[i] = r
+                if not needs_fallback(r, fallback):
+                    break
         todo = [i for i in todo if needs_fallback(results[i], fallback)]
     return results
 
