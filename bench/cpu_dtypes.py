@@ -50,7 +50,7 @@ def main() -> None:
     tok, model = random_model("tiny", 2)
     formats = [("fp32", model, False), ("fp32 + bf16 autocast (--dtype bf16)", model, True),
                ("bf16 weights", bf16_weights(model), False), ("int8 (--quantize int8)", quantize(model, "int8", "cpu"), False)]
-    opts = DecodingOptions(beam_size=1, max_new_tokens=args.max_new_tokens)
+    opts = DecodingOptions(beam_size=1, max_new_tokens=args.max_new_tokens, loop_span=0)
     print(f"tiny random model, greedy, {args.max_new_tokens} tokens, 5 s clips, {args.threads} threads, "
           f"best of {args.repeats}; torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
     print("| batch | format | seconds | fp32 / this | first 8 tokens as fp32 |")

@@ -157,8 +157,9 @@ def ct2_generate(ct, mel: np.ndarray, prompt: list, n_new: int, beam: int) -> li
 
 
 def ours_decode(model, tok, n_new: int):
+    # loop_span 0: every token to n_new, as the others (the random model loops, which we would cut short)
     return lambda x, x_lens, beam: [r.tokens for r in decode(model, x, x_lens, tok, DecodingOptions(
-        beam_size=beam, max_new_tokens=n_new))]
+        beam_size=beam, max_new_tokens=n_new, loop_span=0))]
 
 
 def make_runners(model, tok, mels, folder: Path, n_new: int, ct2: dict, q8, bf) -> list:
