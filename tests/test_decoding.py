@@ -14,7 +14,7 @@ from whisper_scratch.decoding import (CtcPrefixScorer, DecodingOptions, Decoding
                                       Inference,
                                       beam_search, compression_ratio, decode, decode_with_fallback, encode,
                                       initial_tokens, length_normalised, loop_cuts, needs_fallback, sample_search,
-                                      suppress_mask, _best)
+                                      suppress_mask, _best, _looping_rows)
 from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer
 from conftest import DATA
@@ -382,6 +382,20 @@ def test_loop_cuts_keep_one_copy_of_the_first_loop():
     assert cut("ababababababab", span=16) == "ababababababab"
     rows = torch.tensor([[1, 2] * 8, list(range(16))])
     assert loop_cuts(rows, 12).tolist() == [2, 16] and loop_cuts(rows[:, :0], 12).tolist() == [0, 0]
+
+
+def test_loop_checks_read_a_window_and_find_what_the_whole_prefix_shows():
+    """The searches check every 8 tokens on the last tokens only: the first check that finds a
+    loop is the first whose whole prefix holds one, whatever the loop's block and place."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        head = torch.randint(0, 40, (int(torch.randint(0, 150, (1,), generator=g)),), generator=g)
+        block = torch.randint(0, 3 if trial % 2 else 40, (int(torch.randint(1, 33, (1,), generator=g)),), generator=g)
+        seq = torch.cat([head, block.repeat(int(torch.randint(1, 6, (1,), generator=g))),
+                         torch.randint(0, 40, (100,), generator=g)])[None]
+        whole = [n for n in range(8, seq.shape[1] + 1, 8) if loop_cuts(seq[:, :n], 12)[0] < n]
+        checked = [n for n in range(8, seq.shape[1] + 1, 8) if _looping_rows(seq[:, :n], 0, 12)]
+        assert whole[:1] == checked[:1], (trial, whole[:1], checked[:1])
 
 
 class Cycle:

@@ -183,11 +183,13 @@ def loop_cuts(tokens: Tensor, span: int) -> Tensor:
 
 def _looping_rows(tokens: Tensor, first: int, span: int) -> List[int]:
     """Rows of tokens (R, L) whose generated part (from column `first`) holds a loop, checked
-    every LOOP_CHECK_EVERY generated tokens."""
+    every LOOP_CHECK_EVERY generated tokens. Earlier checks saw every loop completed before the
+    last LOOP_CHECK_EVERY tokens, so only a window that holds a loop completed since is read."""
     n = tokens.shape[1] - first
     if span <= 0 or n < span or n % LOOP_CHECK_EVERY:
         return []
-    return (loop_cuts(tokens[:, first:], span) < n).nonzero().squeeze(1).tolist()
+    w = min(n, LOOP_CHECK_EVERY + max(span, LOOP_COPIES * LOOP_MAX_PERIOD))
+    return (loop_cuts(tokens[:, -w:], span) < w).nonzero().squeeze(1).tolist()
 
 
 def needs_fallback(result: DecodingResult, fallback: FallbackOptions) -> bool:
