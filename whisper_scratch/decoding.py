@@ -1,6 +1,6 @@
 """Features -> text for windows of at most 30 s: greedy, sampling and beam search on the
 explicit KV cache, batched over utterances and beams; optional joint CTC prefix scoring;
-temperature fallback.
+hypotheses caught in a loop end there (`loop_cuts`); temperature fallback.
 
 `decode` takes a batch of mels, `decode_features` encoder output, `decode_with_fallback` adds
 the fallback. The search follows openai-whisper's decoding.py (same scores, ranking, fallback
@@ -704,8 +704,9 @@ def _ctc_scorer(model: Whisper, xa: Tensor, xa_lens: Tensor, rows: Tensor, token
 
 
 def _best(cands: List[Candidate], tokenizer: Tokenizer, options: DecodingOptions) -> DecodingResult:
-    """Rank one utterance's candidates by length-normalised score (openai's ranker); a loop at
-    the end of the best one is cut to one copy of its block (scores stay those of the search)."""
+    """Rank one utterance's candidates by length-normalised score (openai's ranker); the best one's
+    text ends at its first loop, with one copy of the loop's block (loop_cuts; the scores stay
+    those of the search)."""
     best = max(cands, key=lambda c: length_normalised(c.score, len(c.tokens), options.length_penalty))
     keep = int(loop_cuts(torch.tensor([best.tokens], dtype=torch.long), options.loop_span)[0]) if best.tokens else 0
     tokens = best.tokens[:keep]
@@ -820,8 +821,8 @@ class GreedyStream:
         for row, t in enumerate(nxt.tolist(), start=first):
             self.tokens[row].append(t)
             n = len(self.tokens[row])
-            if t == self.tokenizer.eot or n == self.n_new or _looping_rows(
-                    torch.tensor([self.tokens[row]]), 0, self.options.loop_span):
+            if t == self.tokenizer.eot or n == self.n_new or (n % LOOP_CHECK_EVERY == 0 and _looping_rows(
+                    torch.tensor([self.tokens[row]]), 0, self.options.loop_span)):
                 ended.append(row)
         if not ended:
             return []
