@@ -229,3 +229,19 @@ def test_grad_checkpointing_gives_the_same_gradients():
         m(mel, lens, tokens).square().mean().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(4)
+    m = Whisper(TINY)
+    mel, lens, tokens = torch.randn(2, 80, 90), torch.tensor([90, 61]), torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        plain = m.eval()(mel, lens, tokens)
+        assert torch.equal(m.train()(mel, lens, tokens), plain)  # the architecture has none of its own
+        m.set_dropout(0.2)
+        assert torch.equal(m.eval()(mel, lens, tokens), plain)  # eval: untouched
+        a, b = m.train()(mel, lens, tokens), m(mel, lens, tokens)
+        assert not torch.allclose(a, plain) and not torch.allclose(a, b)  # a fresh mask each call
+    assert all(k in Whisper(TINY).state_dict() for k in m.state_dict())  # nothing saved with the weights
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        m.set_dropout(1.0)

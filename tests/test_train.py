@@ -317,3 +317,12 @@ def test_vtlp_and_channel_flags_reach_the_dataset_and_change_its_features(tmp_pa
         opts(tmp_path, digits, channel_db=-3)
     with pytest.raises(ValueError, match="gain-db.*50"):
         opts(tmp_path, digits, gain_db=50)
+
+
+def test_dropout_flag_reaches_every_block_and_is_checked(tmp_path, digits):
+    from whisper_scratch.trainer import build_model
+    tok = build_tokenizer("char", ["zero one"], languages=("en",))
+    model = build_model(opts(tmp_path, digits, dropout=0.1), tok, None, torch.device("cpu"))
+    assert {b.dropout for b in [*model.encoder.blocks, *model.decoder.blocks]} == {0.1}
+    with pytest.raises(ValueError, match="dropout out of range, got 1.0"):
+        opts(tmp_path, digits, dropout=1.0)

@@ -261,6 +261,10 @@ class ResidualAttentionBlock(nn.Module):
         self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
         self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
         self.mlp_ln = LayerNorm(n_state)
+        self.dropout = 0.0  # on each residual branch in training only (Whisper.set_dropout); not a weight
+
+    def _drop(self, y: Tensor) -> Tensor:
+        return F.dropout(y, self.dropout, training=True) if self.dropout and self.training else y
 
     def forward(self, x: Tensor, mask: Optional[Tensor], xa: Optional[Tensor] = None,
                 xa_mask: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
@@ -268,7 +272,7 @@ class ResidualAttentionBlock(nn.Module):
         k, v = self.attn.key(h), self.attn.value(h)
         if cache is not None:
             k, v = cache.update_self(layer, k, v)
-        x = x + self.attn(h, k, v, mask)
+        x = x + self._drop(self.attn(h, k, v, mask))
         if self.cross_attn is not None:
             h = self.cross_attn_ln(x)
             if cache is not None and layer in cache.cross_kv:
@@ -281,10 +285,10 @@ class ResidualAttentionBlock(nn.Module):
                 # n hypotheses per utterance (beam search, rows utterance-major): fold them into
                 # the query axis so each utterance's audio K/V are read once, not n times
                 B, T, C = h.shape
-                x = x + self.cross_attn(h.reshape(k.shape[0], -1, C), k, v, xa_mask).reshape(B, T, C)
+                x = x + self._drop(self.cross_attn(h.reshape(k.shape[0], -1, C), k, v, xa_mask).reshape(B, T, C))
             else:
-                x = x + self.cross_attn(h, k, v, xa_mask)
-        return x + self.mlp(self.mlp_ln(x))
+                x = x + self._drop(self.cross_attn(h, k, v, xa_mask))
+        return x + self._drop(self.mlp(self.mlp_ln(x)))
 
 
 def lengths_to_mask(lens: Tensor, max_len: int) -> Tensor:
@@ -443,6 +447,14 @@ class Whisper(nn.Module):
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enabled
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout p on every residual branch (attention, cross-attention, MLP) of both stacks while
+        training; eval mode and p = 0 compute exactly what openai-whisper's blocks compute."""
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        for block in [*self.encoder.blocks, *self.decoder.blocks]:
+            block.dropout = p
 
     def ctc_logits(self, xa: Tensor) -> Tensor:
         """Encoder output (B, S, C) -> CTC logits (B, S, n_vocab) in fp32; blank is the last id."""

@@ -108,6 +108,8 @@ class TrainOptions:
     optimizer: str = option("adamw", "adamw or adamw8bit (needs bitsandbytes)", choices=("adamw", "adamw8bit"))
     ctc_weight: float = option(0.0, "weight of the auxiliary CTC loss on the encoder (0 = no CTC head)")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    dropout: float = option(0.0, "dropout on every residual branch while training (0 = none, as openai-whisper; "
+                                 "a regulariser for small corpora; not saved with the weights)")
     eval_every: int = option(500, "evaluate and save every N steps (and at the end)")
     log_every: int = option(10, "write a metrics.csv row every N steps")
     resume: bool = option(False, "continue from OUTPUT_DIR/last.pt exactly where it stopped")
@@ -186,9 +188,9 @@ class TrainOptions:
         if self.max_batch_seconds is None and self.train_batch_size is None:
             raise ValueError("give --max-batch-seconds or --train-batch-size")
         for name, lo, hi in [("learning_rate", 0, 1), ("ctc_weight", 0, 1), ("label_smoothing", 0, 1),
-                             ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10)]:
+                             ("min_lr_ratio", 0, 1), ("weight_decay", 0, 10), ("dropout", 0, 1)]:
             v = getattr(self, name)
-            if not lo <= v <= hi or (name == "learning_rate" and v == 0) or (name == "ctc_weight" and v == 1):
+            if not lo <= v <= hi or (name == "learning_rate" and v == 0) or (name in ("ctc_weight", "dropout") and v == 1):
                 raise ValueError(f"{flag(name)} out of range, got {v}")
         if not 0 <= self.pad_to_30s_prob <= 1:
             raise ValueError(f"--pad-to-30s-prob must be in [0, 1], got {self.pad_to_30s_prob}")
@@ -326,6 +328,7 @@ def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: tor
     if opts.ctc_weight > 0 and not dims.ctc:
         raise SystemExit("error: --ctc-weight > 0 but the checkpoint's model has no CTC head")
     model.set_grad_checkpointing(opts.grad_checkpointing)
+    model.set_dropout(opts.dropout)
     return model.to(device)
 
 
