@@ -14,7 +14,7 @@ from whisper_scratch.decoding import (CtcPrefixScorer, DecodingOptions, Decoding
                                       Inference,
                                       beam_search, compression_ratio, decode, decode_with_fallback, encode,
                                       initial_tokens, length_normalised, loop_cuts, needs_fallback, sample_search,
-                                      suppress_mask, _best, _looping_rows)
+                                      suppress_mask, length_groups, _best, _looping_rows)
 from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer
 from conftest import DATA
@@ -361,6 +361,20 @@ def test_ctc_alone_decodes_what_the_ctc_head_spells(clips):
     # the hand-made head spans every real encoder frame: xa_lens are the model's own lengths
     enc_lens = encode(m, batch, lens)[1]
     assert torch.equal(enc_lens, xa_lens) and int(enc_lens.max()) == S and len(seen) == 1 and seen[0] >= S
+
+
+def test_mixed_lengths_are_encoded_in_groups_each_as_alone(model):
+    assert length_groups([100, 50, 90, 20, 84, 45]) == [[0, 2, 4], [1, 5], [3]]
+    torch.manual_seed(0)
+    lens = torch.tensor([100, 50, 90, 20, 84, 45])
+    mel = torch.randn(len(lens), 80, 104) * (torch.arange(104) < lens[:, None, None])
+    with torch.inference_mode():
+        xa, xa_lens = encode(model, mel, lens)
+        assert xa.shape[1] == 52 and xa_lens.tolist() == ((lens + 1) // 2).tolist()
+        for i, n in enumerate(lens.tolist()):
+            alone, _ = encode(model, mel[i:i + 1, :, :n], None)
+            assert torch.allclose(xa[i, :(n + 1) // 2], alone[0], atol=1e-5)
+        assert not xa[3, 10:].any()  # alone in its group: zeros past its length (every reader masks them)
 
 
 # -- loops -----------------------------------------------------------------------------------
