@@ -228,6 +228,14 @@ def _max_new_tokens(options: DecodingOptions, n_text_ctx: int, n_prompt: int) ->
     return n_new
 
 
+def search_setup(model: Whisper, tokenizer: Tokenizer, options: DecodingOptions, device) -> Tuple[List[int], int, Tensor]:
+    """What every search starts from: the prompt tokens, how many new tokens it may add, and the
+    mask of ids never to generate."""
+    prompt = initial_tokens(tokenizer, options, model.dims.n_text_ctx)
+    n_new = _max_new_tokens(options, model.dims.n_text_ctx, len(prompt))
+    return prompt, n_new, suppress_mask(tokenizer, model.dims.n_vocab, device)
+
+
 def length_normalised(score: float, length: int, length_penalty: Optional[float]) -> float:
     """openai-whisper's MaximumLikelihoodRanker: divide by the length or by GNMT's penalty.
     The length counts <|endoftext|> (the score includes its logprob), so an empty transcript,
@@ -657,10 +665,7 @@ def decode_features(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Toke
     """The search on encoder output xa (B, S, C); see `decode`. seeds: one per utterance for
     sampling (default: drawn from torch's global generator)."""
     with torch.inference_mode():
-        n_ctx = model.dims.n_text_ctx
-        prompt = initial_tokens(tokenizer, options, n_ctx)
-        n_new = _max_new_tokens(options, n_ctx, len(prompt))
-        suppress = suppress_mask(tokenizer, model.dims.n_vocab, xa.device)
+        prompt, n_new, suppress = search_setup(model, tokenizer, options, xa.device)
         if options.uses_beam_search:
             cands = _beam_candidates(model, xa, xa_lens, tokenizer, options, prompt, n_new, suppress)
         else:
@@ -712,10 +717,7 @@ def decode_at_temperatures(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenize
     """Sampling at several temperatures (all > 0) in one batch: per utterance, its result at each
     temperature, each what `decode_features` at that temperature gives it."""
     with torch.inference_mode():
-        n_ctx = model.dims.n_text_ctx
-        prompt = initial_tokens(tokenizer, options, n_ctx)
-        n_new = _max_new_tokens(options, n_ctx, len(prompt))
-        suppress = suppress_mask(tokenizer, model.dims.n_vocab, xa.device)
+        prompt, n_new, suppress = search_setup(model, tokenizer, options, xa.device)
         opts = [options.at_temperature(t) for t in temperatures]
         cands = _sampled_candidates(model, xa, xa_lens, tokenizer, opts[0], prompt, n_new, suppress, seeds,
                                     temperatures)
@@ -769,11 +771,10 @@ def fall_back(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
     again only the utterances that still fail the thresholds. `first`: the results of the first
     temperature when they are already known (continuous batching decodes that pass itself)."""
     temperatures = fallback.temperatures(options.temperature)
-    results = list(first) if first is not None else [None] * xa.shape[0]
-    todo = list(range(xa.shape[0]))
-    if first is None:
-        results = decode_features(model, xa, xa_lens, tokenizer, options.at_temperature(temperatures[0]), seeds)
-    todo, left = [i for i in todo if needs_fallback(results[i], fallback)], list(temperatures[1:])
+    results = list(first) if first is not None else \
+        decode_features(model, xa, xa_lens, tokenizer, options.at_temperature(temperatures[0]), seeds)
+    todo = [i for i, r in enumerate(results) if needs_fallback(r, fallback)]
+    left = list(temperatures[1:])
     while todo and left:
         # the batch has room: try the next few temperatures at once (the first that passes wins,
         # as one at a time), rather than a few rows for each temperature in turn
@@ -808,11 +809,9 @@ class GreedyStream:
                 f"continuous batching decodes greedily; got temperature {options.temperature}, beam_size "
                 f"{options.beam_size}, ctc_weight {options.ctc_weight}, lm_weight {options.lm_weight}")
         self.model, self.tokenizer, self.options = model, tokenizer, options
-        n_ctx = model.dims.n_text_ctx
-        self.prompt = initial_tokens(tokenizer, options, n_ctx)
-        self.n_new = _max_new_tokens(options, n_ctx, len(self.prompt))
-        self.suppress = suppress_mask(tokenizer, model.dims.n_vocab, model.decoder.token_embedding.weight.device)
-        self.cache = RowKVCache(n_ctx)
+        self.prompt, self.n_new, self.suppress = search_setup(model, tokenizer, options,
+                                                              model.decoder.token_embedding.weight.device)
+        self.cache = RowKVCache(model.dims.n_text_ctx)
         self.keys: list = []
         self.tokens: List[List[int]] = []  # new tokens of each live row
         self.sum_lp = torch.zeros(0, device=self.suppress.device)
