@@ -13,6 +13,7 @@ from whisper_scratch.audio import load_audio, log_mel_spectrogram
 from whisper_scratch.decoding import (CtcPrefixScorer, DecodingOptions, DecodingResult, FallbackOptions, GreedyStream,
                                       Inference,
                                       beam_search, compression_ratio, decode, decode_with_fallback, encode,
+                                      encode_for_fallback, fallback_stages,
                                       initial_tokens, length_normalised, loop_cuts, needs_fallback, sample_search,
                                       suppress_mask, length_groups, _best, _looping_rows)
 from whisper_scratch.model import ModelDimensions, Whisper
@@ -496,3 +497,11 @@ def test_fallback_redecodes_only_failing_utterances(model, clips):
     assert [(r.tokens, r.temperature) for r in out] == [(r.tokens, r.temperature) for r in one_by_one]
     none = decode_with_fallback(model, batch, lens, TOK, options, FallbackOptions(temperature_increment_on_fallback=None))
     assert all(same(a, b) for a, b in zip(none, first))
+    # stage by stage: the utterances that pass come first, the others once their fallback is done
+    xa, xa_lens, seeds = encode_for_fallback(model, batch, lens, options, fb)
+    stages = list(fallback_stages(model, xa, xa_lens, TOK, options, fb, seeds))
+    assert sorted(i for i, _ in stages[0]) == [i for i, r in enumerate(first) if r.avg_logprob >= cut]
+    assert len(stages) >= 2
+    staged = dict(pair for stage in stages for pair in stage)
+    assert sorted(staged) == list(range(len(out))) and [staged[i].tokens for i in range(len(out))] == \
+        [r.tokens for r in out]

@@ -495,3 +495,34 @@ def test_a_lone_request_is_not_held_back_but_a_busy_server_fills_its_batch():
         batcher.queue.put(j)
     t.join(10)
     assert not t.is_alive() and out == [jobs]
+
+
+def test_each_request_of_a_batch_is_answered_as_soon_as_it_is_done():
+    """A batch's chunks that pass the fallback thresholds are answered before the few that decode
+    again: the decoder yields request 1 first and then blocks; request 1's future must already
+    be settled, request 0's not. A decoder that skips a request fails it with a message."""
+    import asyncio
+    from whisper_scratch.server import Batcher
+    release = threading.Event()
+
+    def decode(key, audios):
+        yield 1, {"text": "early"}
+        assert release.wait(10)
+        yield 0, {"text": "late"}
+
+    async def run():
+        batcher = Batcher(decode, batch_size=4, max_wait_s=0.0)
+        batcher.thread.start()
+        jobs = [batcher.submit(None, ("k",), 1) for _ in range(2)]
+        assert await asyncio.wait_for(jobs[1].future, 10) == {"text": "early"}
+        assert not jobs[0].future.done()
+        release.set()
+        assert await asyncio.wait_for(jobs[0].future, 10) == {"text": "late"}
+        batcher.decode = lambda key, audios: iter([(0, {"text": "only"})])
+        jobs = [batcher.submit(None, ("k",), 1) for _ in range(2)]
+        assert await asyncio.wait_for(jobs[0].future, 10) == {"text": "only"}
+        with pytest.raises(RuntimeError, match="no result for 1 of 2"):
+            await asyncio.wait_for(jobs[1].future, 10)
+        await asyncio.to_thread(batcher.close)
+
+    asyncio.run(run())

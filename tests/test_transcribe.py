@@ -217,6 +217,12 @@ def test_vad_batches_mix_long_and_short_files_and_equal_one_by_one(digit_model, 
     assert batches == [4, 4]  # 5 chunks of the long file and 3 short files, in two batches
     assert isinstance(batched[str(paths[1])], Exception) and "broken.wav" in str(batched[str(paths[1])])
     assert batched[str(paths[0])]["text"] == "zero one two two one"
+    assert list(batched) == [str(p) for p in paths]  # in input order
+    # in_order=False (the server): each file as soon as it is done, the unreadable one at once
+    early = list(longform.transcribe_chunks(digit_model, [(str(p), p) for p in paths], TOK, options,
+                                            decoding.NO_FALLBACK, vad, 4, in_order=False))
+    assert early[0][0] == str(paths[1]) and sorted(k for k, _ in early) == sorted(batched)
+    assert all(r["text"] == batched[k]["text"] for k, r in early if not isinstance(r, Exception))
     for p in paths[2:] + paths[:1]:
         alone = transcribe(digit_model, p, TOK, options, decoding.NO_FALLBACK, vad=vad)
         assert batched[str(p)]["text"] == alone["text"]

@@ -139,6 +139,17 @@ def test_batched_speech_probabilities_equal_one_by_one():
             assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
 
 
+def test_silero_is_causal_so_no_silence_is_needed_after_the_audio():
+    """A frame's speech probability does not depend on what follows it (vad.LEAD_IN's comment)."""
+    from whisper_scratch.vad import speech_probabilities
+    _, _, clips = joined_clips("en", 3)
+    for clip in clips:
+        longer = np.concatenate([clip, np.zeros(SAMPLE_RATE, np.float32), clip[:SAMPLE_RATE]])
+        a, b = speech_probabilities(clip), speech_probabilities(longer)
+        n = len(clip) // 512  # whole frames: the last partial one is zero-padded in one, not the other
+        assert np.abs(a[:n] - b[:n]).max() < 1e-6
+
+
 def test_chunk_lengths_come_from_the_checkpoint_where_the_flags_leave_them_unset():
     from whisper_scratch.vad import with_checkpoint_chunks
     ckpt = {"longest_clip_seconds": 12.27, "median_clip_seconds": 5.16}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -751,18 +751,19 @@ def decode_with_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor]
                          fallback: FallbackOptions = FallbackOptions()) -> List[DecodingResult]:
     """`decode` at each temperature in turn, re-decoding only the utterances that still need it
     (the last temperature's result is kept whatever it is, as openai-whisper). Encodes once."""
-    return encode_and_decode(model, mel, mel_lens, tokenizer, options, fallback)[0]
+    xa, xa_lens, seeds = encode_for_fallback(model, mel, mel_lens, options, fallback)
+    return fall_back(model, xa, xa_lens, tokenizer, options, fallback, seeds)
 
 
-def encode_and_decode(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor], tokenizer: Tokenizer,
-                      options: DecodingOptions, fallback: FallbackOptions) -> Tuple[List[DecodingResult], Tensor, Tensor]:
-    """`decode_with_fallback`, also returning the encoder output (xa, xa_lens) it decoded from,
-    so the CTC word alignment needs no second encoder pass."""
+def encode_for_fallback(model: Whisper, mel: Tensor, mel_lens: Optional[Tensor], options: DecodingOptions,
+                        fallback: FallbackOptions) -> Tuple[Tensor, Tensor, List[int]]:
+    """(xa, xa_lens, seeds): what `fall_back` and `fallback_stages` decode from (one encoder pass
+    serves the search, its fallback and a CTC word alignment)."""
     with torch.inference_mode():
         xa, xa_lens = encode(model, mel, mel_lens)
         temperatures = fallback.temperatures(options.temperature)
         seeds = utterance_seeds(mel, mel_lens) if max(temperatures) > 0 else [0] * xa.shape[0]
-        return fall_back(model, xa, xa_lens, tokenizer, options, fallback, seeds), xa, xa_lens
+        return xa, xa_lens, seeds
 
 
 def fall_back(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer, options: DecodingOptions,
@@ -770,12 +771,28 @@ def fall_back(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
     """The fallback loop on encoder output xa (B, S, C): decode at each temperature in turn,
     again only the utterances that still fail the thresholds. `first`: the results of the first
     temperature when they are already known (continuous batching decodes that pass itself)."""
+    results: list = [None] * xa.shape[0]
+    for stage in fallback_stages(model, xa, xa_lens, tokenizer, options, fallback, seeds, first):
+        for i, r in stage:
+            results[i] = r
+    return results
+
+
+def fallback_stages(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer, options: DecodingOptions,
+                    fallback: FallbackOptions, seeds: Sequence[int],
+                    first: Optional[list] = None) -> Iterator[List[Tuple[int, DecodingResult]]]:
+    """`fall_back` stage by stage: after the first pass, and after each round of higher
+    temperatures, the utterances whose result is now final (it passes the thresholds, or no
+    temperature is left) as (index, result). A caller can hand those on (a server answers
+    them) while the few that fail are decoded again."""
     temperatures = fallback.temperatures(options.temperature)
     results = list(first) if first is not None else \
         decode_features(model, xa, xa_lens, tokenizer, options.at_temperature(temperatures[0]), seeds)
-    todo = [i for i, r in enumerate(results) if needs_fallback(r, fallback)]
     left = list(temperatures[1:])
-    while todo and left:
+    todo = [i for i, r in enumerate(results) if left and needs_fallback(r, fallback)]
+    failing = set(todo)
+    yield [(i, r) for i, r in enumerate(results) if i not in failing]
+    while todo:
         # the batch has room: try the next few temperatures at once (the first that passes wins,
         # as one at a time), rather than a few rows for each temperature in turn
         k = max(1, min(len(left), fallback.fallback_rows // (len(todo) * options.best_of)))
@@ -787,8 +804,9 @@ def fall_back(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
                 results[i] = r
                 if not needs_fallback(r, fallback):
                     break
-        todo = [i for i in todo if needs_fallback(results[i], fallback)]
-    return results
+        failing = {i for i in todo if left and needs_fallback(results[i], fallback)}
+        yield [(i, results[i]) for i in todo if i not in failing]
+        todo = [i for i in todo if i in failing]
 
 
 # -- continuous batching -----------------------------------------------------------------------

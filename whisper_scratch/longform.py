@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Hashable, Iterable, Iterator, Optional, Sequence, Tuple, Union
@@ -22,7 +22,7 @@ from .audio import (FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, AudioError, audio_
                     log_mel_spectrogram)
 from .alignment import aligned_words, ctc_log_probs, segment_words
 from .decoding import (DecodingOptions, DecodingResult, FallbackOptions, GreedyStream, decode_with_fallback, encode,
-                       encode_and_decode, fall_back, needs_fallback, utterance_seeds)
+                       encode_for_fallback, fall_back, fallback_stages, needs_fallback, utterance_seeds)
 from .model import Whisper
 from .tokenizer import Tokenizer
 from .vad import FRAME, VadOptions, speech_chunks, speech_probabilities_many
@@ -106,7 +106,7 @@ def chunk_limit(model: Whisper, vad: VadOptions) -> float:
 def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]], tokenizer: Tokenizer,
                       options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
                       vad: VadOptions = VadOptions(), batch_size: int = 16, word_timestamps: bool = False,
-                      group_seconds: float = 600.0) -> Iterator[Tuple[Hashable, Union[dict, Exception]]]:
+                      group_seconds: float = 600.0, in_order: bool = True) -> Iterator[Tuple[Hashable, Union[dict, Exception]]]:
     """Yield (key, transcript or the error) for every (key, file or waveform).
 
     Each input is cut into speech chunks (vad.speech_chunks: the whole input when it is no longer
@@ -114,7 +114,9 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
     group_seconds of audio, are decoded together: sorted by length, longest first, batch_size at a
     time, each featurised alone (as the training clips were) and padded to its batch's longest.
     A segment per chunk that says something, with the chunk's real start and end; no prompt (the
-    chunks of a file are decoded at the same time). Results come in input order.
+    chunks of a file are decoded at the same time). Results come in input order, each as soon as
+    it and those before it are done; with in_order=False each as soon as it is done (a server
+    answers the chunks that pass the fallback thresholds while the few that fail decode again).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -123,16 +125,40 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
         pieces, speech = speech_pieces([audio for _, audio in group], limit, vad)
         pieces.sort(key=lambda p: p[1] - p[2])
         segments: dict = {i: [] for i in range(len(group))}
+        left = Counter(i for i, _, _ in pieces)  # chunks of each input not decoded yet
+        pending = list(range(len(group)))  # inputs not yielded yet
+        for i in _finished(pending, left, in_order):  # no speech, or unreadable
+            yield _input_result(group[i], segments[i], tokenizer, options)
         for k in range(0, len(pieces), batch_size):
             batch = pieces[k:k + batch_size]
             mels = [log_mel_spectrogram(group[i][1][a:b], model.dims.n_mels) for i, a, b in batch]
-            decoded = _decode_mels(model, mels, tokenizer, options, fallback, word_timestamps)
-            for (i, a, b), (r, log_probs) in zip(batch, decoded):
+            for j, r, log_probs in _decode_mels(model, mels, tokenizer, options, fallback, word_timestamps):
+                i, a, b = batch[j]
                 segment = chunk_segment(r, log_probs, speech[i], a, b, tokenizer)
                 if segment is not None:
                     segments[i].append(segment)
-        for i, (key, audio) in enumerate(group):
-            yield key, audio if isinstance(audio, Exception) else file_transcript(segments[i], tokenizer, options, audio)
+                left[i] -= 1
+                for i in _finished(pending, left, in_order):
+                    yield _input_result(group[i], segments[i], tokenizer, options)
+
+
+def _finished(pending: list, left: Counter, in_order: bool) -> list:
+    """Remove from `pending` and return the inputs with no chunk left to decode: all of them, or
+    (in_order) only those before the first that still has one."""
+    done = []
+    for i in pending:
+        if left[i] == 0:
+            done.append(i)
+        elif in_order:
+            break
+    for i in done:
+        pending.remove(i)
+    return done
+
+
+def _input_result(item: tuple, segments: list, tokenizer: Tokenizer, options: DecodingOptions) -> tuple:
+    key, audio = item
+    return key, audio if isinstance(audio, Exception) else file_transcript(segments, tokenizer, options, audio)
 
 
 def speech_pieces(audios: Sequence[Union[np.ndarray, Exception]], limit: float, vad: VadOptions) -> Tuple[list, dict]:
@@ -341,14 +367,18 @@ def _samples(audio) -> np.ndarray:
 
 
 def _decode_mels(model: Whisper, mels: list, tokenizer: Tokenizer, options: DecodingOptions,
-                 fallback: FallbackOptions, word_timestamps: bool) -> list:
-    """[(DecodingResult, CTC log-probs or None)] for log-mels (n_mels, T_i) padded into one batch:
-    one encoder pass serves the search, its fallback and the word alignment."""
+                 fallback: FallbackOptions, word_timestamps: bool) -> Iterator[Tuple[int, DecodingResult, Optional[Tensor]]]:
+    """(index, DecodingResult, CTC log-probs or None) for log-mels (n_mels, T_i) padded into one
+    batch, each as soon as it is final: those that pass the fallback thresholds after the first
+    pass, the others after their fallback. One encoder pass serves the search, its fallback and
+    the word alignment."""
     lens = torch.tensor([m.shape[-1] for m in mels])
     mel = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
-    results, xa, xa_lens = encode_and_decode(model, mel, lens, tokenizer, options, fallback)
+    xa, xa_lens, seeds = encode_for_fallback(model, mel, lens, options, fallback)
     log_probs = ctc_log_probs(model, xa, xa_lens) if word_timestamps else [None] * len(mels)
-    return list(zip(results, log_probs))
+    for stage in fallback_stages(model, xa, xa_lens, tokenizer, options, fallback, seeds):
+        for i, r in stage:
+            yield i, r, log_probs[i]
 
 
 # -- many files: batched across files ----------------------------------------------------------
@@ -412,8 +442,8 @@ def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list, wo
         durations.append(len(audio) / SAMPLE_RATE)
     if not ok:
         return
-    for p, duration, (r, log_probs) in zip(ok, durations, _decode_mels(model, mels, tokenizer, options, fallback,
-                                                                        word_timestamps)):
+    decoded = sorted(_decode_mels(model, mels, tokenizer, options, fallback, word_timestamps), key=lambda d: d[0])
+    for p, duration, (_, r, log_probs) in zip(ok, durations, decoded):
         segment = _segment(0, 0, 0.0, duration, r)
         if word_timestamps:
             segment.update(aligned_words(log_probs, r.tokens, tokenizer, 0.0))

@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -126,10 +126,11 @@ class Batcher:
     """A queue of jobs and the one thread that decodes them. Jobs whose key has a stream
     (`new_stream(key)`: a longform.ChunkStream, greedy decoding) join it and are decoded with
     continuous batching, one token per step for everything in flight; the others are decoded a
-    batch at a time by `decode(key, audios)`, which returns a result or an Exception per audio.
+    batch at a time by `decode(key, audios)`, which yields (index, result or Exception) for every
+    audio, each as soon as it is done (answered at once).
     An exception raised inside either fails those requests only, never the thread."""
 
-    def __init__(self, decode: Callable[[tuple, list], list], batch_size: int, max_wait_s: float,
+    def __init__(self, decode: Callable[[tuple, list], Iterable[tuple]], batch_size: int, max_wait_s: float,
                  new_stream: Callable[[tuple], Optional[ChunkStream]] = lambda key: None,
                  context: Callable = contextlib.nullcontext):
         self.decode, self.batch_size, self.max_wait_s, self.new_stream = decode, batch_size, max_wait_s, new_stream
@@ -218,13 +219,21 @@ class Batcher:
                 self.in_stream[id(job)] = job
             stream.submit([(id(job), job.audio, words) for job in group])  # queued: they start at a step
             return
+        waiting = dict(enumerate(group))
         try:
-            results = self._timed(self.decode, key, [j.audio for j in group])
-        except Exception as e:  # e.g. out of memory: this group fails, the server goes on
+            # answered one by one as each is done: a batch's few fallback chunks no longer hold
+            # back the others' clients, who send their next requests meanwhile
+            self._timed(self._decode_answering, key, [j.audio for j in group], waiting)
+        except Exception as e:  # e.g. out of memory: what is left of this group fails, the server goes on
             log.exception("decoding a batch of %d failed", len(group))
-            results = [e] * len(group)
-        for job, result in zip(group, results):
-            _answer(job, result)
+            for job in waiting.values():
+                _answer(job, e)
+
+    def _decode_answering(self, key: tuple, audios: list, waiting: dict) -> None:
+        for i, result in self.decode(key, audios):
+            _answer(waiting.pop(i), result)
+        if waiting:  # a decode that skipped an audio is a bug; its client still gets an answer
+            raise RuntimeError(f"the decoder returned no result for {len(waiting)} of {len(audios)} requests")
 
     def _step(self, stream: ChunkStream) -> None:
         self.decoded["steps"] += 1
@@ -414,10 +423,10 @@ def create_app(opts: ServerOptions) -> FastAPI:
     opts = replace(opts, decoding=with_language_model(opts.decoding, tokenizer, model.dims.n_vocab))
     chunk_s = chunk_limit(model, vad)
 
-    def decode(key: tuple, audios: list) -> list:
+    def decode(key: tuple, audios: list) -> Iterator[tuple]:
         options, words = key
-        return [r for _, r in transcribe_chunks(model, list(enumerate(audios)), tokenizer, options,
-                                                opts.fallback, vad, opts.batch_size, words)]
+        return transcribe_chunks(model, list(enumerate(audios)), tokenizer, options, opts.fallback, vad,
+                                 opts.batch_size, words, in_order=False)
 
     def streamed(options: DecodingOptions) -> bool:  # beam search and sampling go a batch at a time
         return opts.continuous and options.temperature == 0 and not options.uses_beam_search

@@ -86,13 +86,22 @@ def _silero():
 
 
 FRAME = 512  # silero's frame at 16 kHz (32 ms)
-LEAD_IN = 32 * FRAME  # ≈ 1 s of silence around the audio: silero misses speech that starts at once
+# Silence before the audio (256 ms): silero misses speech that starts at once. Measured on all 2,500
+# FSDD clips (tightly cut digits): with 8, 16 or 32 frames of it, 1 clip has no frame above 0.5.
+# None is needed after: silero is causal (each frame's probability depends on the frames before
+# it only; tested), so trailing silence would cost time and change nothing.
+LEAD_IN = 8 * FRAME
+
+
+def _row_samples(n: int) -> int:
+    """Samples of a silero input row for n samples of audio: the lead-in and whole frames."""
+    return LEAD_IN + -(-n // FRAME) * FRAME
 
 
 def speech_probabilities(audio: np.ndarray) -> np.ndarray:
     """silero-vad's speech probability for every 512-sample (32 ms) frame of 16 kHz mono audio.
-    The audio is framed with LEAD_IN of silence on both sides (without it, 18 of FSDD's 250
-    tightly cut test digits score below 0.5; with it, none) and those frames are dropped."""
+    The audio follows LEAD_IN of silence (without it, 18 of FSDD's 250 tightly cut test digits
+    score below 0.5), whose frames are dropped."""
     return speech_probabilities_many([audio])[0]
 
 
@@ -105,9 +114,9 @@ def speech_probabilities_many(audios: Sequence[np.ndarray], max_samples: int = 3
     batch: list = []
     for n, i in enumerate(order):
         batch.append(i)
-        longest = len(audios[i]) + 2 * LEAD_IN
+        longest = _row_samples(len(audios[i]))
         last = n == len(order) - 1
-        if last or (len(batch) + 1) * (len(audios[order[n + 1]]) + 2 * LEAD_IN) > max_samples:
+        if last or (len(batch) + 1) * _row_samples(len(audios[order[n + 1]])) > max_samples:
             for j, probs in zip(batch, _silero_batch([audios[j] for j in batch], longest)):
                 out[j] = probs
             batch = []
