@@ -13,7 +13,10 @@ the mean over the speaker folds and the worst one. Flags after `--` go to train.
 
 `--espeak-voices N` adds the ten digit words spoken by N espeak-ng voices (synth.build_digits,
 8 kHz like FSDD) to every fold's train split, never to dev or test: four real speakers are few
-to learn a voice-independent model from, and synthetic voices are data the project makes itself."""
+to learn a voice-independent model from, and synthetic voices are data the project makes itself.
+`--common-voice DIR` adds a Common Voice folder's validated clips (e.g. shared/data/cv_sample/en:
+100 English sentences by 95 real speakers) to every train split the same way: real voices and
+microphones, though not the digit words."""
 import argparse
 import csv
 import json
@@ -21,6 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,6 +86,18 @@ def espeak_rows(out: Path, voices: int) -> list:
     return [{**r, "path": str((manifest.parent / r["path"]).resolve())} for r in rows]
 
 
+def common_voice_rows(folder: Optional[str]) -> list:
+    """Train rows of a Common Voice folder's validated.tsv (CSV quoting, as the corpus writes it)."""
+    if not folder:
+        return []
+    from whisper_scratch.audio import audio_duration
+    root = Path(folder).resolve()
+    with open(root / "validated.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [{"path": str(root / "clips" / r["path"]), "duration": f"{audio_duration(root / 'clips' / r['path']):.3f}",
+             "text": r["sentence"].replace("\t", " "), "speaker": "cv_" + r["client_id"][:12]} for r in rows]
+
+
 def run_fold(fsdd: Path, fold: str, out: Path, train_flags: list, threads: int, checkpoints: list,
              extra_train: list = ()) -> list:
     manifest, test, counts = write_fold(fsdd, fold, out, extra_train)
@@ -132,8 +148,10 @@ def main(argv=None):
                    help="which files of each fold are tested: best_model.pt, last.pt, best_ema.pt, avg-last-N.pt, ...")
     p.add_argument("--espeak-voices", type=int, default=0,
                    help="add the digits spoken by this many espeak-ng voices to every fold's train split")
+    p.add_argument("--common-voice", default=None,
+                   help="add this Common Voice folder's validated clips to every fold's train split")
     a = p.parse_args(argv)
-    extra = espeak_rows(Path(a.out), a.espeak_voices)
+    extra = espeak_rows(Path(a.out), a.espeak_voices) + common_voice_rows(a.common_voice)
     results = [r for fold in a.folds
                for r in run_fold(Path(a.fsdd), fold, Path(a.out) / fold, train_flags, a.threads, a.checkpoints,
                                  extra)]

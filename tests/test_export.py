@@ -134,6 +134,19 @@ def test_export_refuses_to_overwrite(ckpt_path, tmp_path, capsys):
         export_main(["--checkpoint", str(tmp_path / "nope.pt"), "--to", "openai", "--output", str(tmp_path / "y.pt")])
 
 
+@pytest.mark.parametrize("to", ["openai", "hf", "ct2", "ggml"])
+def test_a_model_on_normalised_log_mels_is_not_exported(model, tok, tmp_path, to):
+    """--feature-norm models hear centred log-mels; the 30 s tools would feed them plain ones."""
+    from dataclasses import replace
+    normed = Whisper(replace(model.dims, feature_norm="mean"))
+    normed.load_state_dict(model.state_dict())
+    path = tmp_path / "normed.pt"
+    save_checkpoint(path, normed, tok)
+    with pytest.raises(SystemExit, match="--feature-norm mean.*cannot be exported"):
+        export_main(["--checkpoint", str(path), "--to", to, "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 # -- Hugging Face transformers -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -245,3 +245,38 @@ def test_dropout_acts_in_training_only():
     assert all(k in Whisper(TINY).state_dict() for k in m.state_dict())  # nothing saved with the weights
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
         m.set_dropout(1.0)
+
+
+@pytest.mark.parametrize("kind", ["mean", "meanvar"])
+def test_feature_norm_is_per_utterance_over_its_frames_and_saved_in_dims(tmp_path, kind):
+    """--feature-norm: each mel bin of each utterance is centred (and scaled) over its own frames;
+    padding and the other rows of the batch change nothing; the setting travels in dims."""
+    from dataclasses import replace
+    from whisper_scratch.model import normalise_features
+    torch.manual_seed(2)
+    mel = torch.randn(2, 80, 90) * 3 + torch.linspace(-2, 2, 80)[None, :, None]  # a microphone's tilt
+    lens = torch.tensor([60, 90])
+    x = normalise_features(mel, lens, kind)
+    real = x[0, :, :60]
+    assert real.mean(-1).abs().max() < 1e-5 and x[0, :, 60:].abs().max() == 0
+    if kind == "meanvar":
+        sd = mel[0, :, :60].std(-1, unbiased=False)
+        assert torch.allclose(real.pow(2).mean(-1).sqrt(), sd / (sd + 0.1), atol=1e-5)
+    # a constant gain per bin (another microphone) is removed entirely by the mean
+    assert torch.allclose(normalise_features(mel + torch.randn(1, 80, 1), lens, kind), x, atol=1e-4)
+    torch.manual_seed(0)
+    m = Whisper(replace(TINY, feature_norm=kind)).eval()
+    batch = mel.clone()
+    batch[0, :, 60:] = 50.0  # garbage in the padding
+    with torch.no_grad():
+        both = m.encoder(batch, lens)
+        alone = m.encoder(mel[:1, :, :60], torch.tensor([60]))
+    assert (both[0, :30] - alone[0]).abs().max() <= 1e-5
+    save_checkpoint(tmp_path / "n.pt", m, CharTokenizer("аб"))
+    again, _, _ = load_model(tmp_path / "n.pt")
+    assert again.dims.feature_norm == kind
+    with torch.no_grad():
+        assert torch.equal(again.encoder(mel, lens), m.encoder(mel, lens))
+    assert ModelDimensions.from_dict(TINY.to_dict()).feature_norm == "none"  # older checkpoints: plain log-mels
+    with pytest.raises(ValueError, match="feature_norm must be one of"):
+        replace(TINY, feature_norm="cmvn")

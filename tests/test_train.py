@@ -326,3 +326,17 @@ def test_dropout_flag_reaches_every_block_and_is_checked(tmp_path, digits):
     assert {b.dropout for b in [*model.encoder.blocks, *model.decoder.blocks]} == {0.1}
     with pytest.raises(ValueError, match="dropout out of range, got 1.0"):
         opts(tmp_path, digits, dropout=1.0)
+
+
+def test_feature_norm_flag_builds_the_model_and_resume_keeps_it(tmp_path, digits):
+    t = Trainer(opts(tmp_path, digits, feature_norm="meanvar", max_steps=2, eval_every=2))
+    assert t.model.dims.feature_norm == "meanvar" and t.model.encoder.feature_norm == "meanvar"
+    t.run()
+    ckpt = torch.load(tmp_path / "out" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["dims"]["feature_norm"] == "meanvar"
+    with pytest.raises(SystemExit, match="feature-norm meanvar, not none"):
+        Trainer(opts(tmp_path, digits, resume=True, max_steps=3))
+    with pytest.raises(ValueError, match="--feature-norm mean .*--init-from"):
+        opts(tmp_path, digits, feature_norm="mean", init_from=str(tmp_path / "openai.pt"))
+    with pytest.raises(ValueError, match="--pad-to-30s-prob 0.5 .*--feature-norm mean"):
+        opts(tmp_path, digits, feature_norm="mean", pad_to_30s_prob=0.5)

@@ -4,7 +4,10 @@ Differences from openai/whisper, all needed for training from scratch on short c
 - a real weight init (Kaiming conv stem, N(0, 0.02) elsewhere, scaled residual projections);
 - variable-length encoder input up to n_audio_ctx * 2 frames, with `mel_lens` masking the
   padding, so a 5 s clip costs 5 s of compute and gives the same output alone or in a batch;
-- an explicit `KVCache` argument instead of forward hooks.
+- an explicit `KVCache` argument instead of forward hooks;
+- optionally (`feature_norm`), log-mels normalised per utterance and mel bin over its real frames
+  (cepstral mean [and variance] normalisation): it removes the microphone and the speaker's
+  average spectrum, which a model trained on a few voices otherwise keys on.
 With `mel_lens=None` and 3000-frame input the computation is exactly openai-whisper's.
 """
 from __future__ import annotations
@@ -17,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+
+FEATURE_NORMS = ("none", "mean", "meanvar")
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,18 @@ class ModelDimensions:
     # Not in openai-whisper: an auxiliary CTC head on the encoder (blank = the tokenizer's <|pad|>,
     # the last id). It makes the encoder align early when training from scratch on little data.
     ctc: bool = False
+    # Not in openai-whisper: "mean" subtracts each mel bin's mean over the utterance's frames from
+    # the encoder's input, "meanvar" also divides by its deviation (FEATURE_NORMS). The 30 s tools
+    # feed plain log-mels, so such a model cannot be exported to them.
+    feature_norm: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.ctc, bool):
             raise ValueError(f"ModelDimensions.ctc must be a bool, got {self.ctc!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"ModelDimensions.feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         for f in fields(self):
-            if f.name == "ctc":
+            if f.name in ("ctc", "feature_norm"):
                 continue
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -58,8 +70,8 @@ class ModelDimensions:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelDimensions":
-        kw = {f.name: int(d[f.name]) for f in fields(cls) if f.name != "ctc"}
-        return cls(**kw, ctc=bool(d.get("ctc", False)))
+        kw = {f.name: int(d[f.name]) for f in fields(cls) if f.name not in ("ctc", "feature_norm")}
+        return cls(**kw, ctc=bool(d.get("ctc", False)), feature_norm=str(d.get("feature_norm", "none")))
 
 
 # (state, heads, layers) per preset; encoder and decoder share them, as in openai-whisper.
@@ -74,12 +86,13 @@ PRESETS = {
 
 
 def preset_dims(name: str, n_vocab: int, n_mels: int = 80, n_audio_ctx: int = 1500,
-                n_text_ctx: int = 448, ctc: bool = False) -> ModelDimensions:
+                n_text_ctx: int = 448, ctc: bool = False, feature_norm: str = "none") -> ModelDimensions:
     """Dimensions of a named preset (`--whisper-size`) for a tokenizer's vocabulary size."""
     if name not in PRESETS:
         raise ValueError(f"unknown whisper size {name!r}; choose one of {', '.join(PRESETS)}")
     state, head, layer = PRESETS[name]
-    return ModelDimensions(n_mels, n_audio_ctx, state, head, layer, n_vocab, n_text_ctx, state, head, layer, ctc)
+    return ModelDimensions(n_mels, n_audio_ctx, state, head, layer, n_vocab, n_text_ctx, state, head, layer, ctc,
+                           feature_norm)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Tensor:
@@ -303,10 +316,26 @@ def attention_key_mask(lens: Optional[Tensor], max_len: int) -> Optional[Tensor]
     return lengths_to_mask(lens, max_len)[:, None, None, :]
 
 
+def normalise_features(mel: Tensor, mel_lens: Optional[Tensor], kind: str) -> Tensor:
+    """Each mel bin of each utterance minus its mean over the real frames ("mean"), also divided
+    by its deviation there ("meanvar"; + 0.1 so a constant bin stays finite). Padding stays zero,
+    so an utterance gives the same result alone or padded in a batch."""
+    x = mel.float()
+    if mel_lens is None:
+        mask = torch.ones_like(x[:, :1])
+    else:
+        mask = lengths_to_mask(mel_lens.to(x.device), x.shape[-1])[:, None, :].float()
+    n = mask.sum(-1, keepdim=True)
+    x = (x - (x * mask).sum(-1, keepdim=True) / n) * mask
+    if kind == "meanvar":
+        x = x / (((x ** 2).sum(-1, keepdim=True) / n).sqrt() + 0.1)
+    return x.to(mel.dtype)
+
+
 class AudioEncoder(nn.Module):
-    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int, feature_norm: str = "none"):
         super().__init__()
-        self.n_ctx = n_ctx
+        self.n_ctx, self.feature_norm = n_ctx, feature_norm
         self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
@@ -319,6 +348,8 @@ class AudioEncoder(nn.Module):
         T = mel.shape[-1]
         if (T + 1) // 2 > self.n_ctx:
             raise ValueError(f"mel has {T} frames; this encoder takes at most {2 * self.n_ctx} (30 s)")
+        if self.feature_norm != "none":
+            mel = normalise_features(mel, mel_lens, self.feature_norm)
         if mel_lens is not None:
             # Zero the padding before each conv so border frames see exactly the zeros that an
             # unpadded, shorter input would see through the conv's own zero padding.
@@ -408,7 +439,7 @@ class Whisper(nn.Module):
         super().__init__()
         self.dims = dims
         self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state,
-                                    dims.n_audio_head, dims.n_audio_layer)
+                                    dims.n_audio_head, dims.n_audio_layer, dims.feature_norm)
         self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state,
                                    dims.n_text_head, dims.n_text_layer)
         self.ctc_head = nn.Linear(dims.n_audio_state, dims.n_vocab) if dims.ctc else None

@@ -36,7 +36,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import DTYPE_ALIASES, canonical_dtype, flag, option
 from .decoding import DecodingOptions, with_language_model
 from .evaluation import evaluate
-from .model import PRESETS, ModelDimensions, Whisper, preset_dims
+from .model import FEATURE_NORMS, PRESETS, ModelDimensions, Whisper, preset_dims
 from .tokenizer import TextNormalizer, build_tokenizer, tokenizer_from_dict
 from .training_log import TrainLog, closing, opening
 
@@ -68,6 +68,10 @@ class TrainOptions:
     output_dir: str = option("exp", "where checkpoints, metrics.csv and curves.png go")
     whisper_size: str = option("tiny", "model preset", choices=tuple(PRESETS))
     n_mels: int = option(80, "mel bins (80, or 128 as large-v3)", choices=(80, 128))
+    feature_norm: str = option("none", "normalise each utterance's log-mels per mel bin in the encoder: mean, or "
+                                       "meanvar (also the variance); removes the microphone and the voice's average "
+                                       "spectrum (few training speakers); such a model cannot be exported to the 30 s "
+                                       "tools", choices=FEATURE_NORMS)
     tokenizer: str = option("char", "char (one token per character) or bpe (sentencepiece)", choices=("char", "bpe"))
     keep_chars: Optional[str] = option(None, "the char tokenizer's alphabet; other characters are counted and reported")
     bpe_vocab_size: int = option(256, "BPE vocabulary size")
@@ -202,6 +206,12 @@ class TrainOptions:
             raise ValueError("--warmup-steps, --grad-clip and --num-workers must be >= 0")
         if self.init_decoder and not self.init_from:
             raise ValueError("--init-decoder copies the decoder of --init-from's checkpoint: give --init-from too")
+        if self.pad_to_30s_prob > 0 and self.feature_norm != "none":
+            raise ValueError(f"--pad-to-30s-prob {self.pad_to_30s_prob} trains for export to the 30 s tools; a model with "
+                             f"--feature-norm {self.feature_norm} cannot be exported to them")
+        if self.init_from and self.feature_norm != "none":
+            raise ValueError(f"--feature-norm {self.feature_norm} changes what the encoder hears; --init-from's encoder "
+                             f"was trained on plain log-mels: use --feature-norm none with it")
         if self.keep_chars is not None and self.tokenizer == "bpe":
             raise ValueError(f"--keep-chars {self.keep_chars!r} sets the char tokenizer's alphabet; it cannot be "
                              f"used with --tokenizer bpe")
@@ -308,13 +318,14 @@ def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: tor
     """The preset's model, the resumed checkpoint's, or a warm start from an openai-whisper .pt."""
     if ckpt is not None:
         old = ckpt.get("options", {})
-        for name in ("whisper_size", "tokenizer", "n_mels"):
+        for name in ("whisper_size", "tokenizer", "n_mels", "feature_norm"):
             if name in old and old[name] != getattr(opts, name):
                 raise SystemExit(f"error: {opts.output_dir}/last.pt was trained with {flag(name)} "
                                  f"{old[name]}, not {getattr(opts, name)}; resume with the same model flags")
         dims = ModelDimensions.from_dict(ckpt["dims"])
     else:
-        dims = preset_dims(opts.whisper_size, tokenizer.vocab_size, opts.n_mels, ctc=opts.ctc_weight > 0)
+        dims = preset_dims(opts.whisper_size, tokenizer.vocab_size, opts.n_mels, ctc=opts.ctc_weight > 0,
+                           feature_norm=opts.feature_norm)
     model = Whisper(dims)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

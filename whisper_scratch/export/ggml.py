@@ -45,7 +45,7 @@ from ..audio import mel_filters
 from ..model import Whisper
 from ..tokenizer import UNK_TEXT, BPETokenizer, Tokenizer
 from .ct2 import pin
-from .openai import openai_state_dict
+from .openai import openai_state_dict, require_plain_log_mels
 
 GGML_MAGIC = 0x67676D6C
 GGML_VOCAB = 51865
@@ -195,6 +195,7 @@ def ggml_tensors(model: Whisper, tokenizer: Tokenizer, ggml_type: str = "f32") -
 
 def _check_dims(model: Whisper) -> None:
     dims = model.dims
+    require_plain_log_mels(dims)
     if dims.n_audio_state != dims.n_text_state:
         raise ValueError(f"whisper.cpp needs n_audio_state == n_text_state, got {dims.n_audio_state} "
                          f"and {dims.n_text_state}")

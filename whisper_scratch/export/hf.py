@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 from ..model import ModelDimensions, Whisper
 from ..tokenizer import UNK_TEXT, BPETokenizer, CharTokenizer, Tokenizer
-from .openai import openai_state_dict
+from .openai import openai_state_dict, require_plain_log_mels
 
 
 # -- weights, config, generation config -------------------------------------------------------
@@ -66,6 +66,7 @@ def hf_state_dict(model: Whisper) -> dict:
 
 
 def _check_hf_dims(dims: ModelDimensions) -> None:
+    require_plain_log_mels(dims)
     if dims.n_audio_state != dims.n_text_state:
         raise ValueError(f"transformers' Whisper has one d_model; this model has n_audio_state "
                          f"{dims.n_audio_state} != n_text_state {dims.n_text_state}")

@@ -15,11 +15,20 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..checkpoint import atomic_save, load_model
-from ..model import Whisper
+from ..model import ModelDimensions, Whisper
 from ..tokenizer import Tokenizer
 
 OPENAI_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
                "n_vocab", "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer")
+
+
+def require_plain_log_mels(dims: ModelDimensions) -> None:
+    """Every export target feeds its encoder plain log-mels: a model trained on per-utterance
+    normalised ones (--feature-norm) would hear something else there."""
+    if dims.feature_norm != "none":
+        raise ValueError(f"this model normalises each utterance's log-mels (trained with --feature-norm "
+                         f"{dims.feature_norm}); openai-whisper, transformers, CTranslate2 and whisper.cpp feed the "
+                         f"encoder plain log-mels, so it cannot be exported to them (train with --feature-norm none)")
 
 
 def openai_state_dict(model: Whisper) -> dict:
@@ -29,6 +38,7 @@ def openai_state_dict(model: Whisper) -> dict:
 
 def to_openai_checkpoint(model: Whisper) -> dict:
     """{"dims", "model_state_dict"}: what `whisper.load_model(path)` reads."""
+    require_plain_log_mels(model.dims)
     dims = {k: getattr(model.dims, k) for k in OPENAI_DIMS}
     return {"dims": dims, "model_state_dict": openai_state_dict(model)}
 
