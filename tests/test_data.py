@@ -274,6 +274,15 @@ def test_augmentations(small_corpus, tmp_path):
     masked = spec_augment(mel, AugmentOptions(spec_augment=True, freq_masks=2, time_masks=4), rng)
     changed = (masked != mel)
     assert changed.any() and changed.float().mean() < 0.6
+    # bin_mean (models with --feature-norm): masked cells get their bin's mean over the unmasked
+    # frames, so each bin's mean (what a normalising encoder subtracts) is that of the frames left
+    tilted = mel + torch.linspace(-3, 3, 80)[:, None]
+    masked = spec_augment(tilted, AugmentOptions(spec_augment=True, freq_masks=0, time_masks=6, mask_fill="bin_mean"),
+                          np.random.default_rng(3))
+    kept = (masked == tilted).all(0)
+    assert 0 < kept.sum() < 300 and torch.allclose(masked.mean(-1), tilted[:, kept].mean(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="mask_fill must be .* got 'zero'"):
+        AugmentOptions(mask_fill="zero")
     # deterministic per (seed, epoch, item) and different across epochs
     utts, tok = small_corpus
     (tmp_path / "noise").mkdir()

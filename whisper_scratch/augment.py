@@ -37,6 +37,9 @@ class AugmentOptions:
     freq_mask_width: int = 27
     time_masks: int = 10  # up to 10 masks, each at most 5 % of the utterance
     time_mask_fraction: float = 0.05
+    # what masked cells get: the utterance's mean, or each mel bin's own mean over the utterance (a
+    # model with --feature-norm subtracts those means: time masks then leave them unchanged)
+    mask_fill: str = "mean"
     speed_perturb: bool = False
     speeds: tuple = (0.9, 1.0, 1.1)
     noise_dir: Optional[str] = None
@@ -56,6 +59,8 @@ class AugmentOptions:
             raise ValueError(f"snr_range must be (low, high), got {self.snr_range}")
         if any(s <= 0 for s in self.speeds):
             raise ValueError(f"speeds must be positive, got {self.speeds}")
+        if self.mask_fill not in ("mean", "bin_mean"):
+            raise ValueError(f"mask_fill must be 'mean' or 'bin_mean', got {self.mask_fill!r}")
 
 
 def speed_perturb(audio: np.ndarray, factor: float, sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -80,19 +85,33 @@ def add_noise(audio: np.ndarray, noise: np.ndarray, snr_db: float, rng: np.rando
 
 
 def spec_augment(mel: torch.Tensor, opts: AugmentOptions, rng: np.random.Generator) -> torch.Tensor:
-    """Frequency and time masks on a (n_mels, T) log-mel; masked cells get the utterance mean."""
+    """Frequency and time masks on a (n_mels, T) log-mel. Masked cells get the utterance mean
+    (opts.mask_fill "mean"), or each bin's mean over the frames no time mask covers ("bin_mean"):
+    then every bin's mean over the utterance is that of the frames left, and an encoder that
+    subtracts it (--feature-norm) is not shifted by the masks."""
     mel = mel.clone()
     n_mels, T = mel.shape
-    fill = mel.mean()
+    bands, spans = [], []
     for _ in range(opts.freq_masks):
         w = int(rng.integers(0, opts.freq_mask_width + 1))
         f0 = int(rng.integers(0, max(1, n_mels - w)))
-        mel[f0:f0 + w, :] = fill
+        bands.append((f0, f0 + w))
     max_t = int(opts.time_mask_fraction * T)
     for _ in range(opts.time_masks if max_t > 0 else 0):
         w = int(rng.integers(0, max_t + 1))
         t0 = int(rng.integers(0, max(1, T - w)))
-        mel[:, t0:t0 + w] = fill
+        spans.append((t0, t0 + w))
+    if opts.mask_fill == "mean":
+        fill = mel.mean()
+    else:
+        kept = torch.ones(T, dtype=torch.bool)
+        for a, b in spans:
+            kept[a:b] = False
+        fill = (mel[:, kept] if kept.any() else mel).mean(-1, keepdim=True)  # (n_mels, 1)
+    for a, b in bands:
+        mel[a:b, :] = fill if fill.ndim == 0 else fill[a:b]
+    for a, b in spans:
+        mel[:, a:b] = fill
     return mel
 
 

@@ -351,7 +351,8 @@ def build_batches(opts: TrainOptions, utts: list, tokenizer, n_mels: int, ddp: D
     x = o.speed_perturb_max
     augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, speeds=(1 - x, 1.0, 1 + x),
                              noise_dir=o.noise_dir, snr_range=(o.snr_low, o.snr_high), silence_pad_max=o.silence_pad_max,
-                             vtlp_max=o.vtlp_max, channel_db=o.channel_db, gain_db=o.gain_db)
+                             vtlp_max=o.vtlp_max, channel_db=o.channel_db, gain_db=o.gain_db,
+                             mask_fill="mean" if o.feature_norm == "none" else "bin_mean")
     dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
     return sampler, dataset
 
