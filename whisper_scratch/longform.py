@@ -106,7 +106,8 @@ def chunk_limit(model: Whisper, vad: VadOptions) -> float:
 def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]], tokenizer: Tokenizer,
                       options: DecodingOptions = DecodingOptions(), fallback: FallbackOptions = FallbackOptions(),
                       vad: VadOptions = VadOptions(), batch_size: int = 16, word_timestamps: bool = False,
-                      group_seconds: float = 600.0, in_order: bool = True) -> Iterator[Tuple[Hashable, Union[dict, Exception]]]:
+                      group_seconds: float = 600.0,
+                      in_order: bool = True) -> Iterator[Tuple[Hashable, Union[dict, Exception]]]:
     """Yield (key, transcript or the error) for every (key, file or waveform).
 
     Each input is cut into speech chunks (vad.speech_chunks: the whole input when it is no longer
@@ -127,8 +128,8 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
         segments: dict = {i: [] for i in range(len(group))}
         left = Counter(i for i, _, _ in pieces)  # chunks of each input not decoded yet
         pending = list(range(len(group)))  # inputs not yielded yet
-        for i in _finished(pending, left, in_order):  # no speech, or unreadable
-            yield _input_result(group[i], segments[i], tokenizer, options)
+        for n in _finished(pending, left, in_order):  # no speech, or unreadable
+            yield _input_result(group[n], segments[n], tokenizer, options)
         for k in range(0, len(pieces), batch_size):
             batch = pieces[k:k + batch_size]
             mels = [log_mel_spectrogram(group[i][1][a:b], model.dims.n_mels) for i, a, b in batch]
@@ -138,8 +139,8 @@ def transcribe_chunks(model: Whisper, sources: Iterable[Tuple[Hashable, Source]]
                 if segment is not None:
                     segments[i].append(segment)
                 left[i] -= 1
-                for i in _finished(pending, left, in_order):
-                    yield _input_result(group[i], segments[i], tokenizer, options)
+                for n in _finished(pending, left, in_order):
+                    yield _input_result(group[n], segments[n], tokenizer, options)
 
 
 def _finished(pending: list, left: Counter, in_order: bool) -> list:
@@ -367,7 +368,8 @@ def _samples(audio) -> np.ndarray:
 
 
 def _decode_mels(model: Whisper, mels: list, tokenizer: Tokenizer, options: DecodingOptions,
-                 fallback: FallbackOptions, word_timestamps: bool) -> Iterator[Tuple[int, DecodingResult, Optional[Tensor]]]:
+                 fallback: FallbackOptions,
+                 word_timestamps: bool) -> Iterator[Tuple[int, DecodingResult, Optional[Tensor]]]:
     """(index, DecodingResult, CTC log-probs or None) for log-mels (n_mels, T_i) padded into one
     batch, each as soon as it is final: those that pass the fallback thresholds after the first
     pass, the others after their fallback. One encoder pass serves the search, its fallback and
