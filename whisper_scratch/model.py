@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 FEATURE_NORMS = ("none", "mean", "meanvar")
+NOT_SIZES = ("ctc", "feature_norm")  # the ModelDimensions fields that are not positive ints (openai-whisper's)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class ModelDimensions:
         if self.feature_norm not in FEATURE_NORMS:
             raise ValueError(f"ModelDimensions.feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         for f in fields(self):
-            if f.name in ("ctc", "feature_norm"):
+            if f.name in NOT_SIZES:
                 continue
             v = getattr(self, f.name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -70,7 +71,7 @@ class ModelDimensions:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelDimensions":
-        kw = {f.name: int(d[f.name]) for f in fields(cls) if f.name not in ("ctc", "feature_norm")}
+        kw = {f.name: int(d[f.name]) for f in fields(cls) if f.name not in NOT_SIZES}
         return cls(**kw, ctc=bool(d.get("ctc", False)), feature_norm=str(d.get("feature_norm", "none")))
 
 
