@@ -139,6 +139,23 @@ def test_batched_speech_probabilities_equal_one_by_one():
             assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
 
 
+def test_short_inputs_are_scored_only_until_speech_is_found_and_chunked_the_same():
+    from whisper_scratch.vad import PROBE, chunking_probabilities, speech_probabilities
+    _, _, clips = joined_clips("ru", 4)
+    late = np.concatenate([np.zeros(2 * SAMPLE_RATE, np.float32), clips[0]])  # speech after the first second
+    audios = clips + [late, np.zeros(3 * SAMPLE_RATE, np.float32), np.concatenate(clips)]
+    whole = max(len(a) for a in audios[:-1])  # every input but the joined one is decoded whole
+    got = chunking_probabilities(audios, whole, 0.5)
+    full = [speech_probabilities(a) for a in audios]
+    for a, g, f in zip(audios, got, full):
+        assert np.abs(g - f[:len(g)]).max() < 1e-4
+        assert speech_chunks(a, whole / SAMPLE_RATE, VadOptions(), g) == speech_chunks(a, whole / SAMPLE_RATE,
+                                                                                         VadOptions(), f)
+    assert all(len(g) == PROBE // 512 for g in got[:len(clips)])  # speech in the first second: that is all
+    assert [len(g) for g in got[len(clips):]] == [len(f) for f in full[len(clips):]]  # late, silent, long
+    assert speech_chunks(audios[-2], whole / SAMPLE_RATE, VadOptions(), got[-2]) == []
+
+
 def test_silero_is_causal_so_no_silence_is_needed_after_the_audio():
     """A frame's speech probability does not depend on what follows it (vad.LEAD_IN's comment)."""
     from whisper_scratch.vad import speech_probabilities

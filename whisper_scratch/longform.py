@@ -25,7 +25,7 @@ from .decoding import (DecodingOptions, DecodingResult, FallbackOptions, GreedyS
                        encode_for_fallback, fall_back, fallback_stages, needs_fallback, utterance_seeds)
 from .model import Whisper
 from .tokenizer import Tokenizer
-from .vad import FRAME, VadOptions, speech_chunks, speech_probabilities_many
+from .vad import FRAME, VadOptions, chunking_probabilities, speech_chunks
 
 Source = Union[str, Path, np.ndarray, Tensor]  # a file, or 16 kHz mono samples
 
@@ -165,9 +165,11 @@ def _input_result(item: tuple, segments: list, tokenizer: Tokenizer, options: De
 def speech_pieces(audios: Sequence[Union[np.ndarray, Exception]], limit: float, vad: VadOptions) -> Tuple[list, dict]:
     """The speech chunks of every loaded input (an Exception in `audios` is a file that failed
     to load: skipped), as (input index, first sample, end sample), and each input's silero
-    frame probabilities by index. Silero runs on all inputs at once (it costs per call, not per file)."""
+    frame probabilities by index (of a short input, maybe only its first second's:
+    vad.chunking_probabilities). Silero runs on all inputs at once (it costs per call, not per file)."""
     loaded = [i for i, audio in enumerate(audios) if not isinstance(audio, Exception)]
-    speech = dict(zip(loaded, speech_probabilities_many([audios[i] for i in loaded])))
+    probs = chunking_probabilities([audios[i] for i in loaded], int(limit * SAMPLE_RATE), vad.vad_threshold)
+    speech = dict(zip(loaded, probs))
     pieces = [(i, a, b) for i, probs in speech.items() for a, b in speech_chunks(audios[i], limit, vad, probs)]
     return pieces, speech
 
@@ -176,7 +178,8 @@ def chunk_segment(r: DecodingResult, log_probs: Optional[Tensor], probs: np.ndar
                   tokenizer: Tokenizer) -> Optional[dict]:
     """The segment of a decoded chunk [a, b) samples of its file, or None when it says nothing.
     log_probs: its CTC log-probs for word timestamps (None: no words); probs: the file's silero
-    frame probabilities, for openai-whisper's no_speech_prob (1 - the surest speech frame)."""
+    frame probabilities, for openai-whisper's no_speech_prob (1 - the surest speech frame scored
+    in the chunk; a short file's frames may be scored only up to its first second)."""
     if not r.text.strip():
         return None
     segment = _segment(0, a * FRAMES_PER_SECOND // SAMPLE_RATE, a / SAMPLE_RATE, b / SAMPLE_RATE, r)

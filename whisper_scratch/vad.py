@@ -123,6 +123,27 @@ def speech_probabilities_many(audios: Sequence[np.ndarray], max_samples: int = 3
     return out
 
 
+PROBE = 32 * FRAME  # the first second: where a clip's speech starts (CV clips may open with more silence)
+
+
+def chunking_probabilities(audios: Sequence[np.ndarray], whole_samples: int, threshold: float) -> list:
+    """Per audio, the silero frame probabilities `speech_chunks` needs, for all at once. Audio
+    longer than whole_samples is cut at its pauses: every frame. Shorter audio is decoded whole
+    when any frame is speech, so its frames are scored only until that is known: its first
+    second first (silero is causal, so those equal the whole pass's first frames), every frame
+    only when that second holds none. On the server bench's 5 s clips silero scores a fifth of
+    the frames it scored before."""
+    out: list = [None] * len(audios)
+    short = [i for i, a in enumerate(audios) if PROBE < len(a) <= whole_samples]
+    for i, probs in zip(short, speech_probabilities_many([audios[i][:PROBE] for i in short])):
+        if probs.max() >= threshold:
+            out[i] = probs
+    rest = [i for i, probs in enumerate(out) if probs is None]
+    for i, probs in zip(rest, speech_probabilities_many([audios[i] for i in rest])):
+        out[i] = probs
+    return out
+
+
 def _silero_batch(audios: list, length: int) -> list:
     rows = torch.zeros(len(audios), length)
     for r, audio in enumerate(audios):
