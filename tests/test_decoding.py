@@ -13,7 +13,7 @@ from whisper_scratch.audio import load_audio, log_mel_spectrogram
 from whisper_scratch.decoding import (CtcPrefixScorer, DecodingOptions, DecodingResult, FallbackOptions, GreedyStream,
                                       Inference,
                                       beam_search, compression_ratio, decode, decode_with_fallback, encode,
-                                      encode_for_fallback, fallback_stages,
+                                      encode_for_fallback, fall_back, fallback_stages, ctc_lengths, sample_limits,
                                       initial_tokens, length_normalised, loop_cuts, needs_fallback, sample_search,
                                       suppress_mask, length_groups, _best, _looping_rows)
 from whisper_scratch.model import ModelDimensions, Whisper
@@ -423,6 +423,35 @@ class Cycle:
 
     def reorder(self, index, same_audio=False):
         pass
+
+
+def test_ctc_lengths_count_the_greedy_path_of_real_frames():
+    class Stub:
+        def ctc_logits(self, xa):
+            return F.one_hot(xa[..., 0].long(), 5).float()  # frame t says token xa[b, t, 0]
+    blank = 4
+    paths = torch.tensor([[1, 1, 4, 1, 2, 2, 4, 3], [4, 4, 0, 0, 0, 4, 4, 4]])  # a a _ a b b _ c | _ _ x x x _ _ _
+    xa = paths[..., None].float()
+    assert ctc_lengths(Stub(), xa, torch.tensor([8, 8]), blank).tolist() == [4, 1]
+    assert ctc_lengths(Stub(), xa, torch.tensor([5, 2]), blank).tolist() == [3, 0]  # padding is not read
+
+
+def test_fallback_samples_end_at_the_ctc_length_limit(model, clips, monkeypatch):
+    import whisper_scratch.decoding as decoding
+    batch, lens, _ = clips
+    options = DecodingOptions(max_new_tokens=30, loop_span=0)
+    fb = FallbackOptions(compression_ratio_threshold=None, logprob_threshold=0.0)  # every temperature runs
+    xa, xa_lens, seeds = encode_for_fallback(model, batch, lens, options, fb)
+    free = fall_back(model, xa, xa_lens, TOK, options, replace(fb, ctc_length_ratio=None), seeds)
+    monkeypatch.setattr(decoding, "ctc_lengths", lambda *a: torch.tensor([0, 2, 4, 0, 2, 4]))
+    limits = sample_limits(model, xa, xa_lens, TOK, fb).tolist()
+    assert limits == [10, 13, 16, 10, 13, 16]  # ceil(1.5 n) + 10
+    capped = fall_back(model, xa, xa_lens, TOK, options, fb, seeds)
+    assert all(r.temperature == 1.0 for r in capped)
+    assert all(len(r.tokens) <= n for r, n in zip(capped, limits))
+    assert any(len(r.tokens) > n for r, n in zip(free, limits)), "the limit should bite on some utterance"
+    assert sample_limits(model, xa, xa_lens, TOK, replace(fb, ctc_length_ratio=None)) is None
+    assert sample_limits(tiny_model(ctc=False), xa, xa_lens, TOK, fb) is None
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
