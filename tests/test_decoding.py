@@ -501,6 +501,26 @@ def test_compression_ratio_and_fallback_rule():
     assert not needs_fallback(looped, FallbackOptions(compression_ratio_threshold=None))
 
 
+def test_samples_sharing_their_audio_row_equal_samples_with_a_copy_each(model, clips):
+    from whisper_scratch.decoding import _sampled_candidates, search_setup
+    batch, lens, _ = clips
+    options, temps = DecodingOptions(max_new_tokens=MAX, best_of=3), (0.4, 0.8)
+    xa, xa_lens, seeds = encode_for_fallback(model, batch, lens, options, FallbackOptions())
+    with torch.inference_mode():
+        prompt, n_new, suppress = search_setup(model, TOK, options, xa.device)
+        shared = _sampled_candidates(model, xa, xa_lens, TOK, options, prompt, n_new, suppress, seeds, temps)
+        B, n = xa.shape[0], options.best_of
+        rows = torch.arange(B).repeat_interleave(n).repeat(len(temps))  # temperature-major, one audio copy a row
+        copies = sample_search(Inference(model, xa[rows], xa_lens[rows]), torch.tensor(prompt).repeat(len(rows), 1),
+                               n_new, suppress, TOK.eot, [t for t in temps for _ in range(B * n)],
+                               [hash((int(s), k, t)) & (2**63 - 1) for t in temps for s in seeds for k in range(n)],
+                               group=n, loop_span=options.loop_span)
+    assert len(shared) == len(copies) == B * len(temps)
+    for a, b in zip(shared, copies):
+        assert [c.tokens for c in a] == [c.tokens for c in b]
+        assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-4) for x, y in zip(a, b))
+
+
 def test_fallback_redecodes_only_failing_utterances(model, clips):
     batch, lens, mels = clips
     options = DecodingOptions(max_new_tokens=MAX)

@@ -311,19 +311,21 @@ def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Te
     (loop_cuts with loop_span) ends there; a row ends after limits[row] tokens (if given) or
     n_new. Returns per utterance its `group` candidates (score = logprob)."""
     R, P = tokens.shape
+    share = getattr(inference, "group", 1)  # rows that share one audio row: they leave together
     rows = torch.arange(R, device=tokens.device)  # original row of each live row
     temps = torch.as_tensor(temperature, dtype=torch.float32, device=tokens.device).expand(R)
     sampling = temps > 0
     gens = {r: torch.Generator(tokens.device).manual_seed(int(seeds[r])) for r in sampling.nonzero().squeeze(1).tolist()}
     sum_lp = torch.zeros(R, device=tokens.device)
     limit = torch.as_tensor(limits if limits is not None else [n_new] * R, device=tokens.device).clamp(max=n_new)
+    ended = torch.zeros(R, dtype=torch.bool, device=tokens.device)  # rows kept only for their audio group
     out: List[Optional[Candidate]] = [None] * R
     for step in range(n_new):
         logits = inference.logits(tokens).float().masked_fill(suppress, NEG_INF)
         logprobs = F.log_softmax(logits, dim=-1)
         nxt = logprobs.argmax(-1)
         if gens:  # Gumbel-max sample of softmax(logits / T); scored with the untempered logprobs (openai)
-            live = [i for i, r in enumerate(rows.tolist()) if r in gens]
+            live = [i for i, (r, e) in enumerate(zip(rows.tolist(), ended.tolist())) if r in gens and not e]
             u = torch.stack([torch.rand(logits.shape[-1], generator=gens[r], device=logits.device)
                              for r in rows[live].tolist()])
             t = temps[rows[live]][:, None]
@@ -332,14 +334,19 @@ def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Te
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done = (nxt == eot) | (step + 1 >= limit[rows])
         done[_looping_rows(tokens, P, loop_span)] = True
+        done &= ~ended
         for i in done.nonzero().squeeze(1).tolist():
             seq, lp = tokens[i, P:].tolist(), sum_lp[i].item()
             out[int(rows[i])] = Candidate(seq[:-1] if seq[-1] == eot else seq, lp, lp)
-        if done.all():
+        ended |= done
+        if ended.all():
             break
-        if done.any():  # drop finished rows so later steps cost only what is still running
-            keep = (~done).nonzero().squeeze(1)
-            tokens, rows, sum_lp = tokens[keep], rows[keep], sum_lp[keep]
+        # drop finished rows so later steps cost only what is still running (with shared audio,
+        # once their whole group has finished: until then they cost little, the audio is read once)
+        gone = ended.view(-1, share).all(1).repeat_interleave(share) if share > 1 else ended
+        if gone.any():
+            keep = (~gone).nonzero().squeeze(1)
+            tokens, rows, sum_lp, ended = tokens[keep], rows[keep], sum_lp[keep], ended[keep]
             inference.reorder(keep)
     return [out[i:i + group] for i in range(0, R, group)]
 
@@ -706,24 +713,27 @@ def _sampled_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: 
                         seeds: Optional[Sequence[int]], temperatures: Sequence[float] = (),
                         limits: Optional[Sequence[int]] = None) -> List[List[Candidate]]:
     """Greedy (one row per utterance) or best_of samples per utterance, each row with its own
-    audio copy and seed. temperatures: several sampling temperatures decoded together (rows
-    temperature-major); the candidates come per (temperature, utterance). limits: at most this
-    many tokens per utterance."""
-    B = xa.shape[0]
+    seed. temperatures: several sampling temperatures decoded together; the candidates come per
+    (temperature, utterance), temperature-major. limits: at most this many tokens per utterance.
+    An utterance's rows (every sample at every temperature) share its audio row, as beams do:
+    its cross-attention keys and values are read once per step for all of them (the server
+    bench's failing 8.8 s chunk: its 15 rows took 0.70 s, 0.80 s with an audio copy per row)."""
+    B, T = xa.shape[0], len(temperatures) or 1
     temps = list(temperatures) or [options.temperature]
     n = options.best_of if temps[0] > 0 else 1
     require(len(temps) == 1 or min(temps) > 0, f"temperatures decoded together must all sample, got {temps}")
-    rows = torch.arange(B, device=xa.device).repeat_interleave(n).repeat(len(temps))
-    inference = Inference(model, xa[rows], xa_lens[rows], options.use_cache)
-    tokens = torch.tensor(prompt, device=xa.device).repeat(len(rows), 1)
+    G = n * T  # rows per utterance, utterance-major
+    inference = Inference(model, xa, xa_lens, options.use_cache, group=G)
+    tokens = torch.tensor(prompt, device=xa.device).repeat(B * G, 1)
     if seeds is None:  # drawn even when greedy, so the global generator advances the same way
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     # sample k of utterance i: its own stream, different for every temperature
-    row_seeds = [hash((int(s), k, t)) & (2**63 - 1) for t in temps for s in seeds for k in range(n)]
-    row_temps = [t for t in temps for _ in range(B * n)]
-    row_limits = [int(limits[i]) for i in rows.tolist()] if limits is not None else None
-    return sample_search(inference, tokens, n_new, suppress, tokenizer.eot, row_temps, row_seeds, group=n,
-                         loop_span=options.loop_span, limits=row_limits)
+    row_seeds = [hash((int(s), k, t)) & (2**63 - 1) for s in seeds for t in temps for k in range(n)]
+    row_temps = [t for _ in range(B) for t in temps for _ in range(n)]
+    row_limits = [int(limits[i]) for i in range(B) for _ in range(G)] if limits is not None else None
+    found = sample_search(inference, tokens, n_new, suppress, tokenizer.eot, row_temps, row_seeds, group=n,
+                          loop_span=options.loop_span, limits=row_limits)  # per (utterance, temperature)
+    return [found[i * T + j] for j in range(T) for i in range(B)]
 
 
 def decode_at_temperatures(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
