@@ -501,6 +501,38 @@ def test_compression_ratio_and_fallback_rule():
     assert not needs_fallback(looped, FallbackOptions(compression_ratio_threshold=None))
 
 
+def test_a_bf16_model_decodes_few_rows_with_its_fp32_decoder(clips):
+    from whisper_scratch.checkpoint import quantize
+    from whisper_scratch.decoding import FP32_DECODER_ROWS
+    q = quantize(tiny_model(), "bf16", "cpu")
+    assert q.fp32_decoder.token_embedding.weight.dtype == torch.float32
+    assert q.decoder.token_embedding.weight.dtype == torch.bfloat16
+    assert set(q.state_dict()) == set(tiny_model().state_dict())  # the copy is not a submodule
+    batch, lens, _ = clips
+    prompt = torch.tensor(initial_tokens(TOK, DecodingOptions(), q.dims.n_text_ctx))
+    with torch.inference_mode():
+        xa, xa_lens = encode(q, batch, lens)
+        # one row: fp32 from the start, exactly the fp32 decoder on the bf16 encoder output
+        one = Inference(q, xa[:1], xa_lens[:1])
+        assert one.decoder is q.fp32_decoder
+        assert torch.equal(one.logits(prompt[None]), q.fp32_decoder(prompt[None], xa[:1].float(), xa_lens[:1])[:, -1])
+        # many rows: bf16 until finished rows leave, then fp32 on the converted cache
+        idx = torch.arange(FP32_DECODER_ROWS + 4) % xa.shape[0]
+        many = Inference(q, xa[idx], xa_lens[idx])
+        tokens = prompt.repeat(len(idx), 1)
+        assert many.decoder is q.decoder
+        nxt = many.logits(tokens).argmax(-1)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        many.logits(tokens)
+        keep = torch.tensor([0, 3])
+        many.reorder(keep)
+        assert many.decoder is q.fp32_decoder and many.xa.dtype == torch.float32
+        tokens = torch.cat([tokens[keep], torch.tensor([[5], [6]])], 1)
+        got = many.logits(tokens)
+        want = q.fp32_decoder(tokens, xa[idx][keep].float(), xa_lens[idx][keep])[:, -1]  # no cache, all fp32
+        assert got.dtype == torch.float32 and (got - want).abs().max() < 0.01 * want.abs().max()
+
+
 def test_samples_sharing_their_audio_row_equal_samples_with_a_copy_each(model, clips):
     from whisper_scratch.decoding import _sampled_candidates, search_setup
     batch, lens, _ = clips

@@ -4,6 +4,7 @@ themselves."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import random
@@ -216,12 +217,17 @@ def quantize(model: torch.nn.Module, scheme: Optional[str], device: Union[str, t
     bf16: the model (converted in place) in bfloat16 except its LayerNorms, which normalise in fp32 and cast back (the
     encoder casts the mel to the conv's dtype; logits are returned in fp32). Unlike autocast, the
     weights are not cast again at every call: on a CPU with AMX the encoder runs 3.6x and batched
-    greedy decoding 1.9x faster than fp32 (bench/RESULTS.md); on older CPUs it can be slower."""
+    greedy decoding 1.9x faster than fp32 (bench/RESULTS.md); on older CPUs it can be slower.
+    On a CPU the model also keeps an fp32 copy of its decoder, `model.fp32_decoder` (not a
+    submodule: state_dict and parameters are unchanged), for searches of few rows, where a bf16
+    linear layer's fixed cost per call makes a step slower than in fp32 (decoding.Inference)."""
     if scheme is None:
         return model
     if scheme not in QUANTIZE:
         raise ValueError(f"--quantize must be one of {QUANTIZE} or none, got {scheme!r}")
     if scheme == "bf16":
+        if torch.device(device).type == "cpu":
+            object.__setattr__(model, "fp32_decoder", copy.deepcopy(model.decoder).float().eval())
         model = model.to(torch.bfloat16)
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):

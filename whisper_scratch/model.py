@@ -139,6 +139,11 @@ class KVCache:
         v_buf[:, self.offset:end] = v
         return k_buf[:, :end], v_buf[:, :end]
 
+    def to(self, dtype: torch.dtype) -> None:
+        """Every cached key and value in `dtype` (a search moving to another decoder precision)."""
+        self.self_kv = {i: (k.to(dtype), v.to(dtype)) for i, (k, v) in self.self_kv.items()}
+        self.cross_kv = {i: (k.to(dtype), v.to(dtype)) for i, (k, v) in self.cross_kv.items()}
+
     def reorder(self, index: Tensor, cross: bool = True) -> None:
         """Keep batch rows `index` (beam search: which hypotheses survive), in every layer.
 
