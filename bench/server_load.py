@@ -10,7 +10,8 @@ Files: those the reference TSV names (found under --audio_dir), or with --refere
 every audio file under --audio_dir, repeated if there are fewer than --n_requests. Flags after
 `--` go to the server (whisper_scratch.server) and are parsed here with the same ServerOptions,
 so the reference transcripts come from the library with exactly the server's options:
-`transcribe_files` with voice-activity chunks, what transcribe.py --mode batch gives. Checks
+`transcribe_files` with voice-activity chunks, each file alone for the one-at-a-time run (what
+transcribe.py --mode single gives) and in batches for the concurrent ones (--mode batch). Checks
 that every answer equals its reference and that none is lost; prints throughput (requests/s,
 audio s/s) of both runs, their ratio (target >= 3x) and p50/p95 latency. With --other_mode (the
 default) the concurrent load also goes to a second server with the other `--continuous` setting
@@ -88,16 +89,23 @@ def request_files(opts: LoadOptions) -> list:
     return [paths[i % len(paths)] for i in range(opts.n_requests)] if paths else []
 
 
-def references(server: ServerOptions, paths: list) -> dict:
-    """{path: text} from the library with the server's options and its chunk-length rule."""
+def references(server: ServerOptions, paths: list) -> tuple:
+    """({path: text} in batches, {path: text} each file alone) from the library with the server's
+    options and its chunk-length rule: what `transcribe.py --mode batch` and `--mode single` give.
+    In fp32 the two agree; with --quantize bf16 a text can depend on the batch (rounding, and the
+    fp32 decoder copy that searches of few rows run)."""
     device = server.device or ("cuda" if torch.cuda.is_available() else "cpu")  # the server's rules
     model, tokenizer, ckpt = load_model(server.model_path, device)
     model = quantize(model, server.quantize, device)
     vad = with_checkpoint_chunks(server.vad, ckpt)
-    with precision(server.dtype, device):
-        return {p: r if isinstance(r, Exception) else r["text"]
-                for p, r in transcribe_files(model, sorted(set(paths)), tokenizer, server.decoding, server.fallback,
+    files = sorted(set(paths))
+
+    def texts(groups) -> dict:
+        return {p: r if isinstance(r, Exception) else r["text"] for group in groups
+                for p, r in transcribe_files(model, group, tokenizer, server.decoding, server.fallback,
                                              server.batch_size, vad=vad)}
+    with precision(server.dtype, device):
+        return texts([files]), texts([[p] for p in files])
 
 
 @contextlib.contextmanager
@@ -212,7 +220,7 @@ def main(argv=None) -> int:
     audio_s = sum(audio_duration(p) for p in paths)
     print(f"{len(paths)} requests over {len(set(paths))} files, {audio_s:.1f} s of audio per run; "
           f"server: {' '.join(server_argv)}", flush=True)
-    refs = references(server, paths)
+    batched, alone = references(server, paths)
     runs = {}
     with serving(server_argv, opts.startup_s) as base:
         run(base, paths[:1], 1, server.api_key)  # warm-up: the VAD model and first-call allocations
@@ -224,7 +232,9 @@ def main(argv=None) -> int:
             run(base, paths[:1], 1, server.api_key)
             runs[f"{opts.concurrency} concurrent clients, --continuous {other}"] = run(base, paths, opts.concurrency,
                                                                                        server.api_key)
-    problems = [line for name, r in runs.items() for line in check(name, r["answers"], paths, refs)]
+    # one at a time, a request is decoded alone, as --mode single does; concurrent ones share batches
+    problems = [line for name, r in runs.items()
+                for line in check(name, r["answers"], paths, alone if name == "one at a time" else batched)]
     sequential, *loaded = runs.values()
     print(f"\n## server load: {opts.n_requests} requests, {opts.model_path}\n")
     print("| run | wall s | requests/s | audio s/s | p50 latency s | p95 latency s | requests per batch | "
@@ -237,8 +247,9 @@ def main(argv=None) -> int:
         print(f"throughput ratio ({name} / one at a time): {sequential['wall'] / r['wall']:.2f}x (target >= 3x)")
     n = len(runs) * len(paths)
     answered = sum(not isinstance(a, Exception) for r in runs.values() for a in r["answers"])
-    print(f"answers: {answered}/{n} answered, {n - len(problems)}/{n} "
-          f"equal to the library's transcript (transcribe_files, the server's options)")
+    print(f"answers: {answered}/{n} answered, {n - len(problems)}/{n} equal to the library's transcript with the "
+          f"server's options (one at a time: each file alone, as transcribe.py --mode single; concurrent: "
+          f"transcribe_files in batches of {server.batch_size}, as --mode batch)")
     for line in problems[:20]:
         print("  " + line)
     return 1 if problems else 0
