@@ -235,7 +235,10 @@ def quantize(model: torch.nn.Module, scheme: Optional[str], device: Union[str, t
         return model
     if torch.device(device).type != "cpu":
         raise ValueError(f"--quantize {scheme} runs on the CPU only, got --device {device}")
-    from torch.ao.quantization import quantize_dynamic
-    with warnings.catch_warnings():  # torch 2.13 flags its quantised tensor types as deprecated
+    # torch 2.13 flags torch.ao.quantization and its quantised tensor types as deprecated (torchao
+    # is the successor); the pinned torch still ships and tests them, so users see no warning per run
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.ao.quantization import quantize_dynamic
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
