@@ -449,6 +449,7 @@ def test_fallback_samples_end_at_the_ctc_length_limit(model, clips, monkeypatch)
     capped = fall_back(model, xa, xa_lens, TOK, options, fb, seeds)
     assert all(r.temperature == 1.0 for r in capped)
     assert all(len(r.tokens) <= n for r, n in zip(capped, limits))
+    assert any(len(r.tokens) == n for r, n in zip(capped, limits)), "a sample should run to its limit"
     assert any(len(r.tokens) > n for r, n in zip(free, limits)), "the limit should bite on some utterance"
     assert sample_limits(model, xa, xa_lens, TOK, replace(fb, ctc_length_ratio=None)) is None
     assert sample_limits(tiny_model(ctc=False), xa, xa_lens, TOK, fb) is None
@@ -533,14 +534,21 @@ def test_a_bf16_model_decodes_few_rows_with_its_fp32_decoder(clips):
         assert got.dtype == torch.float32 and (got - want).abs().max() < 0.01 * want.abs().max()
 
 
-def test_samples_sharing_their_audio_row_equal_samples_with_a_copy_each(model, clips):
+def test_samples_sharing_their_audio_row_equal_samples_with_a_copy_each(clips, monkeypatch):
     from whisper_scratch.decoding import _sampled_candidates, search_setup
+    model = tiny_model(eot_scale=5.0)  # some utterances end early: whole groups of rows leave mid-search
     batch, lens, _ = clips
     options, temps = DecodingOptions(max_new_tokens=MAX, best_of=3), (0.4, 0.8)
     xa, xa_lens, seeds = encode_for_fallback(model, batch, lens, options, FallbackOptions())
+    kept = []
+    reorder = Inference.reorder
+    monkeypatch.setattr(Inference, "reorder", lambda self, index, *a: kept.append(len(index)) or reorder(self, index, *a))
     with torch.inference_mode():
         prompt, n_new, suppress = search_setup(model, TOK, options, xa.device)
         shared = _sampled_candidates(model, xa, xa_lens, TOK, options, prompt, n_new, suppress, seeds, temps)
+        G = options.best_of * len(temps)
+        assert kept and all(k % G == 0 and k < len(batch) * G for k in kept), kept  # whole groups left
+        monkeypatch.setattr(Inference, "reorder", reorder)
         B, n = xa.shape[0], options.best_of
         rows = torch.arange(B).repeat_interleave(n).repeat(len(temps))  # temperature-major, one audio copy a row
         copies = sample_search(Inference(model, xa[rows], xa_lens[rows]), torch.tensor(prompt).repeat(len(rows), 1),

@@ -140,7 +140,7 @@ def test_batched_speech_probabilities_equal_one_by_one():
 
 
 def test_short_inputs_are_scored_only_until_speech_is_found_and_chunked_the_same():
-    from whisper_scratch.vad import PROBE, chunking_probabilities, speech_probabilities
+    from whisper_scratch.vad import FRAME, PROBE, chunking_probabilities, speech_probabilities
     _, _, clips = joined_clips("ru", 4)
     late = np.concatenate([np.zeros(2 * SAMPLE_RATE, np.float32), clips[0]])  # speech after the first second
     audios = clips + [late, np.zeros(3 * SAMPLE_RATE, np.float32), np.concatenate(clips)]
@@ -151,7 +151,7 @@ def test_short_inputs_are_scored_only_until_speech_is_found_and_chunked_the_same
         assert np.abs(g - f[:len(g)]).max() < 1e-4
         assert speech_chunks(a, whole / SAMPLE_RATE, VadOptions(), g) == speech_chunks(a, whole / SAMPLE_RATE,
                                                                                          VadOptions(), f)
-    assert all(len(g) == PROBE // 512 for g in got[:len(clips)])  # speech in the first second: that is all
+    assert all(len(g) == PROBE // FRAME for g in got[:len(clips)])  # speech in the first second: that is all
     assert [len(g) for g in got[len(clips):]] == [len(f) for f in full[len(clips):]]  # late, silent, long
     assert speech_chunks(audios[-2], whole / SAMPLE_RATE, VadOptions(), got[-2]) == []
 

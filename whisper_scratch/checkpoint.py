@@ -220,7 +220,8 @@ def quantize(model: torch.nn.Module, scheme: Optional[str], device: Union[str, t
     greedy decoding 1.9x faster than fp32 (bench/RESULTS.md); on older CPUs it can be slower.
     On a CPU the model also keeps an fp32 copy of its decoder, `model.fp32_decoder` (not a
     submodule: state_dict and parameters are unchanged), for searches of few rows, where a bf16
-    linear layer's fixed cost per call makes a step slower than in fp32 (decoding.Inference)."""
+    linear layer's fixed cost per call makes a step slower than in fp32 (decoding.Inference).
+    Quantize last: a later model.to(...) does not move that copy (Inference then leaves it unused)."""
     if scheme is None:
         return model
     if scheme not in QUANTIZE:

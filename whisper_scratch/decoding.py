@@ -117,7 +117,7 @@ class FallbackOptions:
     compression_ratio_threshold: Optional[float] = option(2.4, "fall back when the text's zlib ratio is above")
     logprob_threshold: Optional[float] = option(-1.0, "fall back when the average token logprob is below")
     fallback_rows: int = option(16, "rows the fallback may sample at once: with few failing utterances it tries "
-                                    "several temperatures in one batch (same results as one at a time)")
+                                    "several temperatures in one batch (same results as one at a time, in fp32)")
     ctc_length_ratio: Optional[float] = option(
         1.5, "a fallback sample ends after this many times the tokens the CTC head reads in the audio, + "
              f"{CTC_LENGTH_SLACK} (sampled text babbles on after the speech; the search costs by its longest "
@@ -268,9 +268,10 @@ FP32_DECODER_ROWS = 8
 class Inference:
     """Runs the decoder on a growing prefix. With the KV cache only the new tokens are fed and
     cross-attention K/V are computed once; without it the whole prefix is re-run (reference).
-    `group` rows of tokens share one row of xa (beam search: the hypotheses of one utterance).
-    A bf16 model with an fp32 decoder copy decodes in fp32 once at most FP32_DECODER_ROWS rows
-    are left (from the start, or when finished rows leave: the cache is converted then)."""
+    `group` rows of tokens share one row of xa (beam search: the hypotheses of one utterance;
+    sampling: its best_of samples at each temperature). A bf16 model with an fp32 decoder copy
+    decodes in fp32 once at most FP32_DECODER_ROWS rows are left (from the start, or when
+    finished rows leave: the cache is converted then)."""
 
     def __init__(self, model: Whisper, xa: Tensor, xa_lens: Tensor, use_cache: bool = True, group: int = 1):
         self.model, self.xa, self.xa_lens, self.group = model, xa, xa_lens, group
@@ -288,9 +289,11 @@ class Inference:
         fp32 = getattr(self.model, "fp32_decoder", None)
         if fp32 is None or self.decoder is fp32 or rows > FP32_DECODER_ROWS:
             return
+        if fp32.ln.weight.device != self.xa.device:  # the model was moved after quantize: stay as it is
+            return
         self.decoder, self.xa = fp32, self.xa.float()
         if self.cache is not None:
-            self.cache.to(torch.float32)
+            self.cache.cast_(torch.float32)
 
     def reorder(self, index: Tensor, same_audio: bool = False) -> None:
         """Keep token rows `index`. same_audio: every row keeps the utterance it had (beams
@@ -327,7 +330,8 @@ def sample_search(inference: Inference, tokens: Tensor, n_new: int, suppress: Te
     """Greedy (temperature 0) or sampling, every row independent. tokens (R, P): the prompt,
     `group` consecutive rows per utterance (best_of samples); `temperature`: one for all rows or
     one per row. Sampling draws each row's noise from its own generator seeded by `seeds[row]`,
-    so a row's text does not depend on which other rows share its batch. A row caught in a loop
+    so a row's text does not depend on which other rows share its batch (exactly so in fp32; a
+    bf16 model's decoder precision depends on the rows: Inference). A row caught in a loop
     (loop_cuts with loop_span) ends there; a row ends after limits[row] tokens (if given) or
     n_new. Returns per utterance its `group` candidates (score = logprob)."""
     R, P = tokens.shape
@@ -736,8 +740,7 @@ def _sampled_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: 
     seed. temperatures: several sampling temperatures decoded together; the candidates come per
     (temperature, utterance), temperature-major. limits: at most this many tokens per utterance.
     An utterance's rows (every sample at every temperature) share its audio row, as beams do:
-    its cross-attention keys and values are read once per step for all of them (the server
-    bench's failing 8.8 s chunk: its 15 rows took 0.70 s, 0.80 s with an audio copy per row)."""
+    its cross-attention keys and values are read once per step for all of them."""
     B, T = xa.shape[0], len(temperatures) or 1
     temps = list(temperatures) or [options.temperature]
     n = options.best_of if temps[0] > 0 else 1
@@ -760,8 +763,9 @@ def decode_at_temperatures(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenize
                            options: DecodingOptions, temperatures: Sequence[float],
                            seeds: Sequence[int], limits: Optional[Sequence[int]] = None) -> List[List[DecodingResult]]:
     """Sampling at several temperatures (all > 0) in one batch: per utterance, its result at each
-    temperature, each what `decode_features` at that temperature gives it. limits: at most this
-    many tokens per utterance (default: the options' limit)."""
+    temperature, each what `decode_features` at that temperature gives it (in fp32: a bf16
+    model's precision depends on the rows). limits: at most this many tokens per utterance
+    (default: the options' limit)."""
     with torch.inference_mode():
         prompt, n_new, suppress = search_setup(model, tokenizer, options, xa.device)
         opts = [options.at_temperature(t) for t in temperatures]
@@ -838,7 +842,9 @@ def fallback_stages(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Toke
     todo = [i for i, r in enumerate(results) if left and needs_fallback(r, fallback)]
     failing = set(todo)
     yield [(i, r) for i, r in enumerate(results) if i not in failing]
-    limits = sample_limits(model, xa, xa_lens, tokenizer, fallback) if todo else None
+    limits = None  # per failing utterance, the tokens its samples may hold
+    if todo and (found := sample_limits(model, xa[todo], xa_lens[todo], tokenizer, fallback)) is not None:
+        limits = dict(zip(todo, found.tolist()))
     while todo:
         # the batch has room: try the next few temperatures at once (the first that passes wins,
         # as one at a time), rather than a few rows for each temperature in turn
@@ -846,7 +852,7 @@ def fallback_stages(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Toke
         run, left = left[:k], left[k:]
         idx = torch.tensor(todo, device=xa.device)
         found = decode_at_temperatures(model, xa[idx], xa_lens[idx], tokenizer, options, run, [seeds[i] for i in todo],
-                                       None if limits is None else limits[idx].tolist())
+                                       None if limits is None else [limits[i] for i in todo])
         for i, tried in zip(todo, found):
             for r in tried:
                 results[i] = r

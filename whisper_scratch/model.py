@@ -139,8 +139,9 @@ class KVCache:
         v_buf[:, self.offset:end] = v
         return k_buf[:, :end], v_buf[:, :end]
 
-    def to(self, dtype: torch.dtype) -> None:
-        """Every cached key and value in `dtype` (a search moving to another decoder precision)."""
+    def cast_(self, dtype: torch.dtype) -> None:
+        """Every cached key and value in `dtype`, in place (a search moving to another decoder
+        precision)."""
         self.self_kv = {i: (k.to(dtype), v.to(dtype)) for i, (k, v) in self.self_kv.items()}
         self.cross_kv = {i: (k.to(dtype), v.to(dtype)) for i, (k, v) in self.cross_kv.items()}
 
