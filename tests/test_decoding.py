@@ -146,6 +146,29 @@ def test_continuous_batching_equals_decoding_alone(model, clips):
     assert any(b < a for a, b in zip(sizes, sizes[1:])), f"the batch should shrink as rows end: {sizes}"
 
 
+def test_a_bf16_stream_decodes_in_fp32_while_few_rows_run(clips):
+    from whisper_scratch.checkpoint import quantize
+    from whisper_scratch.decoding import FP32_DECODER_ROWS
+    q = quantize(tiny_model(), "bf16", "cpu")
+    batch, lens, _ = clips
+    with torch.inference_mode():
+        xa, xa_lens = encode(q, batch, lens)
+    stream, got = GreedyStream(q, TOK, DecodingOptions(max_new_tokens=MAX)), {}
+    got.update(stream.add(xa[:2], xa_lens[:2], ["a0", "a1"]))
+    got.update(stream.step())
+    running = len(stream)
+    assert stream.decoder is q.fp32_decoder  # few rows: fp32
+    idx = torch.arange(2 * FP32_DECODER_ROWS + 1) % len(lens)  # a crowd joins: bf16, the running rows' cache cast
+    got.update(stream.add(xa[idx], xa_lens[idx], [f"b{i}" for i in range(len(idx))]))
+    assert running + len(idx) > 2 * FP32_DECODER_ROWS and stream.decoder is q.decoder
+    assert all(k.dtype == torch.bfloat16 for kv in (stream.cache.self_kv, stream.cache.cross_kv)
+               for k, _ in kv.values())
+    while len(stream):
+        got.update(stream.step())
+    assert stream.decoder is q.fp32_decoder  # every row ended: fp32 for whoever comes next
+    assert sorted(got) == sorted(["a0", "a1", *(f"b{i}" for i in range(len(idx)))])
+
+
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_cached_equals_uncached(model, clips, beam_size):
     batch, lens, _ = clips

@@ -903,6 +903,7 @@ class GreedyStream:
         self.prompt, self.n_new, self.suppress = search_setup(model, tokenizer, options,
                                                               model.decoder.token_embedding.weight.device)
         self.cache = RowKVCache(model.dims.n_text_ctx)
+        self.decoder = model.decoder
         self.keys: list = []
         self.tokens: List[List[int]] = []  # new tokens of each live row
         self.sum_lp = torch.zeros(0, device=self.suppress.device)
@@ -910,12 +911,31 @@ class GreedyStream:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _fit_precision(self, rows: int) -> None:
+        """A bf16 model with an fp32 decoder copy (checkpoint.quantize) decodes in fp32 while at
+        most FP32_DECODER_ROWS rows run, as Inference does, and in bf16 again above twice that
+        (the cache is cast each way; the gap keeps a stream near the threshold from casting
+        at every join)."""
+        fp32 = getattr(self.model, "fp32_decoder", None)
+        if fp32 is None or fp32.ln.weight.device != self.suppress.device:
+            return
+        if self.decoder is not fp32 and rows <= FP32_DECODER_ROWS:
+            self.decoder = fp32
+        elif self.decoder is fp32 and rows > 2 * FP32_DECODER_ROWS:
+            self.decoder = self.model.decoder
+        else:
+            return
+        if self.cache.rows:
+            self.cache.cast_(self.decoder.token_embedding.weight.dtype)
+
     def add(self, xa: Tensor, xa_lens: Tensor, keys: Sequence) -> list:
         """Start utterances `keys` on encoder output xa (n, S, C)."""
         with torch.inference_mode():
+            self._fit_precision(len(self.keys) + xa.shape[0])
+            xa = xa.to(self.decoder.token_embedding.weight.dtype)
             plain = self.model.new_cache()
             prompt = torch.tensor(self.prompt, device=xa.device).repeat(xa.shape[0], 1)
-            logits = self.model.decoder(prompt, xa, xa_lens, cache=plain)[:, -1]
+            logits = self.decoder(prompt, xa, xa_lens, cache=plain)[:, -1]
             self.cache.join(plain, xa_lens)
             self.keys += list(keys)
             self.tokens += [[] for _ in keys]
@@ -928,7 +948,7 @@ class GreedyStream:
             return []
         with torch.inference_mode():
             last = torch.tensor([t[-1] for t in self.tokens], device=self.sum_lp.device)[:, None]
-            return self._advance(self.model.decoder(last, None, cache=self.cache)[:, -1], 0)
+            return self._advance(self.decoder(last, None, cache=self.cache)[:, -1], 0)
 
     def _advance(self, logits: Tensor, first: int) -> list:
         """Append the greedy choice from logits (rows first..) and retire the rows that ended."""
@@ -954,4 +974,5 @@ class GreedyStream:
         self.cache.keep(torch.tensor(keep, dtype=torch.long, device=self.sum_lp.device))
         self.keys, self.tokens = [self.keys[r] for r in keep], [self.tokens[r] for r in keep]
         self.sum_lp = self.sum_lp[keep]
+        self._fit_precision(len(self.keys))
         return out
