@@ -145,7 +145,7 @@ def test_short_inputs_are_scored_only_until_speech_is_found_and_chunked_the_same
     late = np.concatenate([np.zeros(2 * SAMPLE_RATE, np.float32), clips[0]])  # speech after the first second
     audios = clips + [late, np.zeros(3 * SAMPLE_RATE, np.float32), np.concatenate(clips)]
     whole = max(len(a) for a in audios[:-1])  # every input but the joined one is decoded whole
-    got = chunking_probabilities(audios, whole, 0.5)
+    got = chunking_probabilities(audios, whole / SAMPLE_RATE, 0.5)
     full = [speech_probabilities(a) for a in audios]
     for a, g, f in zip(audios, got, full):
         assert np.abs(g - f[:len(g)]).max() < 1e-4

@@ -17,10 +17,10 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import option, require
-from .model import RowKVCache, Whisper
+from .model import RowKVCache, Whisper, lengths_to_mask
 from .tokenizer import Tokenizer
 
 NEG_INF = float("-inf")
@@ -286,14 +286,12 @@ class Inference:
         return self.decoder(tokens, self.xa, self.xa_lens, cache=self.cache)[:, -1]
 
     def _few_rows(self, rows: int) -> None:
-        fp32 = getattr(self.model, "fp32_decoder", None)
-        if fp32 is None or self.decoder is fp32 or rows > FP32_DECODER_ROWS:
+        decoder = decoder_for_rows(self.model, self.decoder, rows, self.xa.device)
+        if decoder is self.decoder:
             return
-        if fp32.ln.weight.device != self.xa.device:  # the model was moved after quantize: stay as it is
-            return
-        self.decoder, self.xa = fp32, self.xa.float()
+        self.decoder, self.xa = decoder, self.xa.to(decoder_dtype(decoder))
         if self.cache is not None:
-            self.cache.cast_(torch.float32)
+            self.cache.cast_(decoder_dtype(decoder))
 
     def reorder(self, index: Tensor, same_audio: bool = False) -> None:
         """Keep token rows `index`. same_audio: every row keeps the utterance it had (beams
@@ -308,6 +306,23 @@ class Inference:
         if self.cache is not None:
             self.cache.reorder_cross(audio)
         self._few_rows(index.shape[0])
+
+
+def decoder_for_rows(model: Whisper, current: nn.Module, rows: int, device) -> nn.Module:
+    """The decoder a search of `rows` rows runs: a bf16 model's fp32 copy (checkpoint.quantize)
+    at most FP32_DECODER_ROWS rows, its own decoder above twice that, else `current` (the gap
+    keeps a continuous-batching stream near the threshold from casting its cache at every join).
+    A model without the copy, or moved off the copy's device after quantize, keeps `current`."""
+    fp32 = getattr(model, "fp32_decoder", None)
+    if fp32 is None or fp32.ln.weight.device != device:
+        return current
+    if rows <= FP32_DECODER_ROWS:
+        return fp32
+    return model.decoder if rows > 2 * FP32_DECODER_ROWS else current
+
+
+def decoder_dtype(decoder: nn.Module) -> torch.dtype:
+    return decoder.token_embedding.weight.dtype  # not the LayerNorms': a bf16 model keeps those fp32
 
 
 def utterance_seeds(mel: Tensor, mel_lens: Optional[Tensor]) -> List[int]:
@@ -741,8 +756,8 @@ def _sampled_candidates(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: 
     (temperature, utterance), temperature-major. limits: at most this many tokens per utterance.
     An utterance's rows (every sample at every temperature) share its audio row, as beams do:
     its cross-attention keys and values are read once per step for all of them."""
-    B, T = xa.shape[0], len(temperatures) or 1
     temps = list(temperatures) or [options.temperature]
+    B, T = xa.shape[0], len(temps)
     n = options.best_of if temps[0] > 0 else 1
     require(len(temps) == 1 or min(temps) > 0, f"temperatures decoded together must all sample, got {temps}")
     G = n * T  # rows per utterance, utterance-major
@@ -868,8 +883,7 @@ def ctc_lengths(model: Whisper, xa: Tensor, xa_lens: Tensor, blank: int) -> Tens
     with torch.inference_mode():
         path = model.ctc_logits(xa).argmax(-1)  # (B, S)
         new = path != F.pad(path, (1, 0), value=-1)[:, :-1]
-        real = torch.arange(path.shape[1], device=path.device)[None, :] < xa_lens.to(path.device)[:, None]
-        return ((path != blank) & new & real).sum(1)
+        return ((path != blank) & new & lengths_to_mask(xa_lens.to(path.device), path.shape[1])).sum(1)
 
 
 def sample_limits(model: Whisper, xa: Tensor, xa_lens: Tensor, tokenizer: Tokenizer,
@@ -912,27 +926,19 @@ class GreedyStream:
         return len(self.keys)
 
     def _fit_precision(self, rows: int) -> None:
-        """A bf16 model with an fp32 decoder copy (checkpoint.quantize) decodes in fp32 while at
-        most FP32_DECODER_ROWS rows run, as Inference does, and in bf16 again above twice that
-        (the cache is cast each way; the gap keeps a stream near the threshold from casting
-        at every join)."""
-        fp32 = getattr(self.model, "fp32_decoder", None)
-        if fp32 is None or fp32.ln.weight.device != self.suppress.device:
-            return
-        if self.decoder is not fp32 and rows <= FP32_DECODER_ROWS:
-            self.decoder = fp32
-        elif self.decoder is fp32 and rows > 2 * FP32_DECODER_ROWS:
-            self.decoder = self.model.decoder
-        else:
-            return
-        if self.cache.rows:
-            self.cache.cast_(self.decoder.token_embedding.weight.dtype)
+        """The decoder for `rows` running rows (decoder_for_rows: a bf16 model decodes few rows
+        with its fp32 copy, as Inference does); the cache is cast when it changes."""
+        decoder = decoder_for_rows(self.model, self.decoder, rows, self.suppress.device)
+        if decoder is not self.decoder:
+            self.decoder = decoder
+            if self.cache.rows:
+                self.cache.cast_(decoder_dtype(decoder))
 
     def add(self, xa: Tensor, xa_lens: Tensor, keys: Sequence) -> list:
         """Start utterances `keys` on encoder output xa (n, S, C)."""
         with torch.inference_mode():
             self._fit_precision(len(self.keys) + xa.shape[0])
-            xa = xa.to(self.decoder.token_embedding.weight.dtype)
+            xa = xa.to(decoder_dtype(self.decoder))
             plain = self.model.new_cache()
             prompt = torch.tensor(self.prompt, device=xa.device).repeat(xa.shape[0], 1)
             logits = self.decoder(prompt, xa, xa_lens, cache=plain)[:, -1]

@@ -168,7 +168,7 @@ def speech_pieces(audios: Sequence[Union[np.ndarray, Exception]], limit: float, 
     frame probabilities by index (of a short input, maybe only its first second's:
     vad.chunking_probabilities). Silero runs on all inputs at once (it costs per call, not per file)."""
     loaded = [i for i, audio in enumerate(audios) if not isinstance(audio, Exception)]
-    probs = chunking_probabilities([audios[i] for i in loaded], int(limit * SAMPLE_RATE), vad.vad_threshold)
+    probs = chunking_probabilities([audios[i] for i in loaded], limit, vad.vad_threshold)
     speech = dict(zip(loaded, probs))
     pieces = [(i, a, b) for i, probs in speech.items() for a, b in speech_chunks(audios[i], limit, vad, probs)]
     return pieces, speech

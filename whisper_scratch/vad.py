@@ -123,18 +123,23 @@ def speech_probabilities_many(audios: Sequence[np.ndarray], max_samples: int = 3
     return out
 
 
+def chunk_samples(max_seconds: float) -> int:
+    """Samples in a chunk of at most max_seconds: a file this long or shorter is decoded whole."""
+    return int(max_seconds * SAMPLE_RATE)
+
+
 PROBE = 32 * FRAME  # the first second: where a clip's speech starts (CV clips may open with more silence)
 
 
-def chunking_probabilities(audios: Sequence[np.ndarray], whole_samples: int, threshold: float) -> list:
+def chunking_probabilities(audios: Sequence[np.ndarray], max_seconds: float, threshold: float) -> list:
     """Per audio, the silero frame probabilities `speech_chunks` needs, for all at once. Audio
-    longer than whole_samples is cut at its pauses: every frame. Shorter audio is decoded whole
+    longer than max_seconds is cut at its pauses: every frame. Shorter audio is decoded whole
     when any frame is speech, so its frames are scored only until that is known: its first
     second first (silero is causal, so those equal the whole pass's first frames), every frame
     only when that second holds none. On the server bench's 5 s clips silero scores a fifth of
     the frames it scored before."""
     out: list = [None] * len(audios)
-    short = [i for i, a in enumerate(audios) if PROBE < len(a) <= whole_samples]
+    short = [i for i, a in enumerate(audios) if PROBE < len(a) <= chunk_samples(max_seconds)]
     for i, probs in zip(short, speech_probabilities_many([audios[i][:PROBE] for i in short])):
         if probs.max() >= threshold:
             out[i] = probs
@@ -204,7 +209,7 @@ def speech_chunks(audio: np.ndarray, max_seconds: float, options: VadOptions = V
     probs = speech_probabilities(audio) if probs is None else probs
     if not len(probs) or probs.max() < options.vad_threshold:
         return []
-    max_len = int(max_seconds * SAMPLE_RATE)
+    max_len = chunk_samples(max_seconds)
     if len(audio) <= max_len:
         return [(0, len(audio))]
     target = int(options.target_seconds * SAMPLE_RATE) if options.target_seconds else None
