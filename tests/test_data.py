@@ -371,6 +371,29 @@ def test_silence_padding_on_the_mel_equals_zeros_around_the_waveform():
         AugmentOptions(silence_pad_max=-1)
 
 
+def test_background_padding_repeats_the_clips_quietest_frames():
+    """fill "background" pads with the recording's own noise floor (its quietest tenth of frames),
+    not digital silence; a clip that holds digital silence gets exactly what fill "zeros" gives."""
+    rng = np.random.default_rng(3)
+    speech = 0.3 * rng.standard_normal(8000)  # broadband, 40 dB above the floor
+    noisy = np.concatenate([0.003 * rng.standard_normal(4000), speech, 0.003 * rng.standard_normal(4000)])
+    mel = A.log_mel_spectrogram(noisy.astype(np.float32))
+    padded = pad_silence(mel, 0.5, A.N_FRAMES, np.random.default_rng(1), fill="background")
+    before = int(np.random.default_rng(1).uniform(0, 0.5) * 100)
+    after = padded.shape[-1] - mel.shape[-1] - before
+    assert before > 5 and after > 5, (before, after)
+    assert torch.equal(padded[:, before:before + mel.shape[-1]], mel)
+    pad = torch.cat([padded[:, :before], padded[:, -after:]], dim=-1)
+    quiet = mel.mean(0).sort().values[: mel.shape[-1] // 10]
+    assert pad.mean(0).max() <= quiet.max() + 1e-6  # only the quietest frames
+    assert pad.mean() > mel.max() - 2 + 0.1  # the noise floor, above digital silence
+    silent = A.log_mel_spectrogram(np.concatenate([np.zeros(8000), speech]).astype(np.float32))
+    assert torch.equal(pad_silence(silent, 0.5, A.N_FRAMES, np.random.default_rng(1), fill="background"),
+                       pad_silence(silent, 0.5, A.N_FRAMES, np.random.default_rng(1)))
+    with pytest.raises(ValueError, match="silence_pad_fill"):
+        AugmentOptions(silence_pad_fill="noise")
+
+
 def test_summary_prints_hours_of_every_split(tmp_path, data_dir, capsys):
     from whisper_scratch.data import main
     write_cv(tmp_path)

@@ -623,7 +623,7 @@ class AsrDataset(torch.utils.data.Dataset):
         if aug.gain_db > 0:
             mel = random_gain(mel, aug.gain_db, rng)
         if aug.silence_pad_max > 0 and rng.random() < aug.silence_pad_prob:
-            mel = pad_silence(mel, aug.silence_pad_max, A.N_FRAMES, rng)
+            mel = pad_silence(mel, aug.silence_pad_max, A.N_FRAMES, rng, aug.silence_pad_fill)
         return spec_augment(mel, aug, rng) if aug.spec_augment else mel
 
     def __getitem__(self, i: int) -> Optional[dict]:
