@@ -16,7 +16,8 @@ the mean over the speaker folds and the worst one. Flags after `--` go to train.
 to learn a voice-independent model from, and synthetic voices are data the project makes itself.
 `--common-voice DIR` adds a Common Voice folder's validated clips (e.g. shared/data/cv_sample/en:
 100 English sentences by 95 real speakers) to every train split the same way: real voices and
-microphones, though not the digit words."""
+microphones, though not the digit words. `--synthetic-noise N` trains with N recordings of noise
+of every colour mixed in (the speakers' own noise floors are otherwise a cue to who speaks)."""
 import argparse
 import csv
 import json
@@ -28,7 +29,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from whisper_scratch.synth import build_digits  # noqa: E402
+from whisper_scratch.synth import build_digits, build_noise  # noqa: E402
 
 SPEAKERS = ("george", "jackson", "nicolas", "theo", "yweweler")
 DEV_TAKES = range(5, 8)
@@ -148,10 +149,15 @@ def main(argv=None):
                    help="which files of each fold are tested: best_model.pt, last.pt, best_ema.pt, avg-last-N.pt, ...")
     p.add_argument("--espeak-voices", type=int, default=0,
                    help="add the digits spoken by this many espeak-ng voices to every fold's train split")
+    p.add_argument("--synthetic-noise", type=int, default=0,
+                   help="build this many noise recordings of every colour (synth.build_noise) under OUT/noise and "
+                        "train with --noise-dir on them")
     p.add_argument("--common-voice", default=None,
                    help="add this Common Voice folder's validated clips to every fold's train split")
     a = p.parse_args(argv)
     extra = espeak_rows(Path(a.out), a.espeak_voices) + common_voice_rows(a.common_voice)
+    if a.synthetic_noise:
+        train_flags += ["--noise-dir", str(build_noise(Path(a.out).resolve() / "noise", a.synthetic_noise))]
     results = [r for fold in a.folds
                for r in run_fold(Path(a.fsdd), fold, Path(a.out) / fold, train_flags, a.threads, a.checkpoints,
                                  extra)]

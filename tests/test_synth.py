@@ -2,6 +2,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -191,3 +192,26 @@ def test_digits_in_many_voices(tmp_path):
     assert manifest.stat().st_mtime_ns == before
     with pytest.raises(ValueError, match="num_voices"):
         synth.build_digits(tmp_path / "e", 0)
+
+
+def test_noise_recordings_have_the_colour_asked_for(tmp_path):
+    """build_noise writes --noise-dir material: colored noise whose spectral slope is what was
+    asked (brown: most power at low frequencies, hiss: at high ones), rebuilt only on new params."""
+    from whisper_scratch.synth import build_noise, colored_noise
+    rng = np.random.default_rng(0)
+
+    def low_high(y):
+        p = np.abs(np.fft.rfft(y)) ** 2
+        f = np.fft.rfftfreq(len(y), 1 / 16000)
+        return p[(f > 50) & (f < 500)].mean() / p[(f > 2000) & (f < 7000)].mean()
+    brown, white, hiss = (low_high(colored_noise(2.0, s, rng)) for s in (-2.0, 0.0, 1.0))
+    assert brown > 100 * white and white > 10 * hiss, (brown, white, hiss)
+    assert 0.5 < white < 2, white
+    folder = build_noise(tmp_path / "noise", num_files=3, seconds=1.0)
+    files = sorted(folder.glob("*.wav"))
+    assert len(files) == 3
+    audio, sr = sf.read(files[0])
+    assert sr == 16000 and len(audio) == 16000 and 0 < np.abs(audio).max() <= 0.1 + 1e-6
+    stamp = (folder / "params.json").stat().st_mtime_ns
+    build_noise(tmp_path / "noise", num_files=3, seconds=1.0)
+    assert (folder / "params.json").stat().st_mtime_ns == stamp

@@ -466,6 +466,42 @@ def build_digits(out_dir: PathLike, num_voices: int, seed: int = 0, sample_rate:
     return manifest
 
 
+def colored_noise(seconds: float, slope: float, rng: np.random.Generator, sample_rate: int = 16_000) -> np.ndarray:
+    """Gaussian noise whose power falls as f ** slope (0 white, -1 pink, -2 brown; > 0 hiss),
+    scaled to unit RMS."""
+    n = int(seconds * sample_rate)
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, 1 / sample_rate)
+    spectrum *= np.maximum(f, 20.0) ** (slope / 2)  # amplitude ~ sqrt(power); below 20 Hz held flat
+    y = np.fft.irfft(spectrum, n)
+    return (y / (np.sqrt(np.mean(y ** 2)) + 1e-12)).astype(np.float32)
+
+
+def build_noise(out_dir: PathLike, num_files: int = 24, seconds: float = 10.0, seed: int = 0) -> Path:
+    """num_files noise recordings for `train.py --noise-dir`: colored noise with a spectral slope
+    drawn from [-2, 1] (brown to hiss), half with mains hum (50 or 60 Hz and its harmonics). A
+    corpus of a few speakers and microphones lets a model tell its speakers apart by their noise
+    floor; mixing in noise of every colour takes that cue away. WAV at 16 kHz; kept when already
+    built with the same parameters. Returns the folder."""
+    root = Path(out_dir)
+    stamp = root / "params.json"
+    params = {"num_files": num_files, "seconds": seconds, "seed": seed, "version": 1}
+    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sr = 16_000
+    t = np.arange(int(seconds * sr)) / sr
+    for i in range(num_files):
+        y = colored_noise(seconds, float(rng.uniform(-2, 1)), rng, sr)
+        if i % 2:
+            mains = float(rng.choice([50.0, 60.0]))
+            y += sum(float(rng.uniform(0.1, 1.0)) / k * np.sin(2 * np.pi * mains * k * t) for k in range(1, 6))
+        sf.write(root / f"noise_{i:03d}.wav", (0.1 * y / np.abs(y).max()).astype(np.float32), sr)
+    stamp.write_text(json.dumps(params))
+    return root
+
+
 # ---------------------------------------------------------------------------------------------
 # Options, API and CLI
 # ---------------------------------------------------------------------------------------------
