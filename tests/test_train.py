@@ -317,6 +317,10 @@ def test_vtlp_and_channel_flags_reach_the_dataset_and_change_its_features(tmp_pa
         opts(tmp_path, digits, channel_db=-3)
     with pytest.raises(ValueError, match="gain-db.*50"):
         opts(tmp_path, digits, gain_db=50)
+    o = opts(tmp_path, digits, silence_pad_max=0.3, silence_pad_fill="background")
+    assert build_batches(o, utts, tok, 80, Dist())[1].augment.silence_pad_fill == "background"
+    with pytest.raises(ValueError, match="silence-pad-fill must be zeros or background, got 'noise'"):
+        opts(tmp_path, digits, silence_pad_fill="noise")
 
 
 def test_dropout_flag_reaches_every_block_and_is_checked(tmp_path, digits):
