@@ -174,7 +174,8 @@ def pad_silence(mel: torch.Tensor, max_seconds: float, max_frames: int, rng: np.
     max_frames. Clips cut tight to their speech (espeak's start at their first sample) leave a
     model that reads a letter into the few hundred ms of silence a VAD chunk starts with, and one
     that has only seen speech at the first frame mistakes a word that starts later (FSDD: 0.25 s of
-    the clip's own noise floor before tightly cut digits turned 57 % of them into other digits).
+    the clip's own noise floor before tightly cut digits turned 56 % of them into other digits;
+    bench/onset_shift.py).
 
     fill "zeros": digital silence. In the normalised log-mel that is exactly max - 2
     (log_mel_spectrogram clamps at max - 8, then (x + 4) / 4), so padding here equals padding the
