@@ -319,6 +319,9 @@ def test_vtlp_and_channel_flags_reach_the_dataset_and_change_its_features(tmp_pa
         opts(tmp_path, digits, gain_db=50)
     o = opts(tmp_path, digits, silence_pad_max=0.3, silence_pad_fill="background")
     assert build_batches(o, utts, tok, 80, Dist())[1].augment.silence_pad_fill == "background"
+    assert build_batches(opts(tmp_path, digits, silence_pad_prob=1.0), utts, tok, 80, Dist())[1].augment.silence_pad_prob == 1.0
+    with pytest.raises(ValueError, match="silence-pad-prob must be in .0, 1., got 1.5"):
+        opts(tmp_path, digits, silence_pad_prob=1.5)
     with pytest.raises(ValueError, match="silence-pad-fill must be zeros or background, got 'noise'"):
         opts(tmp_path, digits, silence_pad_fill="noise")
 

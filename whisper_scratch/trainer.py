@@ -137,9 +137,11 @@ class TrainOptions:
                                     "microphone); 0 = off")
     gain_db: float = option(0.0, "each clip made up to this many dB louder or softer (the log-mel keeps the "
                                  "recording level); 0 = off")
-    silence_pad_max: float = option(0.0, "half of the clips get up to this many seconds of silence before and "
-                                         "after (each drawn on its own): for corpora cut tight to the speech, so "
-                                         "the model reads nothing into the silence a VAD chunk starts with")
+    silence_pad_max: float = option(0.0, "a share of the clips (--silence-pad-prob) get up to this many seconds of "
+                                         "silence before and after (each drawn on its own): for corpora cut tight to "
+                                         "the speech, so the model reads nothing into the silence a VAD chunk starts "
+                                         "with, and hears a word wherever it starts")
+    silence_pad_prob: float = option(0.5, "the share of clips --silence-pad-max pads")
     silence_pad_fill: str = option("zeros", "what --silence-pad-max pads with: zeros (digital silence, as synthetic "
                                             "speech has) or background (the clip's own quietest frames: real "
                                             "recordings, e.g. FSDD's tightly cut digits)")
@@ -209,6 +211,8 @@ class TrainOptions:
             raise ValueError("--warmup-steps, --grad-clip and --num-workers must be >= 0")
         if self.init_decoder and not self.init_from:
             raise ValueError("--init-decoder copies the decoder of --init-from's checkpoint: give --init-from too")
+        if not 0 <= self.silence_pad_prob <= 1:
+            raise ValueError(f"--silence-pad-prob must be in [0, 1], got {self.silence_pad_prob}")
         if self.silence_pad_fill not in ("zeros", "background"):
             raise ValueError(f"--silence-pad-fill must be zeros or background, got {self.silence_pad_fill!r}")
         if self.pad_to_30s_prob > 0 and self.feature_norm != "none":
@@ -356,7 +360,7 @@ def build_batches(opts: TrainOptions, utts: list, tokenizer, n_mels: int, ddp: D
     x = o.speed_perturb_max
     augment = AugmentOptions(spec_augment=o.spec_augment, speed_perturb=o.speed_perturb, speeds=(1 - x, 1.0, 1 + x),
                              noise_dir=o.noise_dir, snr_range=(o.snr_low, o.snr_high), silence_pad_max=o.silence_pad_max,
-                             silence_pad_fill=o.silence_pad_fill,
+                             silence_pad_prob=o.silence_pad_prob, silence_pad_fill=o.silence_pad_fill,
                              vtlp_max=o.vtlp_max, channel_db=o.channel_db, gain_db=o.gain_db,
                              mask_fill="mean" if o.feature_norm == "none" else "bin_mean")
     dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
