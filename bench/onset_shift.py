@@ -38,10 +38,9 @@ def frame_rms(audio: np.ndarray, sr: int) -> np.ndarray:
     return np.sqrt((frames ** 2).mean(1) + 1e-12)
 
 
-def onset_seconds(audio: np.ndarray, sr: int, below_peak_db: float = 20.0) -> float:
-    """Where the speech starts: the first 10 ms frame within below_peak_db of the loudest."""
-    db = 20 * np.log10(frame_rms(audio, sr) / frame_rms(audio, sr).max())
-    return float(np.argmax(db > -below_peak_db)) * FRAME_S
+def onset_seconds(rms: np.ndarray, below_peak_db: float = 20.0) -> float:
+    """Where the speech starts: the first 10 ms frame (rms: frame_rms) within below_peak_db of the loudest."""
+    return float(np.argmax(20 * np.log10(rms / rms.max()) > -below_peak_db)) * FRAME_S
 
 
 def variants(pairs: list, lead: float, tight: float, out: Path, seed: int = 0) -> dict:
@@ -50,9 +49,10 @@ def variants(pairs: list, lead: float, tight: float, out: Path, seed: int = 0) -
     made = {"shifted": [], "trimmed": []}
     for path, text in pairs:
         audio, sr = sf.read(path, dtype="float32")
-        start = onset_seconds(audio, sr)
+        rms = frame_rms(audio, sr)
+        start = onset_seconds(rms)
         if start <= tight:
-            floor = frame_rms(audio, sr).min()
+            floor = rms.min()
             new, kind = np.concatenate([rng.normal(0, floor, int(lead * sr)).astype(np.float32), audio]), "shifted"
         else:
             new, kind = audio[int(max(0.0, start - 0.02) * sr):], "trimmed"

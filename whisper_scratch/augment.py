@@ -18,7 +18,8 @@ from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, hz_to_mel, load_au
 
 # The allowed range of each amount (inclusive), checked here and by train.py's flags alike.
 LIMITS = {"vtlp_max": (0.0, 0.5, ""), "channel_db": (0.0, 30.0, " dB"), "gain_db": (0.0, 40.0, " dB"),
-          "silence_pad_max": (0.0, 5.0, " seconds")}
+          "silence_pad_max": (0.0, 5.0, " seconds"), "silence_pad_prob": (0.0, 1.0, "")}
+PAD_FILLS = ("zeros", "background")  # what pad_silence pads with
 
 
 def check_limits(values: dict, name=lambda field: field) -> None:
@@ -60,8 +61,8 @@ class AugmentOptions:
             raise ValueError(f"snr_range must be (low, high), got {self.snr_range}")
         if any(s <= 0 for s in self.speeds):
             raise ValueError(f"speeds must be positive, got {self.speeds}")
-        if self.silence_pad_fill not in ("zeros", "background"):
-            raise ValueError(f"silence_pad_fill must be 'zeros' or 'background', got {self.silence_pad_fill!r}")
+        if self.silence_pad_fill not in PAD_FILLS:
+            raise ValueError(f"silence_pad_fill must be one of {PAD_FILLS}, got {self.silence_pad_fill!r}")
         if self.mask_fill not in ("mean", "bin_mean"):
             raise ValueError(f"mask_fill must be 'mean' or 'bin_mean', got {self.mask_fill!r}")
 

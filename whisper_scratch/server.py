@@ -16,10 +16,11 @@ sampling are decoded again after the others are answered). With --continuous tru
 requests are decoded with continuous batching instead (longform.ChunkStream): their chunks join
 the running batch at a decoder step and leave it when they end, so a short request is not held
 up by a long one (bench/server_load.py, 16 clients of short clips: p95 latency 2.1 s against
-2.9 s, but 1.27x less throughput, as every join pays silero and the encoder for a few files). The event loop only parses uploads and formats replies. The
-`model` field is accepted whatever it says (clients written for "whisper-1" work unchanged);
-/v1/models lists --model_name. Errors use OpenAI's JSON shape {"error": {message, type, param,
-code}}, so the openai client raises BadRequestError etc.
+2.9 s, but 1.27x less throughput, as every join pays silero and the encoder for a few files).
+The event loop only parses uploads and formats replies. The `model` field is accepted whatever
+it says (clients written for "whisper-1" work unchanged); /v1/models lists --model_name. Errors
+use OpenAI's JSON shape {"error": {message, type, param, code}}, so the openai client raises
+BadRequestError etc.
 """
 from __future__ import annotations
 

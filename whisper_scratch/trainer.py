@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .audio import FRAMES_PER_SECOND
-from .augment import LIMITS as AUGMENT_LIMITS, AugmentOptions, check_limits
+from .augment import LIMITS as AUGMENT_LIMITS, PAD_FILLS, AugmentOptions, check_limits
 from .average import Ema, prune_snapshots, snapshot_name
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import DTYPE_ALIASES, canonical_dtype, flag, option
@@ -211,10 +211,8 @@ class TrainOptions:
             raise ValueError("--warmup-steps, --grad-clip and --num-workers must be >= 0")
         if self.init_decoder and not self.init_from:
             raise ValueError("--init-decoder copies the decoder of --init-from's checkpoint: give --init-from too")
-        if not 0 <= self.silence_pad_prob <= 1:
-            raise ValueError(f"--silence-pad-prob must be in [0, 1], got {self.silence_pad_prob}")
-        if self.silence_pad_fill not in ("zeros", "background"):
-            raise ValueError(f"--silence-pad-fill must be zeros or background, got {self.silence_pad_fill!r}")
+        if self.silence_pad_fill not in PAD_FILLS:
+            raise ValueError(f"--silence-pad-fill must be {' or '.join(PAD_FILLS)}, got {self.silence_pad_fill!r}")
         if self.pad_to_30s_prob > 0 and self.feature_norm != "none":
             raise ValueError(f"--pad-to-30s-prob {self.pad_to_30s_prob} trains for export to the 30 s tools; a model with "
                              f"--feature-norm {self.feature_norm} cannot be exported to them")
