@@ -6,7 +6,7 @@ implementations need exactly 2 * n_audio_ctx frames, like 3000 for the real 30 s
 weights drawn wide enough that greedy decoding emits varied tokens, so equal transcripts mean
 something.
 """
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ from whisper_scratch.export import ct2, hf, openai
 from whisper_scratch.export.__main__ import main as export_main
 from whisper_scratch.model import ModelDimensions, Whisper
 from whisper_scratch.tokenizer import CharTokenizer, TextNormalizer, train_bpe
-from whisper_scratch.warmstart import init_from_openai
+from whisper_scratch.warmstart import warm_start
 
 from conftest import wide_30s_model
 from openai_shim import openai_decode  # tests/openai_shim.py
@@ -511,7 +511,7 @@ def test_init_from_openai_encoder_only(tmp_path, tok, mel):
     theirs, path = save_openai_random(tmp_path, OPENAI_DIMS)
     ours = tiny_model(tok, ctc=True, seed=3)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    copied = init_from_openai(ours, path)
+    copied = warm_start(ours, path)
     assert copied and all(k.startswith("encoder.") for k in copied)
     assert len(copied) == sum(k.startswith("encoder.") for k in before)
     with torch.no_grad():
@@ -526,7 +526,7 @@ def test_init_from_openai_with_decoder(tmp_path, tok):
     theirs, path = save_openai_random(tmp_path, OPENAI_DIMS)
     ours = tiny_model(tok)  # n_text_ctx 48 < 64: the positional table is cut
     token_embedding = ours.decoder.token_embedding.weight.clone()
-    copied = init_from_openai(ours, path, transfer_decoder=True)
+    copied = warm_start(ours, path, transfer_decoder=True)
     assert "decoder.blocks.1.cross_attn.key.weight" in copied and "decoder.token_embedding.weight" not in copied
     assert torch.equal(ours.decoder.token_embedding.weight, token_embedding)
     assert torch.equal(ours.decoder.positional_embedding, theirs.decoder.positional_embedding[:48])
@@ -536,11 +536,32 @@ def test_init_from_openai_with_decoder(tmp_path, tok):
 def test_init_from_openai_errors(tmp_path, tok):
     ours = tiny_model(tok)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        init_from_openai(ours, tmp_path / "missing.pt")
+        warm_start(ours, tmp_path / "missing.pt")
     _, path = save_openai_random(tmp_path, {**OPENAI_DIMS, "n_audio_state": 32, "n_text_state": 32})
     with pytest.raises(ValueError, match="n_audio_state 32"):
-        init_from_openai(ours, path)
-    bad = tmp_path / "ours.pt"
-    save_checkpoint(bad, ours, tok)
-    with pytest.raises(ValueError, match="not an openai-whisper checkpoint"):
-        init_from_openai(ours, bad)
+        warm_start(ours, path)
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="bad.pt: neither an openai-whisper checkpoint .* nor a whisper_scratch one"):
+        warm_start(ours, bad)
+
+
+def test_warm_start_from_our_own_checkpoint(tmp_path, tok, mel):
+    """A model pretrained with this toolkit (another vocabulary, a CTC head) starts a new run: its
+    encoder only, unless the decoder is asked for; an encoder that heard other features is refused."""
+    donor = tiny_model(tok, ctc=True, seed=5)
+    path = tmp_path / "pretrained.pt"
+    save_checkpoint(path, donor, tok)
+    ours = tiny_model(tok, ctc=True, seed=6)
+    ctc_before = ours.ctc_head.weight.clone()
+    copied = warm_start(ours, path)
+    assert copied and all(k.startswith("encoder.") for k in copied)
+    with torch.no_grad():
+        assert torch.equal(ours.encoder(mel), donor.encoder(mel))
+    assert torch.equal(ours.ctc_head.weight, ctc_before)  # the CTC head is the vocabulary's: kept
+    assert not torch.equal(ours.decoder.blocks[0].mlp[0].weight, donor.decoder.blocks[0].mlp[0].weight)
+    warm_start(ours, path, transfer_decoder=True)
+    assert torch.equal(ours.decoder.blocks[0].mlp[0].weight, donor.decoder.blocks[0].mlp[0].weight)
+    normed = Whisper(replace(donor.dims, feature_norm="mean"))
+    with pytest.raises(ValueError, match="pretrained.pt: .*differs: feature_norm none \\(ours mean\\)"):
+        warm_start(normed, path)

@@ -343,7 +343,12 @@ def test_feature_norm_flag_builds_the_model_and_resume_keeps_it(tmp_path, digits
     assert ckpt["dims"]["feature_norm"] == "meanvar"
     with pytest.raises(SystemExit, match="feature-norm meanvar, not none"):
         Trainer(opts(tmp_path, digits, resume=True, max_steps=3))
-    with pytest.raises(ValueError, match="--feature-norm mean .*--init-from"):
-        opts(tmp_path, digits, feature_norm="mean", init_from=str(tmp_path / "openai.pt"))
+    openai = tmp_path / "openai.pt"  # an openai-whisper encoder heard plain log-mels
+    dims = {k: v for k, v in t.model.dims.to_dict().items() if k not in ("ctc", "feature_norm")}
+    torch.save({"dims": dims, "model_state_dict": t.model.state_dict()}, openai)
+    with pytest.raises(SystemExit, match="--init-from: .*openai.pt: .*feature_norm none \\(ours meanvar\\)"):
+        Trainer(opts(tmp_path / "w", digits, feature_norm="meanvar", init_from=str(openai)))
+    ours = Trainer(opts(tmp_path / "w2", digits, feature_norm="meanvar", init_from=str(tmp_path / "out" / "last.pt")))
+    assert torch.equal(ours.model.encoder.conv1.weight, t.model.encoder.conv1.weight)  # our own: it fits
     with pytest.raises(ValueError, match="--pad-to-30s-prob 0.5 .*--feature-norm mean"):
         opts(tmp_path, digits, feature_norm="mean", pad_to_30s_prob=0.5)

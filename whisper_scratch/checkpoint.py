@@ -123,10 +123,10 @@ def load_checkpoint(path, map_location: Union[str, torch.device] = "cpu") -> dic
         raise CheckpointError(f"{path}: {foreign.explain_load_failure(path, e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: {foreign.describe_object(path, ckpt)}")
-    return _check_version_and_keys(path, ckpt)
+    return check_version_and_keys(path, ckpt)
 
 
-def _check_version_and_keys(path: Path, ckpt: dict) -> dict:
+def check_version_and_keys(path: Path, ckpt: dict) -> dict:
     version = ckpt.get("version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{path}: the checkpoint's format version is {version!r}, not a number; the file "

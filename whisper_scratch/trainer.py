@@ -117,8 +117,9 @@ class TrainOptions:
     eval_every: int = option(500, "evaluate and save every N steps (and at the end)")
     log_every: int = option(10, "write a metrics.csv row every N steps")
     resume: bool = option(False, "continue from OUTPUT_DIR/last.pt exactly where it stopped")
-    init_from: Optional[str] = option(None, "warm-start from an openai-whisper .pt ({dims, model_state_dict}): its encoder "
-                                          "is copied, the decoder keeps our vocabulary and is trained anew")
+    init_from: Optional[str] = option(None, "warm-start from an openai-whisper .pt or one of our checkpoints (e.g. a "
+                                          "model pretrained on more voices): its encoder is copied, the decoder keeps "
+                                          "this run's vocabulary and is trained anew")
     init_decoder: bool = option(False, "with --init-from, also copy the decoder (all but the token embedding)")
     seed: int = option(0, "random seed (init, batch order, augmentation)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -216,9 +217,6 @@ class TrainOptions:
         if self.pad_to_30s_prob > 0 and self.feature_norm != "none":
             raise ValueError(f"--pad-to-30s-prob {self.pad_to_30s_prob} trains for export to the 30 s tools; a model with "
                              f"--feature-norm {self.feature_norm} cannot be exported to them")
-        if self.init_from and self.feature_norm != "none":
-            raise ValueError(f"--feature-norm {self.feature_norm} changes what the encoder hears; --init-from's encoder "
-                             f"was trained on plain log-mels: use --feature-norm none with it")
         if self.keep_chars is not None and self.tokenizer == "bpe":
             raise ValueError(f"--keep-chars {self.keep_chars!r} sets the char tokenizer's alphabet; it cannot be "
                              f"used with --tokenizer bpe")
@@ -322,7 +320,7 @@ def make_tokenizer(opts: TrainOptions, texts: list, ckpt: Optional[dict]):
 
 
 def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: torch.device) -> Whisper:
-    """The preset's model, the resumed checkpoint's, or a warm start from an openai-whisper .pt."""
+    """The preset's model, the resumed checkpoint's, or a warm start from another checkpoint."""
     if ckpt is not None:
         old = ckpt.get("options", {})
         for name in ("whisper_size", "tokenizer", "n_mels", "feature_norm"):
@@ -337,9 +335,9 @@ def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: tor
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     elif opts.init_from:  # not on --resume: the checkpoint already holds the warm-started weights
-        from .warmstart import init_from_openai
+        from .warmstart import warm_start
         try:
-            copied = init_from_openai(model, opts.init_from, transfer_decoder=opts.init_decoder)
+            copied = warm_start(model, opts.init_from, transfer_decoder=opts.init_decoder)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --init-from: {e}") from None
         print(f"warm start: copied {len(copied)} tensors from {opts.init_from}", flush=True)

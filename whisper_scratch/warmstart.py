@@ -1,6 +1,8 @@
-"""Warm-start our model from an openai-whisper checkpoint (training's `--init-from`).
+"""Warm-start our model from another model's weights (training's `--init-from`).
 
-Its encoder, optionally its decoder, never its token embedding: our vocabulary is not Whisper's
+The source is an openai-whisper checkpoint or one of ours (say, a model pretrained on Common Voice
+clips of many languages and speakers, then fine-tuned on a small corpus). Its encoder is copied,
+optionally its decoder, never its token embedding or CTC head: the new run's vocabulary is its own
 (see tokenizer.py).
 
 Needs torch only: training imports neither openai-whisper nor the export package.
@@ -12,52 +14,60 @@ from typing import Union
 
 import torch
 
+from .checkpoint import FORMAT, check_version_and_keys
 from .model import ModelDimensions, Whisper
 
+# What the encoder hears and computes: every one must match for its weights to mean the same.
+ENCODER_FIELDS = ("n_mels", "n_audio_state", "n_audio_head", "n_audio_layer", "feature_norm")
+DECODER_FIELDS = ("n_text_state", "n_text_head", "n_text_layer")
 
-def _read_openai_checkpoint(path: Union[str, Path]) -> tuple:
+
+def read_source(path: Union[str, Path]) -> tuple:
+    """(dims dict, state dict, 'openai-whisper' or 'whisper_scratch') of a checkpoint to start from."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: openai-whisper checkpoint not found")
+        raise FileNotFoundError(f"{path}: checkpoint to warm-start from not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
-        raise ValueError(f"{path}: not an openai-whisper checkpoint (expected a dict with 'dims' and "
-                         f"'model_state_dict')")
-    return ckpt["dims"], ckpt["model_state_dict"]
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        ckpt = check_version_and_keys(path, ckpt)
+        return ckpt["dims"], ckpt["model"], "whisper_scratch"
+    if isinstance(ckpt, dict) and "dims" in ckpt and "model_state_dict" in ckpt:
+        return {**ckpt["dims"], "feature_norm": "none"}, ckpt["model_state_dict"], "openai-whisper"
+    raise ValueError(f"{path}: neither an openai-whisper checkpoint (a dict with 'dims' and 'model_state_dict') "
+                     f"nor a whisper_scratch one")
 
 
-def _check_same(path, theirs: dict, ours: ModelDimensions, names: tuple) -> None:
+def _check_same(path, kind: str, theirs: dict, ours: ModelDimensions, names: tuple) -> None:
     bad = [f"{n} {theirs.get(n)} (ours {getattr(ours, n)})" for n in names if theirs.get(n) != getattr(ours, n)]
     if bad:
-        raise ValueError(f"{path}: cannot warm-start, the shapes differ: {', '.join(bad)}; "
-                         f"pick --whisper-size/--n-mels to match the checkpoint")
+        raise ValueError(f"{path}: cannot warm-start from this {kind} model, it differs: {', '.join(bad)}; "
+                         f"pick --whisper-size, --n-mels and --feature-norm to match it")
 
 
-def init_from_openai(model: Whisper, path: Union[str, Path], transfer_decoder: bool = False) -> list:
-    """Copy an openai-whisper checkpoint's encoder (and, with transfer_decoder, its decoder
-    except the token embedding) into `model`, in place; returns the names of the copied tensors.
+def warm_start(model: Whisper, path: Union[str, Path], transfer_decoder: bool = False) -> list:
+    """Copy a checkpoint's encoder (and, with transfer_decoder, its decoder except the token
+    embedding) into `model`, in place; returns the names of the copied tensors.
 
-    Our vocabulary (char or BPE, see tokenizer.py) is not Whisper's, so the token embedding (which
-    is also the output projection) always stays as initialised: a new decoder vocabulary. The
-    CTC head, if any, stays random too. Positional tables are cut to our context lengths.
+    The token embedding (which is also the output projection) and the CTC head belong to the
+    source's vocabulary, so they always stay as initialised. Positional tables are cut to our
+    context lengths. An encoder trained with another --feature-norm heard other inputs: refused.
     """
-    theirs, state = _read_openai_checkpoint(path)
-    _check_same(path, theirs, model.dims, ("n_mels", "n_audio_state", "n_audio_head", "n_audio_layer"))
+    theirs, state, kind = read_source(path)
+    _check_same(path, kind, theirs, model.dims, ENCODER_FIELDS)
     prefixes = ["encoder."]
     if transfer_decoder:
-        _check_same(path, theirs, model.dims, ("n_text_state", "n_text_head", "n_text_layer"))
+        _check_same(path, kind, theirs, model.dims, DECODER_FIELDS)
         prefixes.append("decoder.")
-    ours = model.state_dict()
     copied = []
     with torch.no_grad():
-        for name, target in ours.items():
+        for name, target in model.state_dict().items():
             if not name.startswith(tuple(prefixes)) or name == "decoder.token_embedding.weight":
                 continue
             if name not in state:
-                raise ValueError(f"{path}: has no tensor {name!r}; is it an openai-whisper checkpoint?")
+                raise ValueError(f"{path}: has no tensor {name!r}; is it a Whisper model?")
             source = state[name]
             if name.endswith("positional_embedding"):
                 if source.shape[0] < target.shape[0]:
