@@ -16,7 +16,10 @@ the mean over the speaker folds and the worst one. Flags after `--` go to train.
 to learn a voice-independent model from, and synthetic voices are data the project makes itself.
 `--common-voice DIR` adds a Common Voice folder's validated clips (e.g. shared/data/cv_sample/en:
 100 English sentences by 95 real speakers) to every train split the same way: real voices and
-microphones, though not the digit words. `--synthetic-noise N` trains with N recordings of noise
+microphones, though not the digit words. `--pretrain DIR [DIR ...]` trains one model first on
+the validated clips of those Common Voice folders (e.g. all six of shared/data/cv_sample: about
+210 real voices in six languages), band-limited to FSDD's 8 kHz, and starts every fold from its
+encoder (train.py --init-from); `--pretrain-steps` sets its length. `--synthetic-noise N` trains with N recordings of noise
 of every colour mixed in (the speakers' own noise floors are otherwise a cue to who speaks)."""
 import argparse
 import csv
@@ -99,6 +102,43 @@ def common_voice_rows(folder: Optional[str]) -> list:
              "text": r["sentence"].replace("\t", " "), "speaker": "cv_" + r["client_id"][:12]} for r in rows]
 
 
+def band_limited_common_voice(folders: list, out: Path) -> Path:
+    """A manifest of the folders' validated clips resampled to 8 kHz like FSDD (built once under
+    OUT): a model pretrained on them hears the same band as the digits. Every 20th clip is dev."""
+    import soundfile as sf
+    from whisper_scratch.audio import load_audio
+    manifest = out / "manifest.tsv"
+    if manifest.is_file():
+        return manifest
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    lines = ["path\tduration\ttext\tspeaker\tsplit\n"]
+    for folder in folders:
+        for i, r in enumerate(common_voice_rows(folder)):
+            audio = load_audio(r["path"], 8000)
+            name = f"clips/{Path(folder).name}_{Path(r['path']).stem}.wav"
+            sf.write(out / name, audio, 8000, subtype="PCM_16")
+            lines.append(f"{name}\t{len(audio) / 8000:.3f}\t{r['text']}\t{r['speaker']}\t{'dev' if i % 20 == 0 else 'train'}\n")
+    manifest.with_suffix(".tmp").write_text("".join(lines))
+    manifest.with_suffix(".tmp").rename(manifest)  # a half-built corpus is never taken for a whole one
+    return manifest
+
+
+def pretrain(folders: list, out: Path, train_flags: list, steps: int, threads: int) -> Path:
+    """Train once on Common Voice (the folds' flags; longer batches, a longer warm-up, more weight on
+    the encoder's CTC loss, `steps` steps) and return the checkpoint every fold starts from. Its text is another language's: only the encoder is
+    passed on (train.py --init-from), the folds train their decoder anew."""
+    manifest = band_limited_common_voice(folders, out / "corpus")
+    best = out / "best_model.pt"
+    if not best.is_file():
+        cmd = [sys.executable, str(ROOT / "train.py"), "--local-data-dir", str(manifest), "--train-split", "train",
+               "--dev-split", "dev", "--language", "ru", "--output-dir", str(out), *train_flags,
+               "--max-batch-seconds", "60", "--ctc-weight", "0.5", "--warmup-steps", "200", "--max-steps", str(steps), "--eval-every", str(max(1, steps // 3))]
+        with open(out / "train.log", "a") as log:
+            subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=log,
+                           stderr=subprocess.STDOUT)
+    return best
+
+
 def run_fold(fsdd: Path, fold: str, out: Path, train_flags: list, threads: int, checkpoints: list,
              extra_train: list = ()) -> list:
     manifest, test, counts = write_fold(fsdd, fold, out, extra_train)
@@ -154,7 +194,14 @@ def main(argv=None):
                         "train with --noise-dir on them")
     p.add_argument("--common-voice", default=None,
                    help="add this Common Voice folder's validated clips to every fold's train split")
+    p.add_argument("--pretrain", nargs="+", default=None, metavar="DIR",
+                   help="first train one model on these Common Voice folders' clips (8 kHz) and start every fold "
+                        "from its encoder")
+    p.add_argument("--pretrain-steps", type=int, default=3000)
     a = p.parse_args(argv)
+    if a.pretrain:
+        train_flags += ["--init-from", str(pretrain(a.pretrain, Path(a.out).resolve() / "pretrain", train_flags,
+                                                    a.pretrain_steps, a.threads))]
     extra = espeak_rows(Path(a.out), a.espeak_voices) + common_voice_rows(a.common_voice)
     if a.synthetic_noise:
         train_flags += ["--noise-dir", str(build_noise(Path(a.out).resolve() / "noise", a.synthetic_noise))]
