@@ -562,6 +562,9 @@ def test_warm_start_from_our_own_checkpoint(tmp_path, tok, mel):
     assert not torch.equal(ours.decoder.blocks[0].mlp[0].weight, donor.decoder.blocks[0].mlp[0].weight)
     warm_start(ours, path, transfer_decoder=True)
     assert torch.equal(ours.decoder.blocks[0].mlp[0].weight, donor.decoder.blocks[0].mlp[0].weight)
+    assert not torch.equal(ours.decoder.token_embedding.weight, donor.decoder.token_embedding.weight)
+    warm_start(ours, path, transfer_decoder=True, tokenizer=tok.to_dict())  # the same vocabulary: all of it
+    assert all(torch.equal(v, donor.state_dict()[k]) for k, v in ours.state_dict().items())
     normed = Whisper(replace(donor.dims, feature_norm="mean"))
     with pytest.raises(ValueError, match="pretrained.pt: .*differs: feature_norm none \\(ours mean\\)"):
         warm_start(normed, path)

@@ -276,6 +276,23 @@ def test_seed_flags_parse_exactly():
     assert o.max_batch_seconds == 60 and o.lowercase is False and o.ctc_weight == 0.3
 
 
+def test_init_decoder_from_our_checkpoint_fine_tunes_the_whole_model(tmp_path, digits):
+    """--init-from one of ours with --init-decoder: its tokenizer and every weight, the token
+    embedding and CTC head included, are where the new run starts (fine-tuning on new data)."""
+    Trainer(opts(tmp_path, digits, max_steps=2, ctc_weight=0.3)).run()
+    source = tmp_path / "out" / "last.pt"
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    ft = Trainer(opts(tmp_path / "ft", digits, max_steps=1, ctc_weight=0.3, init_from=str(source), init_decoder=True))
+    assert ft.tokenizer.to_dict() == ckpt["tokenizer"]
+    state = ft.model.state_dict()
+    for k, v in ckpt["model"].items():
+        assert torch.equal(state[k].cpu(), v), k
+    encoder_only = Trainer(opts(tmp_path / "enc", digits, max_steps=1, ctc_weight=0.3, init_from=str(source)))
+    assert not torch.equal(encoder_only.model.ctc_head.weight, ckpt["model"]["ctc_head.weight"])
+    with pytest.raises(SystemExit, match="--init-decoder fine-tunes .*last.pt with its own char tokenizer"):
+        Trainer(opts(tmp_path / "k", digits, init_from=str(source), init_decoder=True, keep_chars="abc"))
+
+
 def test_init_from_openai_checkpoint_copies_the_encoder(tmp_path, digits):
     from whisper_scratch.model import Whisper, preset_dims
     torch.manual_seed(123)

@@ -120,7 +120,8 @@ class TrainOptions:
     init_from: Optional[str] = option(None, "warm-start from an openai-whisper .pt or one of our checkpoints (e.g. a "
                                           "model pretrained on more voices): its encoder is copied, the decoder keeps "
                                           "this run's vocabulary and is trained anew")
-    init_decoder: bool = option(False, "with --init-from, also copy the decoder (all but the token embedding)")
+    init_decoder: bool = option(False, "with --init-from, also copy the decoder (all but the token embedding); from one of "
+                                       "our checkpoints: the whole model and its tokenizer (fine-tuning on new data)")
     seed: int = option(0, "random seed (init, batch order, augmentation)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     num_workers: int = option(2, "DataLoader worker processes decoding audio")
@@ -315,6 +316,18 @@ def usable_splits(opts: TrainOptions, splits: dict, tokenizer, n_text_ctx: int, 
 def make_tokenizer(opts: TrainOptions, texts: list, ckpt: Optional[dict]):
     if ckpt is not None:  # resume: the tokenizer the model was trained with, never a rebuilt one
         return tokenizer_from_dict(ckpt["tokenizer"])
+    if opts.init_from and opts.init_decoder:  # fine-tuning one of ours: its decoder speaks its vocabulary
+        from .warmstart import source_tokenizer
+        try:
+            theirs = source_tokenizer(opts.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --init-from: {e}") from None
+        if theirs is not None:
+            if opts.keep_chars is not None or opts.tokenizer != theirs["kind"]:
+                raise SystemExit(f"error: --init-decoder fine-tunes {opts.init_from} with its own {theirs['kind']} "
+                                 f"tokenizer; drop --keep-chars and use --tokenizer {theirs['kind']}")
+            print(f"tokenizer: {opts.init_from}'s ({theirs['kind']}), kept for fine-tuning", flush=True)
+            return tokenizer_from_dict(theirs)
     normalizer = TextNormalizer(lowercase=opts.lowercase, punctuation=opts.punctuation)
     return build_tokenizer(opts.tokenizer, texts, opts.keep_chars, opts.bpe_vocab_size, normalizer, (opts.language,))
 
@@ -337,7 +350,7 @@ def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: tor
     elif opts.init_from:  # not on --resume: the checkpoint already holds the warm-started weights
         from .warmstart import warm_start
         try:
-            copied = warm_start(model, opts.init_from, transfer_decoder=opts.init_decoder)
+            copied = warm_start(model, opts.init_from, opts.init_decoder, tokenizer.to_dict())
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --init-from: {e}") from None
         print(f"warm start: copied {len(copied)} tensors from {opts.init_from}", flush=True)
