@@ -19,8 +19,9 @@ to learn a voice-independent model from, and synthetic voices are data the proje
 microphones, though not the digit words. `--pretrain DIR [DIR ...]` trains one model first on
 the validated clips of those Common Voice folders (e.g. all six of shared/data/cv_sample: about
 210 real voices in six languages), band-limited to FSDD's 8 kHz, and starts every fold from its
-encoder (train.py --init-from); `--pretrain-steps` sets its length. `--synthetic-noise N` trains with N recordings of noise
-of every colour mixed in (the speakers' own noise floors are otherwise a cue to who speaks)."""
+encoder (train.py --init-from); `--pretrain-steps` sets its length. `--synthetic-noise N` trains
+with N recordings of noise of every colour mixed in (the speakers' own noise floors are otherwise
+a cue to who speaks)."""
 import argparse
 import csv
 import json
@@ -125,14 +126,16 @@ def band_limited_common_voice(folders: list, out: Path) -> Path:
 
 def pretrain(folders: list, out: Path, train_flags: list, steps: int, threads: int) -> Path:
     """Train once on Common Voice (the folds' flags; longer batches, a longer warm-up, more weight on
-    the encoder's CTC loss, `steps` steps) and return the checkpoint every fold starts from. Its text is another language's: only the encoder is
-    passed on (train.py --init-from), the folds train their decoder anew."""
+    the encoder's CTC loss, `steps` steps) and return the checkpoint every fold starts from. Its
+    text is another language's: only the encoder is passed on (train.py --init-from), the folds
+    train their decoder anew."""
     manifest = band_limited_common_voice(folders, out / "corpus")
     best = out / "best_model.pt"
     if not best.is_file():
         cmd = [sys.executable, str(ROOT / "train.py"), "--local-data-dir", str(manifest), "--train-split", "train",
                "--dev-split", "dev", "--language", "ru", "--output-dir", str(out), *train_flags,
-               "--max-batch-seconds", "60", "--ctc-weight", "0.5", "--warmup-steps", "200", "--max-steps", str(steps), "--eval-every", str(max(1, steps // 3))]
+               "--max-batch-seconds", "60", "--ctc-weight", "0.5", "--warmup-steps", "200",
+               "--max-steps", str(steps), "--eval-every", str(max(1, steps // 3))]
         with open(out / "train.log", "a") as log:
             subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=log,
                            stderr=subprocess.STDOUT)

@@ -313,15 +313,23 @@ def usable_splits(opts: TrainOptions, splits: dict, tokenizer, n_text_ctx: int, 
     return kept
 
 
-def make_tokenizer(opts: TrainOptions, texts: list, ckpt: Optional[dict]):
+def read_init_source(opts: TrainOptions, ckpt: Optional[dict]) -> Optional[tuple]:
+    """--init-from's checkpoint, read once for the tokenizer and the weights (warmstart.read_source);
+    None without it or on --resume (the resumed checkpoint already holds the warm-started weights)."""
+    if ckpt is not None or not opts.init_from:
+        return None
+    from .warmstart import read_source
+    try:
+        return read_source(opts.init_from)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --init-from: {e}") from None
+
+
+def make_tokenizer(opts: TrainOptions, texts: list, ckpt: Optional[dict], source: Optional[tuple] = None):
     if ckpt is not None:  # resume: the tokenizer the model was trained with, never a rebuilt one
         return tokenizer_from_dict(ckpt["tokenizer"])
-    if opts.init_from and opts.init_decoder:  # fine-tuning one of ours: its decoder speaks its vocabulary
-        from .warmstart import source_tokenizer
-        try:
-            theirs = source_tokenizer(opts.init_from)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: --init-from: {e}") from None
+    if source is not None and opts.init_decoder:  # fine-tuning one of ours: its decoder speaks its vocabulary
+        theirs = source[3]
         if theirs is not None:
             if opts.keep_chars is not None or opts.tokenizer != theirs["kind"]:
                 raise SystemExit(f"error: --init-decoder fine-tunes {opts.init_from} with its own {theirs['kind']} "
@@ -332,7 +340,8 @@ def make_tokenizer(opts: TrainOptions, texts: list, ckpt: Optional[dict]):
     return build_tokenizer(opts.tokenizer, texts, opts.keep_chars, opts.bpe_vocab_size, normalizer, (opts.language,))
 
 
-def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: torch.device) -> Whisper:
+def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: torch.device,
+                source: Optional[tuple] = None) -> Whisper:
     """The preset's model, the resumed checkpoint's, or a warm start from another checkpoint."""
     if ckpt is not None:
         old = ckpt.get("options", {})
@@ -350,7 +359,7 @@ def build_model(opts: TrainOptions, tokenizer, ckpt: Optional[dict], device: tor
     elif opts.init_from:  # not on --resume: the checkpoint already holds the warm-started weights
         from .warmstart import warm_start
         try:
-            copied = warm_start(model, opts.init_from, opts.init_decoder, tokenizer.to_dict())
+            copied = warm_start(model, opts.init_from, opts.init_decoder, tokenizer.to_dict(), source)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: --init-from: {e}") from None
         print(f"warm start: copied {len(copied)} tensors from {opts.init_from}", flush=True)
@@ -611,8 +620,9 @@ class Trainer:
         ckpt = load_checkpoint(resume_path) if resume_path else None
         self.report = D.DataReport()
         splits = load_data(o, self.report)
-        self.tokenizer = make_tokenizer(o, [u.text for u in splits[o.train_split]], ckpt)
-        self.model = build_model(o, self.tokenizer, ckpt, self.device)
+        source = read_init_source(o, ckpt)
+        self.tokenizer = make_tokenizer(o, [u.text for u in splits[o.train_split]], ckpt, source)
+        self.model = build_model(o, self.tokenizer, ckpt, self.device, source)
         self.splits = usable_splits(o, splits, self.tokenizer, self.model.dims.n_text_ctx, self.report)
         self.train_utts, self.dev_utts = self.splits[o.train_split], self.splits[o.dev_split]
         # saved with every checkpoint: long-form cuts chunks shaped like the clips it learned from

@@ -49,13 +49,8 @@ def _check_same(path, kind: str, theirs: dict, ours: ModelDimensions, names: tup
                          f"pick --whisper-size, --n-mels and --feature-norm to match it")
 
 
-def source_tokenizer(path: Union[str, Path]) -> Optional[dict]:
-    """The tokenizer (as saved) of one of our checkpoints; None for an openai-whisper one."""
-    return read_source(path)[3]
-
-
 def warm_start(model: Whisper, path: Union[str, Path], transfer_decoder: bool = False,
-               tokenizer: Optional[dict] = None) -> list:
+               tokenizer: Optional[dict] = None, source: Optional[tuple] = None) -> list:
     """Copy a checkpoint's encoder (and, with transfer_decoder, its decoder except the token
     embedding) into `model`, in place; returns the names of the copied tensors.
 
@@ -63,9 +58,9 @@ def warm_start(model: Whisper, path: Union[str, Path], transfer_decoder: bool = 
     source's vocabulary: they are copied too when transfer_decoder is set and `tokenizer` (the new
     run's, as saved) is the source's own, and otherwise stay as initialised. Positional tables are
     cut to our context lengths. An encoder trained with another --feature-norm heard other inputs:
-    refused.
+    refused. `source`: read_source(path), when the caller has already read it.
     """
-    theirs, state, kind, their_tokenizer = read_source(path)
+    theirs, state, kind, their_tokenizer = source if source is not None else read_source(path)
     same_vocabulary = transfer_decoder and tokenizer is not None and tokenizer == their_tokenizer
     _check_same(path, kind, theirs, model.dims, ENCODER_FIELDS)
     prefixes = ["encoder."]
