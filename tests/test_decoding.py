@@ -179,6 +179,32 @@ def test_cached_equals_uncached(model, clips, beam_size):
         assert same(a, b)
 
 
+@pytest.mark.parametrize("beam_size,best_of,temperature", [(3, 1, 0.0), (1, 3, 0.7)])
+def test_a_shared_prompt_runs_once_per_utterance(model, clips, monkeypatch, beam_size, best_of, temperature):
+    """Beams and best_of samples start from one prompt: it runs once per utterance, and its keys
+    and values are copied to the other rows (KVCache.repeat_rows). The results equal the prompt
+    run on every row (the uncached reference re-runs the whole prefix each step)."""
+    batch, lens, _ = clips
+    prompt = tuple(TOK.encode("the previous window said this much"))
+    options = DecodingOptions(max_new_tokens=MAX, beam_size=beam_size, best_of=best_of, temperature=temperature,
+                              prompt=prompt)
+    calls = []
+    forward = type(model.decoder).forward
+    monkeypatch.setattr(type(model.decoder), "forward",
+                        lambda self, tokens, *a, **k: calls.append(tuple(tokens.shape)) or forward(self, tokens, *a, **k))
+    once = decode(model, batch[:4], lens[:4], TOK, options)
+    first = calls[0]
+    from whisper_scratch.decoding import initial_tokens
+    n_prompt = len(initial_tokens(TOK, options, model.dims.n_text_ctx))  # the prompt, cut to fit the context
+    assert n_prompt > 20 and first == (4, n_prompt), first  # one row per utterance, the whole prompt
+    assert calls[1][0] == 4 * max(beam_size, best_of) and calls[1][1] == 1
+    calls.clear()
+    every_row = decode(model, batch[:4], lens[:4], TOK, replace(options, use_cache=False))
+    assert calls[0][0] == 4 * max(beam_size, best_of)
+    for a, b in zip(once, every_row):
+        assert same(a, b)
+
+
 def test_hypotheses_sharing_audio_equal_replicated_audio(model, clips):
     """model.py: n token rows per audio row (beam search) give the logits of replicated audio,
     with and without the cache, and after KVCache.reorder(cross=False) / reorder_cross."""

@@ -282,8 +282,23 @@ class Inference:
     def logits(self, tokens: Tensor) -> Tensor:
         """tokens (R, L), the whole prefix -> logits (R, n_vocab) for the next token, fp32."""
         if self.cache is not None:
+            if self.cache.offset == 0 and self.group > 1:
+                shared = self._shared_prompt(tokens)
+                if shared is not None:
+                    return shared
             tokens = tokens[:, self.cache.offset:]
         return self.decoder(tokens, self.xa, self.xa_lens, cache=self.cache)[:, -1]
+
+    def _shared_prompt(self, tokens: Tensor) -> Optional[Tensor]:
+        """When every row of a group holds the same prompt (beams and best_of samples start that
+        way), run it once per utterance and copy its keys and values to the group's rows: a
+        conditioning prompt of previous text can be a few hundred tokens, run K times over."""
+        first = tokens[:: self.group]
+        if not torch.equal(tokens, first.repeat_interleave(self.group, dim=0)):
+            return None
+        logits = self.decoder(first, self.xa, self.xa_lens, cache=self.cache)[:, -1]
+        self.cache.repeat_rows(self.group)
+        return logits.repeat_interleave(self.group, dim=0)
 
     def _few_rows(self, rows: int) -> None:
         decoder = decoder_for_rows(self.model, self.decoder, rows, self.xa.device)

@@ -172,6 +172,17 @@ class KVCache:
         if cross:
             self.reorder_cross(index)
 
+    def repeat_rows(self, n: int) -> None:
+        """Every self-attention row n times in a row (row i becomes rows n*i .. n*i+n-1): a prompt
+        run once per utterance becomes the shared past of its n hypotheses. Cross-attention K/V
+        stay one row per utterance, which the decoder shares among its hypotheses anyway."""
+        end = self.offset
+        for i, (k, v) in self.self_kv.items():
+            new = tuple(b.new_empty((b.shape[0] * n, *b.shape[1:])) for b in (k, v))
+            for dst, b in zip(new, (k, v)):
+                dst[:, :end] = b[:, :end].repeat_interleave(n, dim=0)
+            self.self_kv[i] = new
+
     def reorder_cross(self, index: Tensor) -> None:
         """Keep cross-attention K/V rows `index` only (utterances, when hypotheses share them)."""
         self.cross_kv = {i: (k[index], v[index]) for i, (k, v) in self.cross_kv.items()}
