@@ -234,6 +234,40 @@ def test_unreadable_clip_at_load_time_is_dropped_and_named(tmp_path, small_corpu
     assert batch["size"] == 2 and len(batch["errors"]) == 1 and "bad.wav" in batch["errors"][0]
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_clip_whose_real_length_breaks_the_limits_is_a_named_skip(tmp_path, small_corpus, cache):
+    """The manifest's duration can be wrong: a clip really under the STFT's minimum or over 30 s
+    is skipped and named (not a crash in the STFT, not a clip cut under its whole transcript)."""
+    utts, tok = small_corpus
+    from dataclasses import replace
+    sf.write(tmp_path / "tiny.wav", tone(0.005, sr=16000), 16000)
+    sf.write(tmp_path / "long.wav", tone(31.0, sr=16000), 16000)
+    utts = [utts[0], replace(utts[1], audio=str(tmp_path / "tiny.wav")), replace(utts[2], audio=str(tmp_path / "long.wav"))]
+    ds = AsrDataset(utts, tok, cache_dir=str(tmp_path / "cache") if cache else None)
+    assert "mel" in ds[0]
+    assert "tiny.wav: too short: 5.0 ms" in ds[1]["error"]
+    assert "long.wav: longer than 30 s (31.0 s" in ds[2]["error"]
+
+
+def test_speed_perturbation_never_pushes_a_clip_past_the_limits(tmp_path):
+    from whisper_scratch.data import clip_audio
+    sf.write(tmp_path / "edge.wav", tone(0.013, sr=16000), 16000)  # 208 samples: 189 at speed 1.1
+    sf.write(tmp_path / "full.wav", tone(29.0, sr=16000), 16000)  # 32.2 s at speed 0.9
+    sf.write(tmp_path / "mid.wav", tone(1.0, sr=16000), 16000)
+    assert len(clip_audio(tmp_path / "edge.wav", 1.1)) == 208  # not sped up, rather than too short for the STFT
+    assert len(clip_audio(tmp_path / "full.wav", 0.9)) == 29 * 16000  # not slowed down, rather than cut
+    assert len(clip_audio(tmp_path / "mid.wav", 0.9)) == round(16000 / 0.9)  # others as asked
+
+
+def test_noise_files_that_are_not_audio_are_refused_up_front(tmp_path, small_corpus):
+    utts, tok = small_corpus
+    (tmp_path / "noise").mkdir()
+    sf.write(tmp_path / "noise/good.wav", tone(1.0, sr=16000), 16000)
+    (tmp_path / "noise/text.wav").write_text("not audio")
+    with pytest.raises(ValueError, match=r"1 of 2 files are not usable audio.*text\.wav"):
+        AsrDataset(utts, tok, augment=AugmentOptions(noise_dir=str(tmp_path / "noise")))
+
+
 def test_feature_cache_matches_and_invalidates(tmp_path, small_corpus):
     utts, _ = small_corpus
     src = tmp_path / "clip.wav"

@@ -264,6 +264,14 @@ def test_bad_input_fails_before_any_work(tmp_path, digits, capsys):
         Trainer(opts(tmp_path, digits, whisper_size="tiny", resume=True))
     with pytest.raises(SystemExit, match="no such folder"):
         Trainer(opts(tmp_path / "other", str(tmp_path / "nowhere")))
+    # setup errors of their own flags: one line each, before the first step
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--output-dir .*file: exists and is not a folder"):
+        Trainer(opts(tmp_path, digits, output_dir=str(tmp_path / "file")))
+    with pytest.raises(SystemExit, match="--noise-dir .*nowhere: not a folder"):
+        Trainer(opts(tmp_path / "n", digits, noise_dir=str(tmp_path / "nowhere")))
+    with pytest.raises(SystemExit, match="--eval-lm-path .*file:1: .*not an ARPA file"):
+        Trainer(opts(tmp_path / "lm", digits, eval_lm_path=str(tmp_path / "file"), eval_lm_weight=0.5))
 
 
 def test_seed_flags_parse_exactly():

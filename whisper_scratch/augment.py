@@ -4,6 +4,7 @@ SpecAugment on the log-mel. Each is a pure function of its inputs and a numpy Ge
 worker's RNG decides everything and runs are reproducible."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import soxr
 import torch
 
-from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, hz_to_mel, load_audio, mel_to_hz
+from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, AudioError, audio_duration, hz_to_mel, load_audio, mel_to_hz
 
 
 # The allowed range of each amount (inclusive), checked here and by train.py's flags alike.
@@ -205,7 +206,9 @@ def background_frames(mel: torch.Tensor, n: int, share: float = 0.1) -> torch.Te
 
 
 class NoiseBank:
-    """Noise clips from a folder (any audio format), loaded lazily once per process."""
+    """Noise clips from a folder (any audio format), loaded lazily once per process. Every file's
+    header is read up front: a file that is not audio is refused then, naming it, rather than
+    costing the training clips it would have been mixed into."""
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
@@ -214,10 +217,27 @@ class NoiseBank:
         self.paths: Sequence[Path] = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
         if not self.paths:
             raise ValueError(f"--noise-dir {self.folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
+        bad = []
+        for p in self.paths:
+            try:
+                audio_duration(p)
+            except AudioError as e:
+                bad.append(str(e))
+        if bad:
+            raise ValueError(f"--noise-dir {self.folder}: {len(bad)} of {len(self.paths)} files are not usable audio "
+                             f"(remove or fix them): " + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
         self._cache: dict = {}
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
-        path = self.paths[int(rng.integers(0, len(self.paths)))]
-        if path not in self._cache:
-            self._cache[path] = load_audio(path)
-        return self._cache[path]
+        while True:
+            path = self.paths[int(rng.integers(0, len(self.paths)))]
+            if path in self._cache:
+                return self._cache[path]
+            try:
+                self._cache[path] = load_audio(path)
+                return self._cache[path]
+            except AudioError as e:  # a sound header over undecodable data: drop the file, not the clip
+                self.paths = [p for p in self.paths if p != path]
+                if not self.paths:
+                    raise ValueError(f"--noise-dir {self.folder}: no decodable noise file left ({e})") from None
+                warnings.warn(f"--noise-dir: {e}; {len(self.paths)} noise files left", stacklevel=2)

@@ -576,13 +576,29 @@ class FeatureCache:
                 return torch.from_numpy(np.load(file).astype(np.float32))
             except (ValueError, OSError):
                 pass  # a torn write from a killed worker: recompute below
-        mel = A.log_mel_spectrogram(speed_perturb(A.load_audio(path), speed), self.n_mels)
+        mel = A.log_mel_spectrogram(clip_audio(path, speed), self.n_mels)
         file.parent.mkdir(exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, mel.numpy().astype(np.float16))
         os.replace(tmp, file)
         return mel
+
+
+def clip_audio(path: str, speed: float = 1.0) -> np.ndarray:
+    """A training clip's samples at `speed`. The manifest's duration is only what it says: a
+    clip really shorter than the STFT's minimum or longer than 30 s is an AudioError naming the
+    file (a counted skip), never a crash in the STFT or a clip cut short under its full
+    transcript. A speed change that would cross either limit is not applied to that clip."""
+    wav = A.load_audio(path)
+    if len(wav) < A.MIN_SAMPLES:
+        raise A.AudioError(f"{path}: too short: {1000 * len(wav) / A.SAMPLE_RATE:.1f} ms of audio, at least "
+                           f"{1000 * A.MIN_SAMPLES / A.SAMPLE_RATE:.1f} ms are needed")
+    if len(wav) > A.N_SAMPLES:
+        raise A.AudioError(f"{path}: longer than 30 s ({len(wav) / A.SAMPLE_RATE:.1f} s of audio): the model "
+                           f"takes at most 30 s with its transcript")
+    fast = speed_perturb(wav, speed)
+    return fast if A.MIN_SAMPLES <= len(fast) <= A.N_SAMPLES else wav
 
 
 class AsrDataset(torch.utils.data.Dataset):
@@ -612,7 +628,7 @@ class AsrDataset(torch.utils.data.Dataset):
         if self.cache is not None and not use_noise:
             mel = self.cache.get(u.audio, speed)
         else:
-            wav = speed_perturb(A.load_audio(u.audio), speed)
+            wav = clip_audio(u.audio, speed)
             if use_noise:
                 wav = add_noise(wav, self.noise.sample(rng), float(rng.uniform(*aug.snr_range)), rng)
             mel = A.log_mel_spectrogram(wav, self.n_mels)
@@ -634,8 +650,6 @@ class AsrDataset(torch.utils.data.Dataset):
             mel = self._features(u, rng)
         except A.AudioError as e:
             return {"error": str(e), "id": u.id}
-        if mel.shape[-1] > A.N_FRAMES:  # speed 0.9 can push a 29 s clip past 30 s
-            mel = mel[:, : A.N_FRAMES]
         return {"mel": mel, "tokens": self.tokens[i], "id": u.id, "index": i}
 
 

@@ -269,6 +269,12 @@ def resolve_device(opts: TrainOptions, ddp: Dist) -> torch.device:
 def check_output_dir(opts: TrainOptions) -> Optional[Path]:
     """The checkpoint to resume from, or None; refuse to overwrite someone's run by accident."""
     out = Path(opts.output_dir)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --output-dir {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # fail now, not after loading the data
+        raise SystemExit(f"error: --output-dir {out}: cannot create it ({e.strerror})") from None
     last = out / "last.pt"
     if opts.resume:
         if not last.is_file():
@@ -381,7 +387,10 @@ def build_batches(opts: TrainOptions, utts: list, tokenizer, n_mels: int, ddp: D
                              silence_pad_prob=o.silence_pad_prob, silence_pad_fill=o.silence_pad_fill,
                              vtlp_max=o.vtlp_max, channel_db=o.channel_db, gain_db=o.gain_db,
                              mask_fill="mean" if o.feature_norm == "none" else "bin_mean")
-    dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
+    try:
+        dataset = D.AsrDataset(utts, tokenizer, n_mels, augment, o.feature_cache, seed=o.seed, language=o.language)
+    except (FileNotFoundError, ValueError) as e:  # --noise-dir: missing, empty, or holding files that are not audio
+        raise SystemExit(f"error: {e}") from None
     return sampler, dataset
 
 
@@ -494,6 +503,17 @@ def oom_message(micro: list, max_batch_seconds: Optional[float]) -> str:
     return (f"error: CUDA out of memory on a step of {len(micro)} micro-batch(es), the largest {max(sizes):.0f} "
             f"padded s ({sum(sizes):.0f} padded s in all). Lower --max-batch-seconds (now {max_batch_seconds}) "
             f"or --train-batch-size and raise --grad-accum, or add --grad-checkpointing / --dtype fp16")
+
+
+def check_eval_lm(opts: TrainOptions, tokenizer, n_vocab: int) -> None:
+    """Load --eval-lm-path once before training, so a wrong file fails now, not at the first
+    evaluation."""
+    if opts.eval_lm_path:
+        try:
+            with_language_model(DecodingOptions(lm_path=opts.eval_lm_path, lm_weight=opts.eval_lm_weight or 1.0),
+                                tokenizer, n_vocab)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --eval-lm-path {opts.eval_lm_path}: {e}") from None
 
 
 def dev_evaluate(model: Whisper, tokenizer, utts: list, opts: TrainOptions, amp,
@@ -628,6 +648,7 @@ class Trainer:
         # saved with every checkpoint: long-form cuts chunks shaped like the clips it learned from
         durations = sorted(u.duration for u in self.train_utts)
         self.clip_seconds = {"longest_clip_seconds": durations[-1], "median_clip_seconds": durations[len(durations) // 2]}
+        check_eval_lm(o, self.tokenizer, self.model.dims.n_vocab)
         self.sampler, self.dataset = build_batches(o, self.train_utts, self.tokenizer, self.model.dims.n_mels, self.ddp)
         self.steps_per_epoch = math.ceil(len(self.sampler) / o.grad_accum)
         self.set_schedule(o.max_steps or o.num_epochs * self.steps_per_epoch, o.pad_adapt_steps)
