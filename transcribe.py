@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
-from whisper_scratch.checkpoint import CheckpointError, check_quantize, load_model, precision, quantize, quantize_option
+from whisper_scratch.checkpoint import CheckpointError, check_device, check_quantize, load_model, precision, quantize, quantize_option
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from whisper_scratch import decoding as D
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
@@ -102,8 +102,9 @@ def list_audio(folder) -> list:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
 
 
-class NoAudioError(ValueError):
-    """--audio_dir holds no file with an audio extension."""
+class InputError(ValueError):
+    """The inputs named on the command line cannot be used (no audio in --audio_dir, a reference
+    file that cannot be read): one line, exit 2."""
 
 
 def audio_files(folder) -> list:
@@ -112,7 +113,7 @@ def audio_files(folder) -> list:
     paths = list_audio(folder)
     if not paths:
         others = sum(1 for p in Path(folder).rglob("*") if p.is_file())
-        raise NoAudioError(f"--audio_dir {folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in it or its "
+        raise InputError(f"--audio_dir {folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in it or its "
                            f"subfolders ({others} other file(s))")
     return paths
 
@@ -125,6 +126,26 @@ def display_name(path: Path, roots: list) -> str:
         except ValueError:
             continue
     return str(path)
+
+
+def check_outputs(opts: TranscribeOptions) -> Optional[str]:
+    """What is wrong with --output_file / --output_dir, found before any decoding (whose work
+    would otherwise be lost when the first result or the report is written); None if nothing."""
+    if opts.output_file:
+        out = Path(opts.output_file)
+        if out.is_dir():
+            return f"--output_file {out}: is a folder; give a file name"
+        if not out.parent.is_dir():
+            return f"--output_file {out}: no folder {out.parent}"
+    if opts.output_format or opts.mode == "evaluate":
+        folder = Path(opts.output_dir)
+        if folder.exists() and not folder.is_dir():
+            return f"--output_dir {folder}: exists and is not a folder"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"--output_dir {folder}: cannot create it ({e.strerror})"
+    return None
 
 
 class ResultWriter:
@@ -213,7 +234,10 @@ def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
 
 
 def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
-    refs, kind = resolve_references(opts.reference_file, opts.audio_dir)
+    try:
+        refs, kind = resolve_references(opts.reference_file, opts.audio_dir)
+    except (OSError, ValueError) as e:  # the messages name the file, the line and the problem
+        raise InputError(f"--reference_file {e}" if isinstance(e, OSError) else str(e)) from None
     roots = [opts.audio_dir] if opts.audio_dir else []
     roots.append(Path(opts.reference_file).parent)
     on_disk = [str(p.resolve()) for p in list_audio(opts.audio_dir)] if opts.audio_dir else []
@@ -322,6 +346,15 @@ def with_chunk_seconds(opts: TranscribeOptions, ckpt: dict) -> TranscribeOptions
 def main(argv=None) -> int:
     opts = parse_options(TranscribeOptions, argv)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    problem = check_outputs(opts)
+    if problem is None:
+        try:
+            check_device(device)
+        except ValueError as e:
+            problem = str(e)
+    if problem:  # before the model is read and any file decoded
+        print(f"transcribe.py: error: {problem}", file=sys.stderr)
+        return 2
     try:
         model, tokenizer, ckpt = load_model(opts.model_path, device)
     except (CheckpointError, FileNotFoundError) as e:  # one line: what the file is and what to do
@@ -342,7 +375,7 @@ def main(argv=None) -> int:
     with precision(opts.dtype, device):
         try:
             return RUNNERS[opts.mode](model, tokenizer, opts)
-        except NoAudioError as e:
+        except InputError as e:
             print(f"transcribe.py: error: {e}", file=sys.stderr)
             return 2
 

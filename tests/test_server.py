@@ -463,6 +463,11 @@ def test_command_line_errors(ckpt, tmp_path, capsys):
     assert "voice-activity chunks" in capsys.readouterr().err
     assert main(["--model_path", str(ckpt), "--language", "fr"]) == 2
     assert "not one of the model's languages" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model_path", str(tmp_path)])
+    assert "a folder, not a checkpoint file" in capsys.readouterr().err
+    assert main(["--model_path", str(ckpt), "--device", "foo"]) == 2
+    assert "--device foo: not a device name" in capsys.readouterr().err
 
 
 def test_a_lone_request_is_not_held_back_but_a_busy_server_fills_its_batch():

@@ -537,6 +537,41 @@ def test_bad_command_lines_are_clear(checkpoint, audio_dir, tmp_path, capsys):
     assert opts.fallback.temperatures(opts.decoding.temperature) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
+def test_bad_outputs_devices_and_reference_files_are_one_line_before_any_decoding(checkpoint, audio_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    monkeypatch.setattr(cli, "RUNNERS", {**cli.RUNNERS, "single": lambda *a: pytest.fail("decoded anyway")})
+    (tmp_path / "file").write_text("x")
+    one = ["--audio_path", str(audio_dir / "zero.wav")]
+    for argv, message in [(["--output_file", str(tmp_path / "no" / "out.txt")], f"--output_file {tmp_path}/no/out.txt: no folder"),
+                          (["--output_file", str(tmp_path)], "is a folder; give a file name"),
+                          (["--output_format", "srt", "--output_dir", str(tmp_path / "file")], "file: exists and is not a folder"),
+                          (["--output_format", "srt", "--output_dir", str(tmp_path / "file" / "x")], "cannot create it"),
+                          (["--device", "foo"], "--device foo: not a device name"),
+                          *([(["--device", "cuda"], "--device cuda: no CUDA GPU is available")]
+                            if not torch.cuda.is_available() else [])]:
+        assert cli.main(["--model_path", str(checkpoint), *one, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("transcribe.py: error: ") and message in err[0], err
+    # reference files: the reader's message (file, line, problem) as one line, exit 2
+    zero = audio_dir / "zero.wav"
+    for name, text, message in [("empty.tsv", "", "reference file is empty"),
+                                ("one.tsv", f"{zero}\n", "one.tsv:1: expected a path and a transcript column"),
+                                ("bin.tsv", b"\xff\xfe", "not UTF-8 text"),
+                                ("dup.tsv", f"{zero}\tzero\n{zero}\tseven\n",
+                                 "zero.wav is listed twice with different transcripts ('zero' and 'seven')")]:
+        ref = tmp_path / name
+        ref.write_bytes(text) if isinstance(text, bytes) else ref.write_text(text)
+        argv = ["--model_path", str(checkpoint), "--mode", "evaluate", "--audio_dir", str(audio_dir),
+                "--reference_file", str(ref), "--output_dir", str(tmp_path / "ev"), "--progress", "false"]
+        assert cli.main(argv) == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("note: ")]
+        assert len(err) == 1 and err[0].startswith("transcribe.py: error: ") and message in err[0], err
+    same_twice = tmp_path / "same.tsv"
+    same_twice.write_text(f"{zero}\tzero\n{zero}\tzero\n")  # nothing lost: read as one reference
+    from whisper_scratch.evaluation import resolve_references
+    assert resolve_references(same_twice)[0] == {str(zero.resolve()): "zero"}
+
+
 def test_evaluate_with_a_language_model_and_bad_lm_files(checkpoint, audio_dir, tmp_path, capsys):
     """--lm_path in transcribe.py: fused beam search through evaluate (the report records the
     settings), and an unusable LM file is one line and exit status 2 before any decoding."""

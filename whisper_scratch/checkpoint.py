@@ -140,6 +140,23 @@ def check_version_and_keys(path: Path, ckpt: dict) -> dict:
     return ckpt
 
 
+def check_device(name: Union[str, torch.device]) -> torch.device:
+    """`name` as a device this machine has, else a ValueError that says so (not a failure to
+    read the checkpoint onto it)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"--device {name}: use cpu or cuda (cuda:N)")
+    return device
+
+
 def load_model(path, device: Union[str, torch.device] = "cpu",
                ckpt: Optional[dict] = None) -> tuple:
     """Rebuild (model, tokenizer, checkpoint) from the dims and tokenizer the checkpoint carries."""

@@ -72,5 +72,9 @@ def resolve_references(reference_file: Union[str, Path], audio_dir: Optional[Uni
     refs = {}
     for p, text in pairs:
         candidates = [Path(p)] if Path(p).is_absolute() else [b / p for b in bases]
-        refs[str(next((c for c in candidates if c.is_file()), candidates[0]).resolve())] = text
+        path = str(next((c for c in candidates if c.is_file()), candidates[0]).resolve())
+        if refs.get(path, text) != text:  # the same file twice with the same text loses nothing
+            raise ValueError(f"{reference_file}: {p} is listed twice with different transcripts "
+                             f"({refs[path]!r} and {text!r}); keep one")
+        refs[path] = text
     return refs, kind

@@ -50,7 +50,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
-from .checkpoint import check_quantize, load_model, precision, quantize, quantize_option
+from .checkpoint import check_device, check_quantize, load_model, precision, quantize, quantize_option
 from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from .decoding import DecodingOptions, FallbackOptions, with_language_model
 from .longform import ChunkStream, chunk_limit, transcribe_chunks
@@ -89,7 +89,8 @@ class ServerOptions:
     vad: VadOptions = option(help="voice-activity chunks (--chunk_seconds, ...)", factory=VadOptions)
 
     def __post_init__(self):
-        require(Path(self.model_path).is_file(), f"--model_path {self.model_path}: no such file")
+        require(Path(self.model_path).is_file(), f"--model_path {self.model_path}: "
+                + ("a folder, not a checkpoint file" if Path(self.model_path).is_dir() else "no such file"))
         require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
@@ -410,6 +411,7 @@ def render(result: dict, asked: Asked) -> Response:
 def create_app(opts: ServerOptions) -> FastAPI:
     """Load the model and build the app; the worker runs while the app is served."""
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     model, tokenizer, ckpt = load_model(opts.model_path, device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # converting the weights here on 2 threads would give this thread an OpenMP
