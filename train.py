@@ -6,6 +6,7 @@
 """
 import sys
 
+from whisper_scratch.audio import one_line_audio_warnings
 from whisper_scratch.checkpoint import CheckpointError, CheckpointWriteError
 from whisper_scratch.config import parse_options
 from whisper_scratch.trainer import TrainOptions, train
@@ -13,6 +14,7 @@ from whisper_scratch.trainer import TrainOptions, train
 
 def main(argv=None) -> int:
     opts = parse_options(TrainOptions, argv)
+    one_line_audio_warnings("train.py")
     try:
         train(opts)
     except CheckpointError as e:  # --resume on a file that is not a loadable checkpoint

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError
+from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError, one_line_audio_warnings
 from whisper_scratch.checkpoint import CheckpointError, check_device, check_quantize, load_model, precision, quantize, quantize_option
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from whisper_scratch import decoding as D
@@ -345,6 +345,7 @@ def with_chunk_seconds(opts: TranscribeOptions, ckpt: dict) -> TranscribeOptions
 
 def main(argv=None) -> int:
     opts = parse_options(TranscribeOptions, argv)
+    one_line_audio_warnings("transcribe.py")
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     problem = check_outputs(opts)
     if problem is None:

@@ -161,6 +161,23 @@ def test_bad_files_name_the_file_and_reason(tmp_path):
         assert str(path) in str(err.value) and reason in str(err.value)
 
 
+def test_a_truncated_wav_is_decoded_as_far_as_it_goes_and_said(tmp_path):
+    sf.write(tmp_path / "whole.wav", np.zeros(8000, dtype=np.float32), 8000, subtype="PCM_16")  # 1.00 s
+    data = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: 44 + 4000])  # the header still promises 16,000 bytes
+    with pytest.warns(A.AudioWarning, match=r"cut\.wav: truncated: the header promises 1\.00 s of audio, "
+                                            r"the file holds 0\.25 s"):
+        assert len(A.load_audio(tmp_path / "cut.wav", 8000)) == 2000
+    streamed = bytearray(data)
+    streamed[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a streaming writer's "size unknown"
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a whole file, nor for the placeholder size
+        assert len(A.load_audio(tmp_path / "whole.wav", 8000)) == 8000
+        A.load_audio(tmp_path / "streamed.wav", 8000)
+
+
 def test_pad_or_trim_numpy_and_torch():
     x = np.arange(10, dtype=np.float32)
     assert np.array_equal(A.pad_or_trim(x, 4), x[:4])

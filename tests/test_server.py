@@ -531,3 +531,19 @@ def test_each_request_of_a_batch_is_answered_as_soon_as_it_is_done():
         await asyncio.to_thread(batcher.close)
 
     asyncio.run(run())
+
+
+def test_a_truncated_upload_is_decoded_and_logged_under_its_own_name(tmp_path, caplog):
+    import io
+    import logging
+
+    from starlette.datastructures import UploadFile
+
+    from whisper_scratch.server import load_upload
+    sf.write(tmp_path / "whole.wav", np.zeros(16000, dtype=np.float32), 16000, subtype="PCM_16")
+    cut = (tmp_path / "whole.wav").read_bytes()[: 44 + 8000]
+    with caplog.at_level(logging.WARNING, logger="whisper_scratch.server"):
+        audio = load_upload(UploadFile(io.BytesIO(cut), filename="meeting.wav"))
+    assert len(audio) == 4000
+    assert any(r.getMessage() == "meeting.wav: truncated: the header promises 1.00 s of audio, the file holds 0.25 s"
+               for r in caplog.records), caplog.records

@@ -411,6 +411,17 @@ def test_single_mode(checkpoint, audio_dir, tmp_path, capsys):
     assert capsys.readouterr().out.strip()  # some text under bf16 autocast
 
 
+def test_a_truncated_file_is_transcribed_and_named_in_a_one_line_warning(checkpoint, audio_dir, tmp_path, capsys):
+    import warnings
+    data = (audio_dir / "two.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings():  # main() installs its one-line printer; leave the test session's as it was
+        rc = cli.main(["--model_path", str(checkpoint), "--audio_path", str(tmp_path / "cut.wav"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 0 and f"transcribe.py: warning: {tmp_path / 'cut.wav'}: truncated: the header promises" in err, err
+    assert "AudioWarning" not in err and "load_audio(" not in err
+
+
 def test_int8_quantized_decoding_gives_the_same_words(checkpoint, audio_dir, capsys):
     base = ["--model_path", str(checkpoint), "--audio_path", str(audio_dir / "two.wav"), "--device", "cpu", *FAST]
     assert cli.main(base) == 0

@@ -8,6 +8,8 @@ fixed-window long-form path uses.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Union
@@ -36,6 +38,25 @@ class AudioError(RuntimeError):
     """An audio file that cannot be used; the message names the file and the reason."""
 
 
+class AudioWarning(UserWarning):
+    """An audio file that was used as far as it goes (a truncated WAV); the message names it."""
+
+
+def one_line_audio_warnings(prog: str) -> None:
+    """Entry points: print each AudioWarning as one line, "PROG: warning: FILE: what" (not the
+    warnings module's source line), every time (every file is its own)."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, AudioWarning):
+            print(f"{prog}: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", AudioWarning)
+
+
 def _open_info(path: Path) -> sf._SoundFileInfo:
     if not path.exists():
         raise AudioError(f"{path}: file not found")
@@ -61,6 +82,32 @@ def _undecodable(e: Exception) -> str:
     return f"not a readable audio file: the bytes are not decodable audio ({said})"
 
 
+def wav_shortfall(path: PathLike, info: sf._SoundFileInfo) -> str:
+    """For a WAV file whose header promises more sample data than the file holds (a copy or a
+    recording cut off), what is missing, said plainly; "" otherwise. libsndfile reads such a file
+    without a word, up to where it ends."""
+    if info.format != "WAV":
+        return ""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return ""
+        size = Path(path).stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return ""
+            n = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                have = size - f.tell()
+                if n in (0, 0xFFFFFFFF) or n <= have:  # 0 / all ones: a streaming writer's placeholder
+                    return ""
+                held = info.frames / info.samplerate
+                promised = f"{n / (have / held):.2f} s" if info.frames else f"{n} bytes"  # bytes per second as held
+                return f"truncated: the header promises {promised} of audio, the file holds {held:.2f} s"
+            f.seek(n + (n & 1), 1)  # chunks are padded to an even size
+
+
 def audio_duration(path: PathLike) -> float:
     """Duration in seconds read from the file header, without decoding the samples."""
     info = _open_info(Path(path))
@@ -76,12 +123,16 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     for 16-bit files. Channels are averaged; resampling uses soxr's high-quality filter.
     """
     path = Path(path)
-    if _open_info(path).samplerate <= 0:  # a damaged header; soxr would fail on it without naming the file
+    info = _open_info(path)
+    if info.samplerate <= 0:  # a damaged header; soxr would fail on it without naming the file
         raise AudioError(f"{path}: not a readable audio file: the header gives no sample rate")
     try:
         data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise AudioError(f"{path}: {_undecodable(e)}") from None
+    short = wav_shortfall(path, info)
+    if short:  # decoded as far as it goes, and said (a warning per file: the message names it)
+        warnings.warn(f"{path}: {short}", AudioWarning, stacklevel=2)
     if data.shape[0] == 0:
         raise AudioError(f"{path}: contains no audio frames")
     audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -49,7 +50,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from .audio import SAMPLE_RATE, AudioError, load_audio
+from .audio import SAMPLE_RATE, AudioError, AudioWarning, load_audio, one_line_audio_warnings
 from .checkpoint import check_device, check_quantize, load_model, precision, quantize, quantize_option
 from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from .decoding import DecodingOptions, FallbackOptions, with_language_model
@@ -355,9 +356,14 @@ def load_upload(upload: UploadFile) -> np.ndarray:
         shutil.copyfileobj(upload.file, tmp)
         tmp.flush()
         try:
-            return load_audio(tmp.name)
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always", AudioWarning)
+                audio = load_audio(tmp.name)
         except AudioError as e:
             raise ApiError(400, str(e).replace(tmp.name, name), "file", "invalid_audio") from None
+        for w in said:  # a truncated upload is decoded as far as it goes, and logged under its own name
+            log.warning("%s", str(w.message).replace(tmp.name, name))
+        return audio
 
 
 async def wait_for(job: Job, request: Request):
@@ -509,6 +515,7 @@ def create_app(opts: ServerOptions) -> FastAPI:
 
 def main(argv=None) -> int:
     opts = parse_options(ServerOptions, argv, prog="whisper-scratch-server")
+    one_line_audio_warnings("whisper-scratch-server")
     try:
         app = create_app(opts)
     except (ValueError, FileNotFoundError) as e:
