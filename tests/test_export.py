@@ -544,6 +544,9 @@ def test_init_from_openai_errors(tmp_path, tok):
     torch.save({"weights": torch.zeros(3)}, bad)
     with pytest.raises(ValueError, match="bad.pt: neither an openai-whisper checkpoint .* nor a whisper_scratch one"):
         warm_start(ours, bad)
+    (tmp_path / "notes.pt").write_text("hello")  # what the file is, as load_checkpoint says it
+    with pytest.raises(ValueError, match="notes.pt: a text file .*not a checkpoint"):
+        warm_start(ours, tmp_path / "notes.pt")
 
 
 def test_warm_start_from_our_own_checkpoint(tmp_path, tok, mel):

@@ -531,6 +531,10 @@ def test_bad_command_lines_are_clear(checkpoint, audio_dir, tmp_path, capsys):
         (["--audio_path", str(audio_dir / "zero.wav"), "--highlight_words"], "--highlight_words True needs --word_timestamps"),
         (["--audio_path", str(audio_dir / "zero.wav"), "--chunk_seconds", "0"], "chunk_seconds must be >= 1, got 0.0"),
         (["--audio_path", str(audio_dir / "zero.wav"), "--vad", "perhaps"], "expected true or false, got 'perhaps'"),
+        (["--audio_path", str(audio_dir / "zero.wav"), "--compression_ratio_threshold", "-1"],
+         "compression_ratio_threshold must be > 0 or none, got -1.0"),
+        (["--audio_path", str(audio_dir / "zero.wav"), "--logprob_threshold", "nan"],
+         "logprob_threshold must be <= 0 or none, got nan"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -568,6 +572,7 @@ def test_bad_outputs_devices_and_reference_files_are_one_line_before_any_decodin
     for name, text, message in [("empty.tsv", "", "reference file is empty"),
                                 ("one.tsv", f"{zero}\n", "one.tsv:1: expected a path and a transcript column"),
                                 ("bin.tsv", b"\xff\xfe", "not UTF-8 text"),
+                                ("half.tsv", f"path\tfoo\n{zero}\tzero\n", "half.tsv:1: a header needs an audio column"),
                                 ("dup.tsv", f"{zero}\tzero\n{zero}\tseven\n",
                                  "zero.wav is listed twice with different transcripts ('zero' and 'seven')")]:
         ref = tmp_path / name

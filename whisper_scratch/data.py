@@ -368,7 +368,11 @@ def read_references(path) -> Tuple[List[Tuple[str, str]], str]:
         if not table:
             raise ValueError(f"{path}: reference file is empty")
         header = {c.strip().lstrip("\ufeff").lower() for c in table[0]}
-        if not (header & set(_PATH_KEYS) and header & set(_TEXT_KEYS)):
+        looks_like_data = any(c.strip().lower().endswith(A.AUDIO_EXTENSIONS) for c in table[0])
+        if bool(header & set(_PATH_KEYS)) != bool(header & set(_TEXT_KEYS)) and not looks_like_data:  # half a header
+            raise ValueError(f"{path}:1: a header needs an audio column ({'/'.join(_PATH_KEYS)}) and a text column "
+                             f"({'/'.join(_TEXT_KEYS)}); found {table[0]}")
+        if not header & set(_PATH_KEYS):
             return _headerless_pairs(path, table), "tsv"
         names = [c.strip().lstrip("\ufeff").lower() for c in table[0]]
         rows = [(n, dict(zip(names, row))) for n, row in enumerate(table[1:], start=2) if "".join(row).strip()]

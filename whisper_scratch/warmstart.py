@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import foreign_files as foreign
 from .checkpoint import FORMAT, check_version_and_keys
 from .model import ModelDimensions, Whisper
 
@@ -29,10 +30,13 @@ def read_source(path: Union[str, Path]) -> tuple:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint to warm-start from not found")
+    problem = foreign.sniff(path)  # text, an archive, audio, ...: say what the file is, as load_checkpoint does
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: {foreign.explain_load_failure(path, e)}") from None
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         ckpt = check_version_and_keys(path, ckpt)
         return ckpt["dims"], ckpt["model"], "whisper_scratch", ckpt["tokenizer"]
