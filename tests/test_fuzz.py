@@ -189,11 +189,9 @@ def test_a_wav_header_that_lies_about_its_length(tmp_path):
     data = bytearray((tmp_path / "x.wav").read_bytes())
     data[40:44] = struct.pack("<I", 10 ** 9)  # data chunk size far beyond the file
     (tmp_path / "lies.wav").write_bytes(bytes(data[:1000]))
-    try:
-        audio = A.load_audio(tmp_path / "lies.wav")
-        assert audio.ndim == 1 and np.isfinite(audio).all()
-    except A.AudioError as e:
-        assert "lies.wav" in str(e)
+    with pytest.warns(A.AudioWarning, match=r"lies\.wav: truncated: the header promises 31250\.00 s of audio"):
+        audio = A.load_audio(tmp_path / "lies.wav")  # what is there, and the file named
+    assert audio.ndim == 1 and np.isfinite(audio).all()
 
 
 # -- tokenizers -------------------------------------------------------------------------------
