@@ -112,6 +112,30 @@ def test_a_language_model_built_with_another_normaliser_is_refused(lm):
     lm.normalizer = None
 
 
+def test_a_language_model_of_another_alphabet_is_refused(lm):
+    with pytest.raises(ValueError, match="knows none of the acoustic model's letters \\('абвг'\\).*another alphabet"):
+        L.TokenLM(lm, CharTokenizer("абвг"), 10)
+    L.TokenLM(lm, CharTokenizer("abcq"), 10)  # one letter the text never had: fine
+
+
+def test_cli_says_what_it_cannot_learn_from_or_write_before_building(tmp_path, capsys):
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    (tmp_path / "text.txt").write_text("the cat\n")
+    (tmp_path / "folder").mkdir()
+    cases = [(["--text", str(tmp_path / "blank.txt")], "no sentences left to learn from (3 lines: 3 blank"),
+             (["--text", str(tmp_path / "text.txt"), "--exclude", str(tmp_path / "text.txt")], "1 held out by --exclude"),
+             (["--text", str(tmp_path / "text.txt"), "--output", str(tmp_path / "folder")], "is a folder"),
+             (["--text", str(tmp_path / "text.txt"), "--arpa", str(tmp_path / "folder")], "--arpa"),
+             (["--text", str(tmp_path / "text.txt"), "--arpa", str(tmp_path / "text.txt" / "x.arpa")],
+              "cannot create its folder")]
+    for argv, message in cases:
+        argv = argv if "--output" in argv else [*argv, "--output", str(tmp_path / "lm.json.gz")]
+        assert L.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err
+    assert not (tmp_path / "lm.json.gz").exists()
+
+
 def test_cli_drops_held_out_sentences_and_writes_a_loadable_model(tmp_path, capsys):
     (tmp_path / "train.tsv").write_text("client_id\tpath\tsentence\nc\ta.mp3\tThe cat, sat.\nc\tb.mp3\tA hat!\n"
                                         "c\tc.mp3\tthe dev line\n")

@@ -336,8 +336,12 @@ class TokenLM:
         self.one_ids = np.nonzero(single >= 0)[0]  # tokens of one character: a gather per state
         self.one_syms = single[self.one_ids]
         self.multi_ids = np.nonzero(single < 0)[0].tolist()  # BPE pieces: the chain rule
-        self.unknown = sorted({c for t in range(1, tokenizer.n_text) for c in _piece_text(tokenizer, t, "")
-                               if c not in lm.index})
+        letters = {c for t in range(1, tokenizer.n_text) for c in _piece_text(tokenizer, t, "")}
+        self.unknown = sorted(c for c in letters if c not in lm.index)
+        if not letters - set(self.unknown) - {" "}:  # every letter unknown to it: only eot and spaces could move
+            raise ValueError(f"{path or 'language model'}: knows none of the acoustic model's letters "
+                             f"({''.join(sorted(letters - {' '})[:30])!r}): it was built from text in another "
+                             f"alphabet; build one from this language's text")
         self._cache: Dict[tuple, np.ndarray] = {}
 
     def start(self) -> tuple:
@@ -435,6 +439,21 @@ def normalizer_for(opts: LmOptions) -> TextNormalizer:
     return TextNormalizer(lowercase=opts.lowercase, punctuation=opts.punctuation)
 
 
+def output_problem(opts: LmOptions) -> Optional[str]:
+    """What stops --output or --arpa from being written (their folders are created), or None."""
+    for flag, name in (("--output", opts.output), ("--arpa", opts.arpa)):
+        if not name:
+            continue
+        out = Path(name)
+        if out.is_dir():
+            return f"{flag} {out}: is a folder; give a file name"
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"{flag} {out}: cannot create its folder {out.parent} ({e.strerror})"
+    return None
+
+
 def main(argv=None) -> int:
     opts = parse_options(LmOptions, argv, prog="python -m whisper_scratch.lm")
     try:
@@ -446,14 +465,24 @@ def main(argv=None) -> int:
         return 2
     kept = [t for t in lines if t and t not in held]
     dropped = sum(1 for t in lines if t and t in held)
+    blank = sum(1 for t in lines if not t)
     print(f"{len(kept)} sentences, {sum(map(len, kept))} characters from {', '.join(opts.text)}; "
-          f"{dropped} dropped as held out ({len(held)} sentences in {', '.join(opts.exclude) or 'no --exclude'})",
-          file=sys.stderr)
+          f"{dropped} dropped as held out ({len(held)} sentences in {', '.join(opts.exclude) or 'no --exclude'}); "
+          f"{blank} blank lines skipped", file=sys.stderr)
+    problem = (f"{', '.join(opts.text)}: no sentences left to learn from ({len(lines)} lines: {blank} blank, "
+               f"{dropped} held out by --exclude)") if not kept else output_problem(opts)
+    if problem:  # before the build, so that no time is spent on a model that cannot be written
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     lm = build(kept, opts.order)
     lm.normalizer = asdict(norm)
-    lm.save(opts.output)
-    if opts.arpa:
-        lm.write_arpa(opts.arpa)
+    try:
+        lm.save(opts.output)
+        if opts.arpa:
+            lm.write_arpa(opts.arpa)
+    except OSError as e:  # a folder nobody may write to, a full disk
+        print(f"error: could not write {e.filename or opts.output}: {e.strerror}", file=sys.stderr)
+        return 1
     n_grams = len(lm.symbols) + sum(len(ids) for ids, _, _ in lm.contexts.values())
     print(f"wrote {opts.output}: order {opts.order}, {len(lm.symbols)} symbols, {n_grams} n-grams"
           + (f"; ARPA {opts.arpa}" if opts.arpa else ""), file=sys.stderr)
