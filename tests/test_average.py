@@ -49,6 +49,28 @@ def test_averaging_refuses_checkpoints_of_different_runs(tmp_path, digits, capsy
     with pytest.raises(SystemExit):
         A.main(["--last", "2", "--output", "x.pt"])  # --last needs --dir: a usage error naming it
     assert "give --dir" in capsys.readouterr().err
+    # another run (its --output-dir), the same file twice, weights named otherwise: refused, nothing written
+    elsewhere = {**load_checkpoint(b), "options": {**load_checkpoint(b)["options"], "output_dir": "exp/other"}}
+    atomic_save(elsewhere, tmp_path / "elsewhere.pt")
+    missing = load_checkpoint(b)
+    del missing["model"]["encoder.positional_embedding"]
+    atomic_save(missing, tmp_path / "missing.pt")
+    for argv, message in [([str(a), str(tmp_path / "elsewhere.pt")], "from another run (exp/other)"),
+                          ([str(a), str(a)], "given twice"),
+                          ([str(a), str(tmp_path / "missing.pt")], "differ: encoder.positional_embedding")]:
+        assert A.main(["--checkpoints", *argv, "--output", str(tmp_path / "x.pt")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+    assert A.main(["--checkpoints", str(a), str(tmp_path / "elsewhere.pt"), "--mix-runs", "--output",
+                   str(tmp_path / "x.pt")]) == 0  # fine-tunes of one checkpoint may be mixed on purpose
+    for argv, message in [(["--dir", str(tmp_path / "nowhere"), "--last", "2"], "nowhere: no such folder"),
+                          (["--checkpoints", str(a), "--output", str(tmp_path / "x.pt" / "y.pt")], "x.pt is a file"),
+                          (["--checkpoints", str(a), "--output", str(tmp_path)], "is a folder")]:
+        argv = argv if "--output" in argv else [*argv, "--output", str(tmp_path / "z.pt")]
+        assert A.main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert A.main(["--dir", str(out), "--last", "5", "--output", str(tmp_path / "z.pt")]) == 0
+    assert "holds 2 snapshot(s) to choose from, fewer than the 5 asked; averaging 2" in capsys.readouterr().err
 
 
 def test_ema_is_the_decayed_mean_and_is_restored_around_evaluation():

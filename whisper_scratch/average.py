@@ -11,6 +11,7 @@ evaluation and keeps the last --keep-checkpoints of them; --last and --best choo
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -58,10 +59,19 @@ def choose(folder, last: Optional[int] = None, best: Optional[int] = None) -> Li
     return [p for _, p in sorted(scored, key=lambda x: x[0])[:best]]
 
 
-def average_checkpoints(paths: List[Path]) -> dict:
-    """The first checkpoint with its weights replaced by the mean over all of them; the dims and
-    the tokenizer must agree (else the mean is meaningless: a clear error naming the file)."""
+def run_of(ckpt: dict) -> Optional[str]:
+    """The training run a checkpoint comes from (its --output-dir as trained), if it says."""
+    return (ckpt.get("options") or {}).get("output_dir")
+
+
+def average_checkpoints(paths: List[Path], mix_runs: bool = False) -> dict:
+    """The first checkpoint with its weights replaced by the mean over all of them; the dims, the
+    tokenizer, the weights' names and (unless mix_runs) the run must agree, else the mean is
+    meaningless: a clear error naming the file. Two runs from random inits average to noise;
+    mix_runs is for fine-tunes of one checkpoint, which share their start."""
     require(len(paths) >= 1, "nothing to average: give at least one checkpoint")
+    twice = [p for i, p in enumerate(paths) if Path(p).resolve() in [Path(q).resolve() for q in paths[:i]]]
+    require(not twice, f"{twice[0] if twice else ''}: given twice (it would weigh double)")
     first = load_checkpoint(paths[0])
     total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     dev = [first.get("dev", {}).get("cer")]
@@ -72,6 +82,14 @@ def average_checkpoints(paths: List[Path]) -> dict:
             if ck[key] != first[key]:
                 raise ValueError(f"{path}: its {key} differ from {paths[0]}'s; only checkpoints of one run "
                                  f"(one model shape and vocabulary) can be averaged")
+        if not mix_runs and run_of(ck) != run_of(first):
+            raise ValueError(f"{path}: from another run ({run_of(ck)}) than {paths[0]} ({run_of(first)}): models "
+                             f"trained apart from random inits average to a broken model; if they are fine-tunes "
+                             f"of one checkpoint, pass --mix-runs")
+        odd = sorted(set(ck["model"]) ^ set(first["model"]))
+        if odd:
+            raise ValueError(f"{path}: its weights are not named as {paths[0]}'s (differ: {', '.join(odd[:5])}"
+                             f"{' ...' if len(odd) > 5 else ''})")
         for k, v in ck["model"].items():
             if v.is_floating_point():
                 total[k] += v.double()
@@ -128,6 +146,8 @@ class AverageOptions:
     dir: Optional[str] = option(None, "a training output folder: choose among its step-*.pt snapshots")
     last: Optional[int] = option(None, "average the newest N snapshots of --dir")
     best: Optional[int] = option(None, "average the N snapshots of --dir with the lowest dev CER")
+    mix_runs: bool = option(False, "allow checkpoints of different runs (fine-tunes of one checkpoint share their "
+                                   "start; runs from random inits do not, and average to a broken model)")
 
     def __post_init__(self):
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
@@ -143,12 +163,27 @@ class AverageOptions:
 def main(argv=None) -> int:
     opts = parse_options(AverageOptions, argv, prog="python -m whisper_scratch.average")
     try:
+        if Path(opts.output).is_dir():
+            raise ValueError(f"--output {opts.output}: is a folder; give a file name")
+        blocking = next((p for p in Path(opts.output).parents if p.exists() and not p.is_dir()), None)
+        if blocking:
+            raise ValueError(f"--output {opts.output}: {blocking} is a file, not a folder")
+        if opts.dir and not Path(opts.dir).is_dir():
+            raise FileNotFoundError(f"--dir {opts.dir}: no such folder")
         paths = [Path(p) for p in opts.checkpoints] or choose(opts.dir, opts.last, opts.best)
-        avg = average_checkpoints(paths)
+        asked = opts.last or opts.best
+        if asked and len(paths) < asked:
+            print(f"note: {opts.dir} holds {len(paths)} snapshot(s) to choose from, fewer than the {asked} asked; "
+                  f"averaging {len(paths)}", file=sys.stderr)
+        avg = average_checkpoints(paths, opts.mix_runs)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    atomic_save(avg, opts.output)
+    try:
+        atomic_save(avg, opts.output)
+    except OSError as e:  # a folder that cannot be made or written, a full disk
+        print(f"error: could not write {opts.output}: {os.strerror(e.errno) if e.errno else e}", file=sys.stderr)
+        return 1
     dev = ["?" if c is None else f"{100 * c:.2f}" for c in avg["averaged_dev_cer"]]
     print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}; dev CER % {', '.join(dev)}) "
           f"-> {opts.output}", file=sys.stderr)
