@@ -132,6 +132,22 @@ def test_export_refuses_to_overwrite(ckpt_path, tmp_path, capsys):
     assert (folder / "mine.txt").is_file()
     with pytest.raises(SystemExit, match="checkpoint not found"):
         export_main(["--checkpoint", str(tmp_path / "nope.pt"), "--to", "openai", "--output", str(tmp_path / "y.pt")])
+    # the kind of output each target writes, checked before anything is read or deleted
+    for to, output, message in [("hf", out, "x.pt is a file; --to hf writes a folder"),
+                                ("ct2", out, "x.pt is a file; --to ct2 writes a folder"),
+                                ("openai", folder, "notes is a folder; --to openai writes one file"),
+                                ("hf", out / "sub", "x.pt is a file, not a folder")]:
+        with pytest.raises(SystemExit, match=message):
+            export_main(["--checkpoint", str(ckpt_path), "--to", to, "--output", str(output), "--overwrite"])
+    assert out.read_bytes() == b"keep me" and (folder / "mine.txt").is_file()
+
+
+def test_a_missing_package_is_named_with_how_to_install_it(ckpt_path, tmp_path, monkeypatch):
+    import importlib.util
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ctranslate2" else find(name, *a))
+    with pytest.raises(SystemExit, match="--to ct2 needs ctranslate2, not installed here: pip install ctranslate2"):
+        export_main(["--checkpoint", str(ckpt_path), "--to", "ct2", "--output", str(tmp_path / "ct2")])
 
 
 @pytest.mark.parametrize("to", ["openai", "hf", "ct2", "ggml"])
@@ -142,7 +158,7 @@ def test_a_model_on_normalised_log_mels_is_not_exported(model, tok, tmp_path, to
     normed.load_state_dict(model.state_dict())
     path = tmp_path / "normed.pt"
     save_checkpoint(path, normed, tok)
-    with pytest.raises(SystemExit, match="--feature-norm mean.*cannot be exported"):
+    with pytest.raises(SystemExit, match="normed.pt: .*--feature-norm mean.*cannot be exported"):
         export_main(["--checkpoint", str(path), "--to", to, "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 

@@ -10,6 +10,7 @@ no counterpart in any of them and is dropped, with a message.
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from ..config import option, parse_options
 from .ct2 import CT2_QUANTIZATIONS, export_ct2
 from .ggml import GGML_TYPES, export_ggml
 from .hf import export_hf
-from .openai import export_openai
+from .openai import export_openai, require_plain_log_mels
 
 TARGETS = ("openai", "hf", "ct2", "ggml")
 
@@ -67,10 +68,39 @@ def _clear_output(out: Path, overwrite: bool) -> None:
         shutil.rmtree(out)
 
 
+FOLDER_TARGETS = ("hf", "ct2")
+NEEDS = {"hf": ("transformers", "tokenizers"), "ct2": ("ctranslate2", "transformers", "tokenizers")}  # import names
+
+
+def check_output(out: Path, to: str) -> None:
+    """A file target over a folder, a folder target over a file, or a path under a file: refused
+    before anything is read or deleted."""
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking:
+        raise FileExistsError(f"--output {out}: {blocking} is a file, not a folder")
+    if to in FOLDER_TARGETS and out.is_file():
+        raise FileExistsError(f"--output {out} is a file; --to {to} writes a folder: choose another --output")
+    if to not in FOLDER_TARGETS and out.is_dir():
+        raise FileExistsError(f"--output {out} is a folder; --to {to} writes one file: give a file name")
+
+
+def check_packages(to: str) -> None:
+    missing = [name for name in NEEDS.get(to, ()) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"--to {to} needs {' and '.join(missing)}, not installed here: pip install "
+                         f"{' '.join(missing)} (or pip install -r requirements-dev.txt)")
+
+
 def export(opts: ExportOptions) -> Path:
     out = Path(opts.output)
-    _clear_output(out, opts.overwrite)
+    check_output(out, opts.to)
+    check_packages(opts.to)
     model, tokenizer, _ = load_model(opts.checkpoint)
+    try:
+        require_plain_log_mels(model.dims)
+    except ValueError as e:
+        raise ValueError(f"{opts.checkpoint}: {e}") from None
+    _clear_output(out, opts.overwrite)
     if model.dims.ctc:
         print(f"note: {opts.checkpoint} has a CTC head (ctc_head.*); {opts.to} has no place for it, it is "
               f"dropped (attention decoding is unchanged)", file=sys.stderr)
