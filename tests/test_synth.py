@@ -139,6 +139,15 @@ def test_missing_sentences_file_names_path(tmp_path):
         build_corpus(tmp_path / "out", missing)
     with pytest.raises(SystemExit, match="nope/sentences.txt"):
         synth.main(["--out-dir", str(tmp_path / "out"), "--sentences", str(missing)])
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "ok.txt").write_text("сайн байна уу\n")
+    for argv, message in [(["--sentences", str(tmp_path / "latin1.txt")], "latin1.txt:1: not UTF-8 text \\(byte 0xe9\\)"),
+                          (["--sentences", str(tmp_path)], "is a folder; give a text file"),
+                          (["--sentences", str(tmp_path / "ok.txt"), "--out-dir", str(tmp_path / "ok.txt" / "x")],
+                           "ok.txt is a file, not a folder")]:
+        argv = argv if "--out-dir" in argv else [*argv, "--out-dir", str(tmp_path / "out")]
+        with pytest.raises(SystemExit, match=message):
+            synth.main(argv)
 
 
 def test_missing_espeak_is_a_clear_error(tmp_path, sentences_file, monkeypatch):

@@ -39,6 +39,7 @@ import soxr
 from tqdm import tqdm
 
 from .config import option, parse_options
+from .tables import TableError, read_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SENTENCES = REPO.parent / "shared" / "data" / "mn_text" / "sentences.txt"
@@ -256,9 +257,14 @@ class Clip:
 
 def read_sentences(path: Path) -> List[str]:
     """Non-empty lines of a UTF-8 file; a missing file is an error naming its path."""
+    if path.is_dir():
+        raise SynthError(f"--sentences {path}: is a folder; give a text file, one sentence per line")
     if not path.is_file():
         raise FileNotFoundError(f"sentences file not found: {path}")
-    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [s.strip() for s in read_text(path).splitlines()]
+    except TableError as e:  # names the line and the byte
+        raise SynthError(str(e)) from None
     bad = [s for s in lines if "\t" in s]
     if bad:  # a tab would break the no-quoting TSV layout
         raise SynthError(f"{path}: {len(bad)} sentences contain a tab, e.g. {bad[0]!r}")
@@ -573,6 +579,9 @@ def build_corpus(out_dir: PathLike, sentences_path: Optional[PathLike] = None,
     sentences = read_sentences(path)
     text_sha = hashlib.sha256(path.read_bytes()).hexdigest()
     root = Path(opts.out_dir) / LOCALE
+    blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocking:
+        raise SynthError(f"--out-dir {opts.out_dir}: {blocking} is a file, not a folder")
     params = _params(opts, path, len(sentences), text_sha)
     done = None if opts.force else _up_to_date(root, params)
     if done is not None:
