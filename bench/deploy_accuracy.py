@@ -37,6 +37,7 @@ from whisper_scratch.audio import N_FRAMES, load_audio, log_mel_spectrogram  # n
 from whisper_scratch.checkpoint import load_model  # noqa: E402
 from whisper_scratch.data import load_split  # noqa: E402
 from whisper_scratch.decoding import DecodingOptions, decode  # noqa: E402
+from whisper_scratch.export.openai import require_plain_log_mels  # noqa: E402
 from whisper_scratch.metrics import error_rates  # noqa: E402
 
 BATCH = 16
@@ -196,9 +197,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tools = set(args.tools.split(","))
-    model, tok, _ = load_model(args.checkpoint)
+    try:
+        model, tok, _ = load_model(args.checkpoint)
+        require_plain_log_mels(model.dims)  # every tool here feeds plain log-mels
+        utts = load_split(args.data, args.split, args.language)[: args.clips]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     model.eval()
-    utts = load_split(args.data, args.split, args.language)[: args.clips]
     refs, audios = [u.text for u in utts], [load_audio(u.audio) for u in utts]
     with tempfile.TemporaryDirectory() as tmp:
         paths = export_all(args.checkpoint, model, tok, Path(tmp), tools)

@@ -104,6 +104,8 @@ def main() -> None:
         raise SystemExit(f"--folds: unknown {sorted(unknown)}; choose from {[*SPEAKERS, 'official']}")
     torch.set_num_threads(args.threads)
     fsdd = Path(args.fsdd)
+    if not (fsdd / "manifest.tsv").is_file():
+        raise SystemExit(f"error: --fsdd {fsdd}: no manifest.tsv (FSDD as ../shared/data/fsdd lays it out)")
     with open(fsdd / "manifest.tsv", newline="") as f:
         clips = [{**r, "take": int(Path(r["path"]).stem.rsplit("_", 1)[1])} for r in csv.DictReader(f, delimiter="\t")]
     feats = [features(fsdd / c["path"]) for c in clips]

@@ -202,6 +202,8 @@ def main(argv=None):
                         "from its encoder")
     p.add_argument("--pretrain-steps", type=int, default=3000)
     a = p.parse_args(argv)
+    if not (Path(a.fsdd) / "manifest.tsv").is_file():
+        raise SystemExit(f"error: --fsdd {a.fsdd}: no manifest.tsv (FSDD as ../shared/data/fsdd lays it out)")
     if a.pretrain:
         train_flags += ["--init-from", str(pretrain(a.pretrain, Path(a.out).resolve() / "pretrain", train_flags,
                                                     a.pretrain_steps, a.threads))]

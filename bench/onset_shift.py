@@ -94,9 +94,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     reference = args.reference_file or str(Path(args.model_path).parent / "test.tsv")
-    refs, _ = resolve_references(reference, args.audio_dir)
+    try:
+        model, tokenizer, _ = load_model(args.model_path)
+        refs, _ = resolve_references(reference, args.audio_dir)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     pairs = sorted(refs.items())
-    model, tokenizer, _ = load_model(args.model_path)
     options = DecodingOptions(beam_size=args.beam_size, ctc_weight=args.ctc_weight, language="en")
     as_is = decode(model, tokenizer, pairs, options)
     with tempfile.TemporaryDirectory() as tmp:
