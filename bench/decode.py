@@ -57,13 +57,18 @@ def random_model(size: str, threads: int) -> tuple:
     return tok, model
 
 
-def make_clips(folder: Path, n: int = 16, seed: int = 0) -> list:
-    """Cut n clips of 4.5-5.5 s from the concatenated sample speech; write them as 16 kHz wav."""
+def speech_stream() -> np.ndarray:
+    """Every sample file's speech, 16 kHz, one after another: what the benches cut clips from."""
     files = sorted((SHARED / "data" / "samples").rglob("*.wav"))
     if not files:
         raise SystemExit(f"error: no .wav files under {SHARED / 'data' / 'samples'} to cut the clips from "
                          f"(set WHISPER_SCRATCH_SHARED to the shared folder)")
-    stream = np.concatenate([load_audio(f) for f in files])
+    return np.concatenate([load_audio(f) for f in files])
+
+
+def make_clips(folder: Path, n: int = 16, seed: int = 0) -> list:
+    """Cut n clips of 4.5-5.5 s from the concatenated sample speech; write them as 16 kHz wav."""
+    stream = speech_stream()
     rng = np.random.default_rng(seed)
     paths, start = [], 0
     for i in range(n):

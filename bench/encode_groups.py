@@ -12,7 +12,6 @@ the ratio (padded / groups).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,16 +21,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from whisper_scratch.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import speech_stream  # noqa: E402  (bench/decode.py: the same sample speech)
+from whisper_scratch.audio import SAMPLE_RATE, log_mel_spectrogram  # noqa: E402
 from whisper_scratch.decoding import encode, length_groups  # noqa: E402
 from whisper_scratch.model import Whisper, preset_dims  # noqa: E402
 
-SHARED = Path(os.environ.get("WHISPER_SCRATCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def mixed_batches(n_batches: int, n_mels: int, seed: int = 0) -> list:
     """[(mel (16, n_mels, T) padded, lens (16,))]: clips of 1.5-10 s in arrival order."""
-    stream = np.concatenate([load_audio(f) for f in sorted((SHARED / "data" / "samples").rglob("*.wav"))])
+    stream = speech_stream()
     rng = np.random.default_rng(seed)
     batches, start = [], 0
     for _ in range(n_batches):
