@@ -407,7 +407,13 @@ def read_text(path) -> List[str]:
     col = next((c for c in ("sentence", "text") if c in first), None)
     if len(first) > 1 and col:
         return [row.get(col, "") for _, row in tables.read_tsv(path)[1]]
-    return text.splitlines()
+    lines = text.splitlines()
+    widths = {line.count("\t") for line in lines if line.strip()}
+    if len(lines) > 1 and widths and min(widths) >= 1 and len(widths) == 1:  # a table, not sentences
+        raise ValueError(f"{path}: a table ({min(widths) + 1} tab-separated columns on every line) without a "
+                         f"'sentence' or 'text' column in its first line; name the column, or give one "
+                         f"sentence per line")
+    return lines
 
 
 @dataclass(frozen=True)
