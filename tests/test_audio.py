@@ -168,14 +168,22 @@ def test_a_truncated_wav_is_decoded_as_far_as_it_goes_and_said(tmp_path):
     with pytest.warns(A.AudioWarning, match=r"cut\.wav: truncated: the header promises 1\.00 s of audio, "
                                             r"the file holds 0\.25 s"):
         assert len(A.load_audio(tmp_path / "cut.wav", 8000)) == 2000
-    streamed = bytearray(data)
-    streamed[40:44] = (0xFFFFFFFF).to_bytes(4, "little")  # a streaming writer's "size unknown"
-    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    sf.write(tmp_path / "ext.wav", np.zeros(8000, dtype=np.float32), 8000, subtype="PCM_16", format="WAVEX")
+    ext = (tmp_path / "ext.wav").read_bytes()
+    (tmp_path / "ext_cut.wav").write_bytes(ext[: len(ext) - 12000])  # WAVE_FORMAT_EXTENSIBLE, cut the same way
+    with pytest.warns(A.AudioWarning, match=r"ext_cut\.wav: truncated: the header promises 1\.00 s"):
+        A.load_audio(tmp_path / "ext_cut.wav", 8000)
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning for a whole file, nor for the placeholder size
+        warnings.simplefilter("error")  # no warning for a whole file, for the placeholder sizes, or when not asked
         assert len(A.load_audio(tmp_path / "whole.wav", 8000)) == 8000
-        A.load_audio(tmp_path / "streamed.wav", 8000)
+        for placeholder in (0xFFFFFFFF, 0x7FFFF000, 0x7FFFFFFF):  # streaming writers' "size unknown"
+            streamed = bytearray(data)
+            streamed[40:44] = placeholder.to_bytes(4, "little")
+            (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+            A.load_audio(tmp_path / "streamed.wav", 8000)
+        A.load_audio(tmp_path / "cut.wav", 8000, warn=False)
+    assert A.wav_shortfall(tmp_path / "cut.wav", sf.info(str(tmp_path / "cut.wav"))).startswith("truncated")
 
 
 def test_pad_or_trim_numpy_and_torch():

@@ -545,5 +545,14 @@ def test_a_truncated_upload_is_decoded_and_logged_under_its_own_name(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="whisper_scratch.server"):
         audio = load_upload(UploadFile(io.BytesIO(cut), filename="meeting.wav"))
     assert len(audio) == 4000
-    assert any(r.getMessage() == "meeting.wav: truncated: the header promises 1.00 s of audio, the file holds 0.25 s"
-               for r in caplog.records), caplog.records
+    assert [r.getMessage() for r in caplog.records] == [
+        "meeting.wav: truncated: the header promises 1.00 s of audio, the file holds 0.25 s"]
+    # uploads load in threads: each is logged once under its own name, and the process's warnings still work
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="whisper_scratch.server"), ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: load_upload(UploadFile(io.BytesIO(cut), filename=f"f{i}.wav")), range(40)))
+    assert sorted(r.getMessage().split(":")[0] for r in caplog.records) == sorted(f"f{i}.wav" for i in range(40))
+    with pytest.warns(UserWarning, match="still heard"):
+        warnings.warn("still heard")

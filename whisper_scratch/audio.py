@@ -86,7 +86,7 @@ def wav_shortfall(path: PathLike, info: sf._SoundFileInfo) -> str:
     """For a WAV file whose header promises more sample data than the file holds (a copy or a
     recording cut off), what is missing, said plainly; "" otherwise. libsndfile reads such a file
     without a word, up to where it ends."""
-    if info.format != "WAV":
+    if info.format not in ("WAV", "WAVEX"):
         return ""
     with open(path, "rb") as f:
         head = f.read(12)
@@ -100,7 +100,7 @@ def wav_shortfall(path: PathLike, info: sf._SoundFileInfo) -> str:
             n = int.from_bytes(chunk[4:], "little")
             if chunk[:4] == b"data":
                 have = size - f.tell()
-                if n in (0, 0xFFFFFFFF) or n <= have:  # 0 / all ones: a streaming writer's placeholder
+                if n == 0 or n >= 0x7FFF0000 or n <= have:  # 0 or about 2-4 GB: a streaming writer's "unknown"
                     return ""
                 held = info.frames / info.samplerate
                 promised = f"{n / (have / held):.2f} s" if info.frames else f"{n} bytes"  # bytes per second as held
@@ -116,11 +116,13 @@ def audio_duration(path: PathLike) -> float:
     return info.frames / info.samplerate
 
 
-def load_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: PathLike, sr: int = SAMPLE_RATE, warn: bool = True) -> np.ndarray:
     """Read WAV/FLAC/MP3/OGG at any rate and bit depth as float32 mono at `sr` Hz.
 
     Integer PCM is scaled by 2**(bits-1), exactly as openai-whisper's ffmpeg s16le / 32768 path
-    for 16-bit files. Channels are averaged; resampling uses soxr's high-quality filter.
+    for 16-bit files. Channels are averaged; resampling uses soxr's high-quality filter. A WAV
+    cut short is read as far as it goes with an AudioWarning (warn=False: the caller asks
+    `wav_shortfall` itself, e.g. from threads, where the warnings module's state is shared).
     """
     path = Path(path)
     info = _open_info(path)
@@ -130,7 +132,7 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
         data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise AudioError(f"{path}: {_undecodable(e)}") from None
-    short = wav_shortfall(path, info)
+    short = wav_shortfall(path, info) if warn else ""
     if short:  # decoded as far as it goes, and said (a warning per file: the message names it)
         warnings.warn(f"{path}: {short}", AudioWarning, stacklevel=2)
     if data.shape[0] == 0:
