@@ -268,6 +268,26 @@ def test_noise_files_that_are_not_audio_are_refused_up_front(tmp_path, small_cor
         AsrDataset(utts, tok, augment=AugmentOptions(noise_dir=str(tmp_path / "noise")))
 
 
+def test_an_undecodable_noise_file_leaves_augmentation_deterministic(tmp_path, small_corpus, monkeypatch):
+    """A noise file whose header reads but whose data does not: the clips that draw it train
+    without noise, the same whatever order or worker the items come in (no per-process state
+    changes which file a draw picks)."""
+    import whisper_scratch.augment as aug_mod
+    utts, tok = small_corpus
+    (tmp_path / "noise").mkdir()
+    for i in range(3):
+        sf.write(tmp_path / f"noise/n{i}.wav", tone(1.0, 200.0 * (i + 1), sr=16000), 16000)
+    real = aug_mod.load_audio
+    monkeypatch.setattr(aug_mod, "load_audio", lambda p, *a: (_ for _ in ()).throw(A.AudioError(f"{p}: bad data"))
+                        if p.name == "n1.wav" else real(p, *a))
+    opts = AugmentOptions(noise_dir=str(tmp_path / "noise"), noise_prob=1.0)
+    forward, backward = AsrDataset(utts, tok, augment=opts, seed=3), AsrDataset(utts, tok, augment=opts, seed=3)
+    with pytest.warns(UserWarning, match="n1.wav: bad data; the clips that draw it train without noise"):
+        a = [forward[i]["mel"] for i in range(len(utts))]
+        b = [backward[i]["mel"] for i in reversed(range(len(utts)))][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_feature_cache_matches_and_invalidates(tmp_path, small_corpus):
     utts, _ = small_corpus
     src = tmp_path / "clip.wav"

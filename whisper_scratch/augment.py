@@ -228,16 +228,15 @@ class NoiseBank:
                              f"(remove or fix them): " + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
         self._cache: dict = {}
 
-    def sample(self, rng: np.random.Generator) -> np.ndarray:
-        while True:
-            path = self.paths[int(rng.integers(0, len(self.paths)))]
-            if path in self._cache:
-                return self._cache[path]
+    def sample(self, rng: np.random.Generator) -> Optional[np.ndarray]:
+        """A noise recording drawn with rng, or None when that file turns out undecodable (a sound
+        header over bad data): the clip then trains without noise, the same in every worker and
+        epoch, and the file is named once per process."""
+        path = self.paths[int(rng.integers(0, len(self.paths)))]
+        if path not in self._cache:
             try:
                 self._cache[path] = load_audio(path)
-                return self._cache[path]
-            except AudioError as e:  # a sound header over undecodable data: drop the file, not the clip
-                self.paths = [p for p in self.paths if p != path]
-                if not self.paths:
-                    raise ValueError(f"--noise-dir {self.folder}: no decodable noise file left ({e})") from None
-                warnings.warn(f"--noise-dir: {e}; {len(self.paths)} noise files left", stacklevel=2)
+            except AudioError as e:
+                self._cache[path] = None
+                warnings.warn(f"--noise-dir: {e}; the clips that draw it train without noise", stacklevel=2)
+        return self._cache[path]

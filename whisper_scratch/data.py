@@ -554,7 +554,7 @@ class DurationBucketSampler:
 # ---------------------------------------------------------------------------------------------
 # Features, dataset, collation
 # ---------------------------------------------------------------------------------------------
-FEATURE_VERSION = 1  # bump when the front end's computation changes
+FEATURE_VERSION = 2  # bump when the front end's computation changes (2: clip_audio's length limits)
 
 
 class FeatureCache:
@@ -633,8 +633,9 @@ class AsrDataset(torch.utils.data.Dataset):
             mel = self.cache.get(u.audio, speed)
         else:
             wav = clip_audio(u.audio, speed)
-            if use_noise:
-                wav = add_noise(wav, self.noise.sample(rng), float(rng.uniform(*aug.snr_range)), rng)
+            noise = self.noise.sample(rng) if use_noise else None
+            if noise is not None:
+                wav = add_noise(wav, noise, float(rng.uniform(*aug.snr_range)), rng)
             mel = A.log_mel_spectrogram(wav, self.n_mels)
         if aug.vtlp_max > 0:
             mel = vtlp(mel, float(rng.uniform(1 - aug.vtlp_max, 1 + aug.vtlp_max)))
