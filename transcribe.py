@@ -49,7 +49,8 @@ class TranscribeOptions:
     mode: str = option("single", "single | directory | batch | evaluate", choices=MODES)
     audio_path: Optional[str] = option(None, "the audio file (--mode single)")
     audio_dir: Optional[str] = option(None, "folder searched recursively for wav/flac/mp3/ogg files")
-    output_file: Optional[str] = option(None, "write one 'path<TAB>text' line per file here")
+    output_file: Optional[str] = option(None, "write one 'path<TAB>text' line per file here (directory and batch "
+                                              "modes: stdout when not given)")
     batch_size: int = option(16, "chunks decoded together (--mode single/batch/evaluate; directory decodes "
                                  "one file at a time)")
     reference_file: Optional[str] = option(None, "references for --mode evaluate: path<TAB>text, a Common "
@@ -154,6 +155,8 @@ class ResultWriter:
     def __init__(self, opts: TranscribeOptions, roots: list):
         self.opts, self.roots, self.failed = opts, roots, []
         self.file = open(opts.output_file, "w", encoding="utf-8") if opts.output_file else None
+        # directory and batch modes with nowhere else to write: the lines go to stdout, not nowhere
+        self.stdout = self.file is None and opts.mode in ("directory", "batch")
 
     def __enter__(self):
         return self
@@ -172,6 +175,8 @@ class ResultWriter:
         if self.file:
             self.file.write(f"{name}\t{result['text']}\n")
             self.file.flush()
+        elif self.stdout:
+            tqdm.write(f"{name}\t{result['text']}", file=sys.stdout)
         if self.opts.output_format:
             write_result(result, Path(self.opts.output_dir) / Path(name).with_suffix(""), [self.opts.output_format],
                          self.opts.max_words_per_cue, self.opts.highlight_words)

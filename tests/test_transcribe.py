@@ -360,6 +360,10 @@ def test_directory_mode_reports_bad_files_and_goes_on(checkpoint, audio_dir, lon
                            "one.wav", "two.wav", "zero.wav"]
     assert got["zero.wav"] == "zero" and got["nested/two.flac"] == "two" and got["nested/deeper/one.ogg"] == "one"
     assert got["long.wav"] == " ".join(long_audio[1])
+    for mode in ("directory", "batch"):  # nowhere else to write: stdout, the same lines
+        assert cli.main(["--model_path", str(checkpoint), "--mode", mode, "--audio_dir", str(audio_dir), *FAST]) == 1
+        lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.strip().splitlines())
+        assert lines == got, mode
 
 
 def rounded(obj):
