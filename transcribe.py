@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError, one_line_audio_warnings
 from whisper_scratch.checkpoint import CheckpointError, check_device, check_quantize, load_model, precision, quantize, quantize_option
-from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
+from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, output_problem, parse_options, require
 from whisper_scratch import decoding as D
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
 from whisper_scratch.evaluation import decode_references, resolve_references
@@ -133,19 +133,13 @@ def check_outputs(opts: TranscribeOptions) -> Optional[str]:
     """What is wrong with --output_file / --output_dir, found before any decoding (whose work
     would otherwise be lost when the first result or the report is written); None if nothing."""
     if opts.output_file:
-        out = Path(opts.output_file)
-        if out.is_dir():
-            return f"--output_file {out}: is a folder; give a file name"
-        if not out.parent.is_dir():
-            return f"--output_file {out}: no folder {out.parent}"
+        if not Path(opts.output_file).parent.is_dir():  # it is opened as the run starts: no folder is made for it
+            return f"--output_file {opts.output_file}: no folder {Path(opts.output_file).parent}"
+        problem = output_problem("--output_file", opts.output_file)
+        if problem:
+            return problem
     if opts.output_format or opts.mode == "evaluate":
-        folder = Path(opts.output_dir)
-        if folder.exists() and not folder.is_dir():
-            return f"--output_dir {folder}: exists and is not a folder"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return f"--output_dir {folder}: cannot create it ({e.strerror})"
+        return output_problem("--output_dir", opts.output_dir, "folder")
     return None
 
 

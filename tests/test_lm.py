@@ -127,7 +127,7 @@ def test_cli_says_what_it_cannot_learn_from_or_write_before_building(tmp_path, c
              (["--text", str(tmp_path / "text.txt"), "--output", str(tmp_path / "folder")], "is a folder"),
              (["--text", str(tmp_path / "text.txt"), "--arpa", str(tmp_path / "folder")], "--arpa"),
              (["--text", str(tmp_path / "text.txt"), "--arpa", str(tmp_path / "text.txt" / "x.arpa")],
-              "cannot create its folder")]
+              "text.txt is a file, not a folder")]
     for argv, message in cases:
         argv = argv if "--output" in argv else [*argv, "--output", str(tmp_path / "lm.json.gz")]
         assert L.main(argv) == 2

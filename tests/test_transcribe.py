@@ -536,9 +536,9 @@ def test_bad_command_lines_are_clear(checkpoint, audio_dir, tmp_path, capsys):
         (["--audio_path", str(audio_dir / "zero.wav"), "--chunk_seconds", "0"], "chunk_seconds must be >= 1, got 0.0"),
         (["--audio_path", str(audio_dir / "zero.wav"), "--vad", "perhaps"], "expected true or false, got 'perhaps'"),
         (["--audio_path", str(audio_dir / "zero.wav"), "--compression_ratio_threshold", "-1"],
-         "compression_ratio_threshold must be > 0 or none, got -1.0"),
+         "compression_ratio_threshold must be a finite number > 0, or none, got -1.0"),
         (["--audio_path", str(audio_dir / "zero.wav"), "--logprob_threshold", "nan"],
-         "logprob_threshold must be <= 0 or none, got nan"),
+         "logprob_threshold must be a finite number <= 0, or none, got nan"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -564,13 +564,19 @@ def test_bad_outputs_devices_and_reference_files_are_one_line_before_any_decodin
     for argv, message in [(["--output_file", str(tmp_path / "no" / "out.txt")], f"--output_file {tmp_path}/no/out.txt: no folder"),
                           (["--output_file", str(tmp_path)], "is a folder; give a file name"),
                           (["--output_format", "srt", "--output_dir", str(tmp_path / "file")], "file: exists and is not a folder"),
-                          (["--output_format", "srt", "--output_dir", str(tmp_path / "file" / "x")], "cannot create it"),
+                          (["--output_format", "srt", "--output_dir", str(tmp_path / "file" / "x")],
+                           "file is a file, not a folder"),
                           (["--device", "foo"], "--device foo: not a device name"),
                           *([(["--device", "cuda"], "--device cuda: no CUDA GPU is available")]
                             if not torch.cuda.is_available() else [])]:
         assert cli.main(["--model_path", str(checkpoint), *one, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("transcribe.py: error: ") and message in err[0], err
+    # a run that fails on its checkpoint creates no output folder on the way
+    assert cli.main(["--model_path", str(tmp_path / "file"), *one, "--output_format", "srt",
+                     "--output_dir", str(tmp_path / "made" / "here")]) == 2
+    assert not (tmp_path / "made").exists()
+    capsys.readouterr()
     # reference files: the reader's message (file, line, problem) as one line, exit 2
     zero = audio_dir / "zero.wav"
     for name, text, message in [("empty.tsv", "", "reference file is empty"),

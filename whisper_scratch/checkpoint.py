@@ -152,8 +152,11 @@ def check_device(name: Union[str, torch.device]) -> torch.device:
             raise ValueError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    elif device.type not in ("cpu", "mps"):
-        raise ValueError(f"--device {name}: use cpu or cuda (cuda:N)")
+    elif device.type != "cpu":  # mps, xpu, ...: whatever this torch build says it has
+        backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"--device {name}: no {device.type} device is available here (use cpu or cuda)")
     return device
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Optional, Sequence, Type, TypeVar
 
 T = TypeVar("T")
@@ -149,6 +151,23 @@ def require(ok: bool, message: str) -> None:
     """Options validation: a ValueError with the message (parse_options turns it into a usage error)."""
     if not ok:
         raise ValueError(message)
+
+
+def output_problem(flag_name: str, path, kind: str = "file") -> Optional[str]:
+    """What stops an output `path` (kind "file" or "folder") from being written later, checked
+    without creating anything: a folder where a file goes or the reverse, a file on the way, a
+    folder nobody may write in. None when nothing does. For checks before long work."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        return f"{flag_name} {path}: is a folder; give a file name"
+    if kind == "folder" and path.exists() and not path.is_dir():
+        return f"{flag_name} {path}: exists and is not a folder"
+    existing = next(p for p in (path.parent if kind == "file" else path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{flag_name} {path}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag_name} {path}: cannot write in {existing}"
+    return None
 
 
 def flag(name: str) -> str:

@@ -129,9 +129,10 @@ class FallbackOptions:
         require(inc is None or inc > 0, f"temperature_increment_on_fallback must be > 0 or none, got {inc}")
         require(self.fallback_rows >= 1, f"fallback_rows must be >= 1, got {self.fallback_rows}")
         cr, lp = self.compression_ratio_threshold, self.logprob_threshold
-        require(cr is None or (math.isfinite(cr) and cr > 0), f"compression_ratio_threshold must be > 0 or none, got {cr}")
+        require(cr is None or (math.isfinite(cr) and cr > 0),
+                f"compression_ratio_threshold must be a finite number > 0, or none, got {cr}")
         require(lp is None or (math.isfinite(lp) and lp <= 0),  # an average log-probability is never above 0
-                f"logprob_threshold must be <= 0 or none, got {lp}")
+                f"logprob_threshold must be a finite number <= 0, or none, got {lp}")
         require(self.ctc_length_ratio is None or self.ctc_length_ratio >= 1,
                 f"ctc_length_ratio must be >= 1 or none, got {self.ctc_length_ratio}")
 

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import tables
-from .config import option, parse_options, require
+from .config import option, output_problem, parse_options, require
 from .tokenizer import TextNormalizer, Tokenizer
 
 FORMAT, VERSION = "whisper_scratch_lm", 1
@@ -445,19 +445,10 @@ def normalizer_for(opts: LmOptions) -> TextNormalizer:
     return TextNormalizer(lowercase=opts.lowercase, punctuation=opts.punctuation)
 
 
-def output_problem(opts: LmOptions) -> Optional[str]:
-    """What stops --output or --arpa from being written (their folders are created), or None."""
-    for flag, name in (("--output", opts.output), ("--arpa", opts.arpa)):
-        if not name:
-            continue
-        out = Path(name)
-        if out.is_dir():
-            return f"{flag} {out}: is a folder; give a file name"
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return f"{flag} {out}: cannot create its folder {out.parent} ({e.strerror})"
-    return None
+def outputs_problem(opts: LmOptions) -> Optional[str]:
+    """What stops --output or --arpa from being written (nothing is created yet), or None."""
+    return next((p for name, path in (("--output", opts.output), ("--arpa", opts.arpa))
+                 if path and (p := output_problem(name, path))), None)
 
 
 def main(argv=None) -> int:
@@ -476,7 +467,7 @@ def main(argv=None) -> int:
           f"{dropped} dropped as held out ({len(held)} sentences in {', '.join(opts.exclude) or 'no --exclude'}); "
           f"{blank} blank lines skipped", file=sys.stderr)
     problem = (f"{', '.join(opts.text)}: no sentences left to learn from ({len(lines)} lines: {blank} blank, "
-               f"{dropped} held out by --exclude)") if not kept else output_problem(opts)
+               f"{dropped} held out by --exclude)") if not kept else outputs_problem(opts)
     if problem:  # before the build, so that no time is spent on a model that cannot be written
         print(f"error: {problem}", file=sys.stderr)
         return 2
