@@ -59,9 +59,13 @@ def test_averaging_refuses_checkpoints_of_different_runs(tmp_path, digits, capsy
     missing = load_checkpoint(b)
     del missing["model"]["encoder.positional_embedding"]
     atomic_save(missing, tmp_path / "missing.pt")
+    diverged = load_checkpoint(b)
+    diverged["model"]["decoder.ln.weight"][0] = float("nan")
+    atomic_save(diverged, tmp_path / "diverged.pt")
     for argv, message in [([str(a), str(tmp_path / "elsewhere.pt")], "its weights are far from"),
                           ([str(a), str(a)], "given twice"),
-                          ([str(a), str(tmp_path / "missing.pt")], "differ: encoder.positional_embedding")]:
+                          ([str(a), str(tmp_path / "missing.pt")], "differ: encoder.positional_embedding"),
+                          ([str(a), str(tmp_path / "diverged.pt")], "diverged.pt: NaN or inf in its weights (decoder.ln")]:
         assert A.main(["--checkpoints", *argv, "--output", str(tmp_path / "x.pt")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()

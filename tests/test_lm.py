@@ -134,6 +134,9 @@ def test_cli_says_what_it_cannot_learn_from_or_write_before_building(tmp_path, c
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
     assert not (tmp_path / "lm.json.gz").exists()
+    assert L.main(["--text", str(tmp_path / "text.txt"), "--output", str(tmp_path / "new" / "lm.json.gz"), "--order", "2",
+                   "--arpa", str(tmp_path / "arpa" / "sub" / "lm.arpa")]) == 0  # new folders are made for both
+    assert (tmp_path / "arpa" / "sub" / "lm.arpa").is_file()
     (tmp_path / "table.tsv").write_text("a.wav\tthe cat\nb.wav\ta hat\n")  # no header naming the text column
     with pytest.raises(ValueError, match="table.tsv: a table \\(2 tab-separated columns on every line\\)"):
         L.read_text(tmp_path / "table.tsv")

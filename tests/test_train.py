@@ -272,6 +272,8 @@ def test_bad_input_fails_before_any_work(tmp_path, digits, capsys):
         Trainer(opts(tmp_path / "n", digits, noise_dir=str(tmp_path / "nowhere")))
     with pytest.raises(SystemExit, match="--eval-lm-path .*file:1: .*not an ARPA file"):
         Trainer(opts(tmp_path / "lm", digits, eval_lm_path=str(tmp_path / "file"), eval_lm_weight=0.5))
+    with pytest.raises(SystemExit, match="--eval-lm-path .*nope.json.gz"):  # weight 0: still read at every evaluation
+        Trainer(opts(tmp_path / "lm0", digits, eval_lm_path=str(tmp_path / "nope.json.gz")))
 
 
 def test_seed_flags_parse_exactly():

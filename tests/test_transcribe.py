@@ -560,6 +560,7 @@ def test_bad_outputs_devices_and_reference_files_are_one_line_before_any_decodin
                                                                                    capsys, monkeypatch):
     monkeypatch.setattr(cli, "RUNNERS", {**cli.RUNNERS, "single": lambda *a: pytest.fail("decoded anyway")})
     (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     one = ["--audio_path", str(audio_dir / "zero.wav")]
     for argv, message in [(["--output_file", str(tmp_path / "no" / "out.txt")], f"--output_file {tmp_path}/no/out.txt: no folder"),
                           (["--output_file", str(tmp_path)], "is a folder; give a file name"),
@@ -567,6 +568,8 @@ def test_bad_outputs_devices_and_reference_files_are_one_line_before_any_decodin
                           (["--output_format", "srt", "--output_dir", str(tmp_path / "file" / "x")],
                            "file is a file, not a folder"),
                           (["--device", "foo"], "--device foo: not a device name"),
+                          (["--device", "meta"], "--device meta: not a device this runs on"),
+                          (["--output_format", "srt", "--output_dir", str(tmp_path / "dangling")], "broken symbolic link"),
                           *([(["--device", "cuda"], "--device cuda: no CUDA GPU is available")]
                             if not torch.cuda.is_available() else [])]:
         assert cli.main(["--model_path", str(checkpoint), *one, *argv]) == 2

@@ -56,11 +56,13 @@ def choose(folder, last: Optional[int] = None, best: Optional[int] = None) -> Li
             scored.append((cer, p))
     if not scored:
         raise ValueError(f"{folder}: its snapshots record no dev CER to rank them by; use --last")
-    return [p for _, p in sorted(scored, key=lambda x: x[0])[:best]]
+    chosen = {p for _, p in sorted(scored, key=lambda x: x[0])[:best]}
+    return [p for _, p in found if p in chosen]  # in step order: neighbours are compared (average_checkpoints)
 
 
-SAME_RUN_COSINE = 0.6  # measured: snapshots of one run 0.81-0.90 apart (even 4,000 steps); two runs from
-                       # one seed on other data 0.39-0.47; from other seeds about 0
+# Measured on this repo's runs: snapshots of one run 400-2,000 steps apart 0.76-0.90; two FSDD folds
+# trained from one seed (another run on other data) 0.38-0.47; runs from other seeds about 0.
+SAME_RUN_COSINE = 0.6
 
 
 def weight_cosine(a: dict, b: dict) -> float:
@@ -70,21 +72,30 @@ def weight_cosine(a: dict, b: dict) -> float:
     dot = sum(float((a[k].double() * b[k].double()).sum()) for k in keys)
     norm_a = sum(float(a[k].double().pow(2).sum()) for k in keys) ** 0.5
     norm_b = sum(float(b[k].double().pow(2).sum()) for k in keys) ** 0.5
-    return dot / (norm_a * norm_b) if norm_a and norm_b else 1.0
+    return dot / (norm_a * norm_b) if norm_a and norm_b else 0.0
+
+
+def _require_finite(path, state: dict) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    require(not bad, f"{path}: NaN or inf in its weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): "
+                     f"a diverged snapshot would make the whole average NaN")
 
 
 def average_checkpoints(paths: List[Path], mix_runs: bool = False) -> dict:
     """The first checkpoint with its weights replaced by the mean over all of them; the dims, the
-    tokenizer and the weights' names must agree, and (unless mix_runs) the weights must be near
-    each other as one run's snapshots are, else the mean is meaningless: a clear error naming the
-    file. Separately trained models average to a broken one (in the measured case, another fold
-    of FSDD from the same seed); mix_runs is for model soups of fine-tunes that share their start."""
+    tokenizer and the weights' names must agree, every weight must be finite, and (unless
+    mix_runs) each checkpoint's weights must be near the one before it in the list, as a run's
+    neighbouring snapshots are (give them in step order, as --last and --best do), else the mean
+    is meaningless: a clear error naming the file. Separately trained models average to a broken
+    one (measured: two FSDD folds from one seed); mix_runs is for model soups of fine-tunes."""
     require(len(paths) >= 1, "nothing to average: give at least one checkpoint")
     twice = [p for i, p in enumerate(paths) if Path(p).resolve() in [Path(q).resolve() for q in paths[:i]]]
     require(not twice, f"{twice[0] if twice else ''}: given twice (it would weigh double)")
     first = load_checkpoint(paths[0])
+    _require_finite(paths[0], first["model"])
     total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     dev = [first.get("dev", {}).get("cer")]
+    before, before_path = first["model"], paths[0]
     for path in paths[1:]:
         ck = load_checkpoint(path)
         dev.append(ck.get("dev", {}).get("cer"))
@@ -96,11 +107,13 @@ def average_checkpoints(paths: List[Path], mix_runs: bool = False) -> dict:
         if odd:
             raise ValueError(f"{path}: its weights are not named as {paths[0]}'s (differ: {', '.join(odd[:5])}"
                              f"{' ...' if len(odd) > 5 else ''})")
-        cos = weight_cosine(first["model"], ck["model"])
+        _require_finite(path, ck["model"])
+        cos = weight_cosine(before, ck["model"])
         if not mix_runs and cos < SAME_RUN_COSINE:
-            raise ValueError(f"{path}: its weights are far from {paths[0]}'s (cosine similarity {cos:.2f}; one run's "
-                             f"snapshots are above 0.8): models trained apart average to a broken model. If they "
-                             f"are fine-tunes of one checkpoint, pass --mix-runs")
+            raise ValueError(f"{path}: its weights are far from {before_path}'s (cosine similarity {cos:.2f}; a run's "
+                             f"snapshots 400-2,000 steps apart measured 0.76-0.90): models trained apart average to "
+                             f"a broken model. If they are fine-tunes of one checkpoint, pass --mix-runs")
+        before, before_path = ck["model"], path
         for k, v in ck["model"].items():
             if v.is_floating_point():
                 total[k] += v.double()

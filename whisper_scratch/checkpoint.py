@@ -152,11 +152,12 @@ def check_device(name: Union[str, torch.device]) -> torch.device:
             raise ValueError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    elif device.type != "cpu":  # mps, xpu, ...: whatever this torch build says it has
-        backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
-        available = getattr(backend, "is_available", None)
-        if available is None or not available():
+    elif device.type in ("mps", "xpu"):  # the other accelerators torch runs these models on
+        backend = getattr(torch, device.type, None)
+        if backend is None or not backend.is_available():
             raise ValueError(f"--device {name}: no {device.type} device is available here (use cpu or cuda)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: not a device this runs on (cpu, cuda, cuda:N, mps, xpu)")
     return device
 
 

@@ -162,6 +162,10 @@ def output_problem(flag_name: str, path, kind: str = "file") -> Optional[str]:
         return f"{flag_name} {path}: is a folder; give a file name"
     if kind == "folder" and path.exists() and not path.is_dir():
         return f"{flag_name} {path}: exists and is not a folder"
+    chain = (path, *path.parents)
+    broken = next((p for p in chain if p.is_symlink() and not p.exists()), None)
+    if broken:
+        return f"{flag_name} {path}: {broken} is a broken symbolic link"
     existing = next(p for p in (path.parent if kind == "file" else path, *path.parents) if p.exists())
     if not existing.is_dir():
         return f"{flag_name} {path}: {existing} is a file, not a folder"

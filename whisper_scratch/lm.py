@@ -221,6 +221,7 @@ class NgramLM:
 
     def write_arpa(self, path) -> None:
         """The model as ARPA: log10 probabilities and backoffs, characters as words (space = <sp>)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         name = [ARPA_SPACE if s == " " else s for s in self.symbols]
         grams: List[list] = [[] for _ in range(self.order + 1)]
         bow_of = {k: b for k, (_, _, b) in self.contexts.items()}

@@ -508,9 +508,9 @@ def oom_message(micro: list, max_batch_seconds: Optional[float]) -> str:
 def check_eval_lm(opts: TrainOptions, tokenizer, n_vocab: int) -> None:
     """Load --eval-lm-path once before training, so a wrong file fails now, not at the first
     evaluation."""
-    if opts.eval_lm_path and opts.eval_lm_weight:  # weight 0: the file is never read
+    if opts.eval_lm_path:  # read by every dev evaluation, whatever its weight
         try:
-            with_language_model(DecodingOptions(lm_path=opts.eval_lm_path, lm_weight=opts.eval_lm_weight),
+            with_language_model(DecodingOptions(lm_path=opts.eval_lm_path, lm_weight=opts.eval_lm_weight or 1.0),
                                 tokenizer, n_vocab)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --eval-lm-path {opts.eval_lm_path}: {e}") from None
