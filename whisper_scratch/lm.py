@@ -1,4 +1,4 @@
-"""Text -> an external language model for shallow fusion in beam search.
+r"""Text -> an external language model for shallow fusion in beam search.
 
 A character n-gram with interpolated modified Kneser-Ney smoothing (Chen & Goodman 1998), built in
 pure Python from a text file or a Common Voice TSV's `sentence` column. Characters, not words:
