@@ -83,7 +83,8 @@ class ServerOptions:
     api_key: Optional[str] = option(None, "if set, /v1 requests need 'Authorization: Bearer KEY'")
     device: Optional[str] = option(None, "cpu, cuda, cuda:1, ... (default: cuda if available)")
     quantize: Optional[str] = quantize_option()
-    dtype: Optional[str] = option(None, "float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: float16 on cuda, else float32)",
+    dtype: Optional[str] = option(None, "float32 | float16 | bfloat16, or fp32 | fp16 | bf16 (default: float16 on "
+                                        "cuda, else float32)",
                                   choices=tuple(DTYPE_ALIASES))
     decoding: DecodingOptions = option(help="default search settings", factory=lambda: DecodingOptions(best_of=5))
     fallback: FallbackOptions = option(help="temperature fallback", factory=FallbackOptions)
