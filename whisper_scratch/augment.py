@@ -14,7 +14,8 @@ import numpy as np
 import soxr
 import torch
 
-from .audio import AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, AudioError, audio_duration, hz_to_mel, load_audio, mel_to_hz
+from .audio import (AUDIO_EXTENSIONS, HOP_LENGTH, SAMPLE_RATE, AudioError, audio_duration, hz_to_mel, load_audio,
+                    mel_to_hz)
 
 
 # The allowed range of each amount (inclusive), checked here and by train.py's flags alike.
