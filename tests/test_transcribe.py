@@ -144,6 +144,18 @@ def test_30s_windows_and_a_shorter_tail():
         longform.decode_with_fallback = real
     assert calls == [(3000, 3000), (3000, 3000), (500, 500)]  # the tail at its own length
     assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
+    # a window of digital silence is not decoded and gives no segment (the model would read a word into it);
+    # a quiet one (noise at -70 dBFS) still is
+    audio[30 * SAMPLE_RATE: 60 * SAMPLE_RATE] = 0.0
+    audio[60 * SAMPLE_RATE:] = 3e-4 * np.random.default_rng(0).standard_normal(5 * SAMPLE_RATE)
+    calls.clear()
+    longform.decode_with_fallback = spy
+    try:
+        result = transcribe(model, audio, TOK, DecodingOptions(max_new_tokens=4), decoding.NO_FALLBACK)
+    finally:
+        longform.decode_with_fallback = real
+    assert calls == [(3000, 3000), (500, 500)]
+    assert [(s["id"], s["start"], s["end"]) for s in result["segments"]] == [(0, 0.0, 30.0), (1, 60.0, 65.0)]
 
 
 # -- voice-activity chunks --------------------------------------------------------------------

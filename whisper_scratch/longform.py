@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .audio import (FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, AudioError, audio_duration, load_audio,
+from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, AudioError, audio_duration, load_audio,
                     log_mel_spectrogram)
 from .alignment import aligned_words, ctc_log_probs, segment_words
 from .decoding import (DecodingOptions, DecodingResult, FallbackOptions, GreedyStream, decode_with_fallback, encode,
@@ -71,6 +71,8 @@ def transcribe(model: Whisper, audio: Source, tokenizer: Tokenizer,
     segments: list = []
     history: list = []  # texts since the last prompt reset
     for seek, stop in fixed_windows(mel.shape[-1], window_frames(model)):
+        if is_digital_silence(audio[seek * HOP_LENGTH: stop * HOP_LENGTH]):
+            continue  # nothing to hear, and a model trained on speech would read a word into it
         chunk = mel[None, :, seek:stop]
         prompt = tokenizer.encode(" ".join(history)) if condition_on_previous_text and history else []
         opts = replace(options, prompt=tuple(prompt))
@@ -81,6 +83,16 @@ def transcribe(model: Whisper, audio: Source, tokenizer: Tokenizer,
             segments[-1].update(segment_words(model, tokenizer, chunk[0], r.tokens, segments[-1]["start"]))
         history = [] if r.temperature > 0.5 else (history + [r.text] if r.text else history)
     return _transcript(segments, tokenizer, options, duration)
+
+
+SILENCE_PEAK = 1e-4  # -80 dBFS: below any recording's noise floor, so only digital silence (or a muted input)
+
+
+def is_digital_silence(samples) -> bool:
+    """A window with no sample above -80 dBFS gives no segment (openai-whisper skips a window its
+    no-speech token calls silent; these models never learned that token). Quiet real recordings
+    keep their noise floor above this; their silence is the voice-activity chunker's job."""
+    return len(samples) == 0 or float(np.max(np.abs(np.asarray(samples)))) < SILENCE_PEAK
 
 
 def _segment(i: int, seek: int, start: float, end: float, r: DecodingResult) -> dict:
