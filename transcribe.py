@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -120,13 +122,28 @@ def audio_files(folder) -> list:
 
 
 def display_name(path: Path, roots: list) -> str:
-    """The path relative to the first root that contains it (for output lines and file names)."""
+    """The path relative to the first root that contains it (for output lines and file names):
+    as the user sees it first (a symlink inside the root is named as the link), then with links
+    resolved on both sides; else the path as given."""
     for root in roots:
-        try:
-            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            continue
+        for p, r in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))),
+                     (Path(path).resolve(), Path(root).resolve())):
+            try:
+                return p.relative_to(r).as_posix()
+            except ValueError:
+                continue
     return str(path)
+
+
+def output_stems(names: Sequence[str], reserved: Sequence[str] = ()) -> dict:
+    """Each display name -> the stem its --output_format files take under --output_dir: the name
+    without its extension, or with it where two inputs would share a stem (a.wav and a.mp3 ->
+    a.wav.srt and a.mp3.srt) or the stem is one the run writes itself (the evaluate report). A
+    name outside every root keeps only its file name: outputs stay under --output_dir."""
+    bases = {n: Path(Path(n).name) if Path(n).is_absolute() else Path(n) for n in names}
+    count = Counter(b.with_suffix("").as_posix() for b in bases.values())
+    return {n: b if count[b.with_suffix("").as_posix()] > 1 or b.with_suffix("").as_posix() in reserved
+            else b.with_suffix("") for n, b in bases.items()}
 
 
 def check_outputs(opts: TranscribeOptions) -> Optional[str]:
@@ -146,8 +163,10 @@ def check_outputs(opts: TranscribeOptions) -> Optional[str]:
 class ResultWriter:
     """Writes each result as soon as it exists: a line in --output_file, --output_format files."""
 
-    def __init__(self, opts: TranscribeOptions, roots: list):
+    def __init__(self, opts: TranscribeOptions, roots: list, paths: Sequence = ()):
         self.opts, self.roots, self.failed = opts, roots, []
+        reserved = ("evaluation",) if opts.mode == "evaluate" else ()
+        self.stems = output_stems([display_name(Path(p), roots) for p in paths], reserved)
         self.file = open(opts.output_file, "w", encoding="utf-8") if opts.output_file else None
         # directory and batch modes with nowhere else to write: the lines go to stdout, not nowhere
         self.stdout = self.file is None and opts.mode in ("directory", "batch")
@@ -172,7 +191,8 @@ class ResultWriter:
         elif self.stdout:
             tqdm.write(f"{name}\t{result['text']}", file=sys.stdout)
         if self.opts.output_format:
-            write_result(result, Path(self.opts.output_dir) / Path(name).with_suffix(""), [self.opts.output_format],
+            stem = self.stems.get(name) or output_stems([name])[name]
+            write_result(result, Path(self.opts.output_dir) / stem, [self.opts.output_format],
                          self.opts.max_words_per_cue, self.opts.highlight_words)
 
     def status(self, n: int) -> int:
@@ -184,7 +204,7 @@ class ResultWriter:
 # -- modes -------------------------------------------------------------------------------------
 
 def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
-    with ResultWriter(opts, [Path(opts.audio_path).parent]) as out:
+    with ResultWriter(opts, [Path(opts.audio_path).parent], [opts.audio_path]) as out:
         try:
             result = transcribe(model, opts.audio_path, tokenizer, opts.decoding, opts.fallback,
                                 opts.condition_on_previous_text, opts.word_timestamps, opts.vad, opts.batch_size)
@@ -198,7 +218,7 @@ def run_single(model, tokenizer, opts: TranscribeOptions) -> int:
 
 def run_directory(model, tokenizer, opts: TranscribeOptions) -> int:
     paths = audio_files(opts.audio_dir)
-    with ResultWriter(opts, [opts.audio_dir]) as out:
+    with ResultWriter(opts, [opts.audio_dir], paths) as out:
         for path in tqdm(paths, desc="transcribing", unit="file", disable=not opts.progress):
             try:
                 result = transcribe(model, path, tokenizer, opts.decoding, opts.fallback,
@@ -226,7 +246,7 @@ def _batched(model, tokenizer, opts: TranscribeOptions, paths: list):
 
 def run_batch(model, tokenizer, opts: TranscribeOptions) -> int:
     paths = audio_files(opts.audio_dir)
-    with ResultWriter(opts, [opts.audio_dir]) as out:
+    with ResultWriter(opts, [opts.audio_dir], paths) as out:
         for path, result in _batched(model, tokenizer, opts, paths):
             out.write(path, result)
         return out.status(len(paths))
@@ -243,8 +263,8 @@ def run_evaluate(model, tokenizer, opts: TranscribeOptions) -> int:
     missing_audio = [p for p in refs if not Path(p).is_file()]
     missing_ref = [p for p in on_disk if p not in refs]
     hyps = {}
-    with ResultWriter(opts, roots) as out:
-        pairs = [(p, text) for p, text in refs.items() if Path(p).is_file()]
+    pairs = [(p, text) for p, text in refs.items() if Path(p).is_file()]
+    with ResultWriter(opts, roots, [p for p, _ in pairs]) as out:
         for path, result in _progress(decode_references(model, tokenizer, pairs, opts.decoding, opts.fallback,
                                                         opts.batch_size, opts.condition_on_previous_text,
                                                         opts.word_timestamps, opts.vad),

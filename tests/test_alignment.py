@@ -67,6 +67,10 @@ def test_words_get_times_from_their_characters():
     assert (words[0]["start"], words[0]["end"]) == (10.02, 10.08)
     assert (words[1]["start"], words[1]["end"]) == (10.16, 10.2)
     assert all(w["probability"] == pytest.approx(0.9, abs=1e-3) for w in words)
+    # c ends on the last CTC frame; when the segment's audio ends 10 ms into that frame, so does c
+    path = [blank, a, a, b, blank, blank, blank, space, c, c]
+    words = word_timestamps(emissions(path, V), tok.encode("ab c"), tok, frame_seconds=0.02, offset=10.0, end=10.19)
+    assert (words[1]["start"], words[1]["end"]) == (10.16, 10.19)
 
 
 def test_transcripts_get_words_inside_their_segments():

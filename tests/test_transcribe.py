@@ -313,6 +313,13 @@ def test_srt_vtt_tsv_json_parse(tmp_path):
     assert json.loads((tmp_path / "sub" / "clip.json").read_text()) == result
     with pytest.raises(ValueError, match="'doc'"):
         write_result(result, tmp_path / "x", ["doc"])
+    # text that is markup in a cue: entities in WebVTT, and no "-->" inside an SRT cue
+    odd = {**result, "segments": [{"start": 0.0, "end": 1.0, "text": "if x < 5 & y > 3 --> done",
+                                   "words": [{"word": w, "start": 0.1 * i, "end": 0.1 * i + 0.1}
+                                             for i, w in enumerate("if x < 5 & y > 3 --> done".split())]}]}
+    assert to_vtt(odd).splitlines()[3] == "if x &lt; 5 &amp; y &gt; 3 --&gt; done"
+    assert to_srt(odd).splitlines()[2] == "if x < 5 & y > 3 -> done"
+    assert "<u>&lt;</u>" in to_vtt(odd, highlight=True)  # the tag stays a tag, the text is escaped
 
 
 def test_word_level_srt_and_vtt_cues():
@@ -372,6 +379,23 @@ def test_directory_mode_reports_bad_files_and_goes_on(checkpoint, audio_dir, lon
                            "one.wav", "two.wav", "zero.wav"]
     assert got["zero.wav"] == "zero" and got["nested/two.flac"] == "two" and got["nested/deeper/one.ogg"] == "one"
     assert got["long.wav"] == " ".join(long_audio[1])
+    # one output stem per input: a.wav and a.flac side by side keep their extension; a symlinked file is
+    # named as the link, and its files stay under --output_dir
+    folder = tmp_path / "same"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(audio_dir / "zero.wav", folder / "a.wav")
+    sf.write(folder / "a.flac", load_audio(audio_dir / "two.wav"), SAMPLE_RATE)
+    shutil.copy(audio_dir / "one.wav", tmp_path / "outside.wav")
+    (folder / "sub" / "link.wav").symlink_to(tmp_path / "outside.wav")
+    for mode in ("directory", "batch"):
+        out_dir = tmp_path / f"out_{mode}"
+        assert cli.main(["--model_path", str(checkpoint), "--mode", mode, "--audio_dir", str(folder),
+                         "--output_format", "txt", "--output_dir", str(out_dir), *FAST]) == 0
+        assert sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.txt")) == [
+            "a.flac.txt", "a.wav.txt", "sub/link.txt"], mode
+        assert (out_dir / "a.wav.txt").read_text().strip() == "zero" and (out_dir / "a.flac.txt").read_text().strip() == "two"
+        assert dict(line.split("\t") for line in capsys.readouterr().out.strip().splitlines())["sub/link.wav"] == "one"
+    assert not list((folder / "sub").glob("*.txt"))
     for mode in ("directory", "batch"):  # nowhere else to write: stdout, the same lines
         assert cli.main(["--model_path", str(checkpoint), "--mode", mode, "--audio_dir", str(audio_dir), *FAST]) == 1
         lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.strip().splitlines())
@@ -401,6 +425,19 @@ def test_batch_mode_equals_directory_mode(checkpoint, audio_dir, tmp_path):
     assert batch == alone
     long_srt = parse_srt((tmp_path / "batch" / "long.srt").read_text())
     assert len(long_srt) == 35 and all(a[1] <= b[0] for a, b in zip(long_srt, long_srt[1:]))
+    # without voice-activity chunks too: the same lines in the same (path) order, digital silence
+    # gives no text in either mode
+    folder = tmp_path / "mixed"
+    shutil.copytree(audio_dir, folder)
+    sf.write(folder / "quiet.wav", np.zeros(3 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
+    lines = {}
+    for mode in ("directory", "batch"):
+        out = tmp_path / f"{mode}_novad.txt"
+        cli.main(["--model_path", str(checkpoint), "--mode", mode, "--audio_dir", str(folder), "--batch_size", "3",
+                  "--vad", "false", "--output_file", str(out), *FAST])
+        lines[mode] = out.read_text().splitlines()
+    assert lines["batch"] == lines["directory"] and "quiet.wav\t" in lines["batch"]
+    assert [line.split("\t")[0] for line in lines["batch"]] == sorted(line.split("\t")[0] for line in lines["batch"])
 
 
 def test_vad_false_keeps_the_window_path(checkpoint, audio_dir, long_audio, tmp_path):

@@ -59,10 +59,12 @@ def _backtrack(score: Tensor, back: Tensor, S: int, n: int) -> List[Tuple[int, i
 
 
 def word_timestamps(log_probs: Tensor, tokens: Sequence[int], tokenizer, frame_seconds: float,
-                    offset: float = 0.0) -> List[dict]:
+                    offset: float = 0.0, end: float = float("inf")) -> List[dict]:
     """[{word, start, end, probability}] for the words of tokenizer.decode(tokens), aligned on
     log_probs (T, V) of one utterance. A word spans its tokens' frames; its probability is the
-    mean posterior of its tokens on the frames they occupy. Whitespace tokens belong to no word."""
+    mean posterior of its tokens on the frames they occupy. Whitespace tokens belong to no word.
+    Times stop at `end` (the segment's end): an odd number of mel frames leaves the last CTC
+    frame covering 10 ms, not 20."""
     tokens = list(tokens)
     spans = ctc_viterbi(log_probs, tokens, tokenizer.pad)
     probs = log_probs.float().exp()
@@ -77,8 +79,8 @@ def word_timestamps(log_probs: Tensor, tokens: Sequence[int], tokenizer, frame_s
         else:
             words[index]["end_frame"], words[index]["p"] = b, words[index]["p"] + [p]
     texts = tokenizer.decode(tokens).split()
-    return [{"word": w, "start": round(offset + d["start_frame"] * frame_seconds, 3),
-             "end": round(offset + (d["end_frame"] + 1) * frame_seconds, 3),
+    return [{"word": w, "start": round(min(offset + d["start_frame"] * frame_seconds, end), 3),
+             "end": round(min(offset + (d["end_frame"] + 1) * frame_seconds, end), 3),
              "probability": round(sum(d["p"]) / len(d["p"]), 4)} for w, d in zip(texts, words)]
 
 
@@ -101,19 +103,21 @@ def ctc_log_probs(model, xa: Tensor, xa_lens: Tensor) -> List[Tensor]:
     return [lp[: int(n)] for lp, n in zip(log_probs, xa_lens)]
 
 
-def aligned_words(log_probs: Tensor, tokens: Sequence[int], tokenizer, start: float) -> dict:
-    """{"words": [...]} for one decoded segment on its own CTC log-probs (T, V); start: the
-    segment's time in the file. Tokens that cannot be aligned (more than the CTC frames allow)
+def aligned_words(log_probs: Tensor, tokens: Sequence[int], tokenizer, start: float,
+                  end: float = float("inf")) -> dict:
+    """{"words": [...]} for one decoded segment on its own CTC log-probs (T, V); start, end: the
+    segment's times in the file. Tokens that cannot be aligned (more than the CTC frames allow)
     give no words and an `alignment_error` saying why."""
     try:  # the encoder's stride-2 conv: one CTC frame per two mel frames (20 ms)
-        return {"words": word_timestamps(log_probs, tokens, tokenizer, 2 / FRAMES_PER_SECOND, start)}
+        return {"words": word_timestamps(log_probs, tokens, tokenizer, 2 / FRAMES_PER_SECOND, start, end)}
     except ValueError as e:
         return {"words": [], "alignment_error": str(e)}
 
 
-def segment_words(model, tokenizer, mel: Tensor, tokens: Sequence[int], start: float) -> dict:
+def segment_words(model, tokenizer, mel: Tensor, tokens: Sequence[int], start: float,
+                  end: float = float("inf")) -> dict:
     """`aligned_words` for a segment given by the mel (n_mels, T) it was decoded from (runs the
     encoder on it; the batched paths reuse their decoding's encoder output instead)."""
     with torch.inference_mode():
         xa, xa_lens = encode(model, mel[None], torch.tensor([mel.shape[-1]]))
-    return aligned_words(ctc_log_probs(model, xa, xa_lens)[0], tokens, tokenizer, start)
+    return aligned_words(ctc_log_probs(model, xa, xa_lens)[0], tokens, tokenizer, start, end)

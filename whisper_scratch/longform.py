@@ -80,7 +80,8 @@ def transcribe(model: Whisper, audio: Source, tokenizer: Tokenizer,
         end = min(stop / FRAMES_PER_SECOND, duration)
         segments.append(_segment(len(segments), seek, seek / FRAMES_PER_SECOND, end, r))
         if word_timestamps:
-            segments[-1].update(segment_words(model, tokenizer, chunk[0], r.tokens, segments[-1]["start"]))
+            segments[-1].update(segment_words(model, tokenizer, chunk[0], r.tokens, segments[-1]["start"],
+                                              segments[-1]["end"]))
         history = [] if r.temperature > 0.5 else (history + [r.text] if r.text else history)
     return _transcript(segments, tokenizer, options, duration)
 
@@ -197,7 +198,7 @@ def chunk_segment(r: DecodingResult, log_probs: Optional[Tensor], probs: np.ndar
     segment = _segment(0, a * FRAMES_PER_SECOND // SAMPLE_RATE, a / SAMPLE_RATE, b / SAMPLE_RATE, r)
     segment["no_speech_prob"] = round(1.0 - float(probs[a // FRAME: -(-b // FRAME)].max()), 4)
     if log_probs is not None:
-        segment.update(aligned_words(log_probs, r.tokens, tokenizer, segment["start"]))
+        segment.update(aligned_words(log_probs, r.tokens, tokenizer, segment["start"], segment["end"]))
     return segment
 
 
@@ -411,13 +412,33 @@ def transcribe_files(model: Whisper, paths: Sequence[Union[str, Path]], tokenize
     Without: files of at most one window in batches sorted by duration (longest first, so memory
     limits show at once), each batch padded to its longest file; longer files go through the
     window path of `transcribe` one by one afterwards. Either way a result equals `transcribe` of
-    that file alone with the same `vad` (up to float rounding)."""
+    that file alone with the same `vad` (up to float rounding), and results come in `paths` order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if vad is not None and vad.vad:
         yield from transcribe_chunks(model, [(str(p), p) for p in paths], tokenizer, options, fallback, vad,
                                      batch_size, word_timestamps)
         return
+    yield from _in_order([str(p) for p in paths], _windows_by_duration(model, paths, tokenizer, options, fallback,
+                                                                       batch_size, condition_on_previous_text,
+                                                                       word_timestamps))
+
+
+def _in_order(keys: list, results: Iterator[Tuple[str, object]]) -> Iterator[Tuple[str, object]]:
+    """`results` (key, value) re-emitted in `keys` order, each as soon as those before it are out."""
+    done, nxt = {}, 0
+    for key, value in results:
+        done.setdefault(key, []).append(value)
+        while nxt < len(keys) and done.get(keys[nxt]):
+            yield keys[nxt], done[keys[nxt]].pop(0)
+            nxt += 1
+    for key in keys[nxt:]:  # nothing is held back, even if a key was skipped
+        while done.get(key):
+            yield key, done[key].pop(0)
+
+
+def _windows_by_duration(model, paths, tokenizer, options, fallback, batch_size, condition_on_previous_text,
+                         word_timestamps):
     window_s = window_frames(model) / FRAMES_PER_SECOND
     timed, long = [], []
     for p in paths:
@@ -454,6 +475,9 @@ def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list, wo
         if mel.shape[-1] > window_frames(model):  # header said shorter than the decoded audio
             long.append(p)
             continue
+        if is_digital_silence(audio):  # as `transcribe`'s window loop: no segment
+            yield p, _transcript([], tokenizer, options, len(audio) / SAMPLE_RATE)
+            continue
         mels.append(mel)
         ok.append(p)
         durations.append(len(audio) / SAMPLE_RATE)
@@ -463,5 +487,5 @@ def _transcribe_batch(model, paths, tokenizer, options, fallback, long: list, wo
     for p, duration, (_, r, log_probs) in zip(ok, durations, decoded):
         segment = _segment(0, 0, 0.0, duration, r)
         if word_timestamps:
-            segment.update(aligned_words(log_probs, r.tokens, tokenizer, 0.0))
+            segment.update(aligned_words(log_probs, r.tokens, tokenizer, 0.0, duration))
         yield p, _transcript([segment], tokenizer, options, duration)

@@ -26,33 +26,45 @@ def _segments(result: dict) -> Iterable[dict]:
     return (s for s in result["segments"] if s["text"].strip())
 
 
-def _cues(result: dict, max_words: Optional[int] = None, highlight: bool = False) -> Iterator[tuple]:
+def _srt_text(text: str) -> str:
+    return text.replace("-->", "->")  # the one sequence that would end a cue's text
+
+
+def _vtt_text(text: str) -> str:
+    """WebVTT cue text: & and < are markup there (and > after --), so they are written as entities."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _cues(result: dict, max_words: Optional[int] = None, highlight: bool = False,
+          escape=lambda text: text) -> Iterator[tuple]:
     """(start, end, text) of each cue: a segment, or with its words known, groups of at most
     max_words words; highlight: one cue per word, its group shown with that word underlined
-    (openai-whisper's --highlight_words)."""
+    (openai-whisper's --highlight_words). `escape` is applied to the transcript's text, not to
+    the underline tags."""
     for s in _segments(result):
         words = s.get("words")
         if not words or (max_words is None and not highlight):
-            yield s["start"], s["end"], s["text"].strip()
+            yield s["start"], s["end"], escape(s["text"].strip())
             continue
         n = max_words or len(words)
         for group in (words[i:i + n] for i in range(0, len(words), n)):
             if not highlight:
-                yield group[0]["start"], group[-1]["end"], " ".join(w["word"] for w in group)
+                yield group[0]["start"], group[-1]["end"], escape(" ".join(w["word"] for w in group))
                 continue
             for k, w in enumerate(group):
-                text = " ".join(f"<u>{x['word']}</u>" if j == k else x["word"] for j, x in enumerate(group))
+                text = " ".join(f"<u>{escape(x['word'])}</u>" if j == k else escape(x["word"])
+                                for j, x in enumerate(group))
                 yield w["start"], w["end"], text
 
 
 def to_srt(result: dict, max_words: Optional[int] = None, highlight: bool = False) -> str:
     return "".join(f"{i}\n{format_timestamp(a, ',')} --> {format_timestamp(b, ',')}\n{text}\n\n"
-                   for i, (a, b, text) in enumerate(_cues(result, max_words, highlight), start=1))
+                   for i, (a, b, text) in enumerate(_cues(result, max_words, highlight, _srt_text), start=1))
 
 
 def to_vtt(result: dict, max_words: Optional[int] = None, highlight: bool = False) -> str:
     return "WEBVTT\n\n" + "".join(f"{format_timestamp(a)} --> {format_timestamp(b)}\n{text}\n\n"
-                                  for a, b, text in _cues(result, max_words, highlight))
+                                  for a, b, text in _cues(result, max_words, highlight, _vtt_text))
 
 
 def to_tsv(result: dict) -> str:
