@@ -141,9 +141,17 @@ def output_stems(names: Sequence[str], reserved: Sequence[str] = ()) -> dict:
     a.wav.srt and a.mp3.srt) or the stem is one the run writes itself (the evaluate report). A
     name outside every root keeps only its file name: outputs stay under --output_dir."""
     bases = {n: Path(Path(n).name) if Path(n).is_absolute() else Path(n) for n in names}
-    count = Counter(b.with_suffix("").as_posix() for b in bases.values())
-    return {n: b if count[b.with_suffix("").as_posix()] > 1 or b.with_suffix("").as_posix() in reserved
-            else b.with_suffix("") for n, b in bases.items()}
+    count = Counter(b.with_suffix("").as_posix().lower() for b in bases.values())  # a.WAV and A.flac clash on macOS
+    stems, used = {}, set(r.lower() for r in reserved)
+    for n, b in bases.items():
+        key = b.with_suffix("").as_posix()
+        stem = b if count[key.lower()] > 1 or key.lower() in used else b.with_suffix("")
+        unique, k = stem, 2
+        while unique.as_posix().lower() in used:  # the same file name from two folders outside the roots
+            unique, k = stem.with_name(f"{stem.name}-{k}"), k + 1
+        used.add(unique.as_posix().lower())
+        stems[n] = unique
+    return stems
 
 
 def check_outputs(opts: TranscribeOptions) -> Optional[str]:

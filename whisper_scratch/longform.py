@@ -93,7 +93,7 @@ def is_digital_silence(samples) -> bool:
     """A window with no sample above -80 dBFS gives no segment (openai-whisper skips a window its
     no-speech token calls silent; these models never learned that token). Quiet real recordings
     keep their noise floor above this; their silence is the voice-activity chunker's job."""
-    return len(samples) == 0 or float(np.max(np.abs(np.asarray(samples)))) < SILENCE_PEAK
+    return len(samples) == 0 or float(torch.as_tensor(samples).abs().max()) < SILENCE_PEAK
 
 
 def _segment(i: int, seek: int, start: float, end: float, r: DecodingResult) -> dict:
@@ -412,33 +412,14 @@ def transcribe_files(model: Whisper, paths: Sequence[Union[str, Path]], tokenize
     Without: files of at most one window in batches sorted by duration (longest first, so memory
     limits show at once), each batch padded to its longest file; longer files go through the
     window path of `transcribe` one by one afterwards. Either way a result equals `transcribe` of
-    that file alone with the same `vad` (up to float rounding), and results come in `paths` order."""
+    that file alone with the same `vad` (up to float rounding). Results come as they are done
+    (without `vad`: longest batch first), so a run that stops keeps everything written so far."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if vad is not None and vad.vad:
         yield from transcribe_chunks(model, [(str(p), p) for p in paths], tokenizer, options, fallback, vad,
                                      batch_size, word_timestamps)
         return
-    yield from _in_order([str(p) for p in paths], _windows_by_duration(model, paths, tokenizer, options, fallback,
-                                                                       batch_size, condition_on_previous_text,
-                                                                       word_timestamps))
-
-
-def _in_order(keys: list, results: Iterator[Tuple[str, object]]) -> Iterator[Tuple[str, object]]:
-    """`results` (key, value) re-emitted in `keys` order, each as soon as those before it are out."""
-    done, nxt = {}, 0
-    for key, value in results:
-        done.setdefault(key, []).append(value)
-        while nxt < len(keys) and done.get(keys[nxt]):
-            yield keys[nxt], done[keys[nxt]].pop(0)
-            nxt += 1
-    for key in keys[nxt:]:  # nothing is held back, even if a key was skipped
-        while done.get(key):
-            yield key, done[key].pop(0)
-
-
-def _windows_by_duration(model, paths, tokenizer, options, fallback, batch_size, condition_on_previous_text,
-                         word_timestamps):
     window_s = window_frames(model) / FRAMES_PER_SECOND
     timed, long = [], []
     for p in paths:

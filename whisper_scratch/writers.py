@@ -4,6 +4,7 @@ cues can be cut at words (max_words per cue) and show the word being spoken unde
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -27,7 +28,7 @@ def _segments(result: dict) -> Iterable[dict]:
 
 
 def _srt_text(text: str) -> str:
-    return text.replace("-->", "->")  # the one sequence that would end a cue's text
+    return re.sub(r"-{2,}>", "->", text)  # the one sequence that would end a cue's text (and ---> holds one)
 
 
 def _vtt_text(text: str) -> str:
