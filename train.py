@@ -16,14 +16,18 @@ def main(argv=None) -> int:
     opts = parse_options(TrainOptions, argv)
     one_line_audio_warnings("train.py")
     try:
-        train(opts)
+        result = train(opts)
+    except KeyboardInterrupt:  # the second Ctrl-C: stop at once, as asked
+        print("train.py: interrupted; no checkpoint written for this step (--resume continues from the last one)",
+              file=sys.stderr)
+        return 130
     except CheckpointError as e:  # --resume on a file that is not a loadable checkpoint
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except CheckpointWriteError as e:  # disk full: say so and where, the last good checkpoint is intact
         print(f"train.py: error: {e.strerror}", file=sys.stderr)
         return 1
-    return 0
+    return 130 if result.get("interrupted") else 0  # stopped by Ctrl-C: `train.py && transcribe.py` stops too
 
 
 if __name__ == "__main__":

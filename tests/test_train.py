@@ -241,8 +241,32 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, digits):
 
     t.step = step_then_interrupt
     result = t.run()
-    assert result["step"] == 3
+    assert result["step"] == 3 and result["interrupted"]  # train.py exits 130 on it
     assert load_checkpoint(tmp_path / "out" / "last.pt")["state"]["step"] == 3
+
+
+def test_resume_says_what_differs_finishes_once_and_refuses_another_seed(tmp_path, digits, capsys):
+    train(opts(tmp_path, digits, max_steps=4, eval_every=2, max_eval_utts=2, warmup_steps=2))
+    rows = (tmp_path / "out" / "metrics.csv").read_text().count("\n")
+    capsys.readouterr()
+    result = Trainer(opts(tmp_path, digits, max_steps=4, eval_every=2, max_eval_utts=2, warmup_steps=2,
+                          resume=True)).run()  # already finished: nothing decoded or written again
+    assert result["step"] == 4 and not result["interrupted"]
+    assert "already finished at step 4 of 4; nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "out" / "metrics.csv").read_text().count("\n") == rows
+    Trainer(opts(tmp_path, digits, max_steps=6, eval_every=2, max_eval_utts=2, warmup_steps=2, learning_rate=1e-2,
+                 init_from=str(tmp_path / "out" / "last.pt"), resume=True))
+    err = capsys.readouterr().err
+    assert "note: --resume with flags that differ from the run's:" in err
+    assert "--learning-rate 0.01 (was 0.001)" in err and "--max-steps 6 (was 4)" in err
+    assert "--init-from" in err and "ignored on resume" in err
+    with pytest.raises(SystemExit, match="--resume .*last.pt: sampler state is for seed 0.*resume with the run's --seed"):
+        Trainer(opts(tmp_path, digits, max_steps=6, seed=1, resume=True))
+    for flags, message in [(["--time-budget", "nan"], "--time-budget must be a finite number > 0"),
+                           (["--max-batch-seconds", "nan"], "--max-batch-seconds must be a finite number >= 30")]:
+        with pytest.raises(SystemExit):
+            parse_options(TrainOptions, ["--local-data-dir", "D", *flags])
+        assert message in capsys.readouterr().err
 
 
 def test_bad_input_fails_before_any_work(tmp_path, digits, capsys):

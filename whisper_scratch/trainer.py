@@ -164,8 +164,8 @@ class TrainOptions:
         positive = ["eval_batch_size", "eval_beam_size", "num_epochs", "grad_accum", "eval_every", "log_every", "bpe_vocab_size",
                     "num_buckets", "max_nan_steps"]
         if self.time_budget is not None:
-            if self.time_budget <= 0:
-                raise ValueError(f"--time-budget must be > 0 minutes, got {self.time_budget}")
+            if not (math.isfinite(self.time_budget) and self.time_budget > 0):
+                raise ValueError(f"--time-budget must be a finite number > 0 of minutes, got {self.time_budget}")
             if self.max_steps is not None:
                 raise ValueError(f"--time-budget {self.time_budget} sets the schedule's length; it cannot be used "
                                  f"with --max-steps {self.max_steps}")
@@ -194,8 +194,10 @@ class TrainOptions:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {v}")
-        if self.max_batch_seconds is not None and self.max_batch_seconds < 30:
-            raise ValueError(f"--max-batch-seconds must be >= 30 (one 30 s clip must fit), got {self.max_batch_seconds}")
+        if self.max_batch_seconds is not None and not (math.isfinite(self.max_batch_seconds)
+                                                       and self.max_batch_seconds >= 30):
+            raise ValueError(f"--max-batch-seconds must be a finite number >= 30 (one 30 s clip must fit), got "
+                             f"{self.max_batch_seconds}")
         if self.max_batch_seconds is None and self.train_batch_size is None:
             raise ValueError("give --max-batch-seconds or --train-batch-size")
         for name, lo, hi in [("learning_rate", 0, 1), ("ctc_weight", 0, 1), ("label_smoothing", 0, 1),
@@ -264,6 +266,19 @@ def resolve_device(opts: TrainOptions, ddp: Dist) -> torch.device:
     if opts.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("error: --dtype bf16 is not supported by this GPU; use --dtype fp16")
     return device
+
+
+RESUME_SAME = {"resume", "stop_after", "progress", "num_workers", "log_every", "max_nan_steps"}  # run-time only
+
+
+def resume_changes(old: dict, opts: TrainOptions, budget_fitted: bool) -> str:
+    """A note naming every flag that differs from the resumed run's (taking effect from here on,
+    or ignored on resume), or "" when none does: a resume continues the run it is given flags for,
+    so a changed --learning-rate or --max-steps reshapes the rest of the schedule."""
+    ignored = {"init_from", "init_decoder"} | ({"time_budget", "max_steps"} if budget_fitted else set())
+    changed = [f"{flag(k)} {getattr(opts, k)} (was {old[k]}{'; ignored on resume' if k in ignored else ''})"
+               for k in sorted(old) if k not in RESUME_SAME and hasattr(opts, k) and old[k] != getattr(opts, k)]
+    return f"note: --resume with flags that differ from the run's: {', '.join(changed)}" if changed else ""
 
 
 def check_output_dir(opts: TrainOptions) -> Optional[Path]:
@@ -659,7 +674,16 @@ class Trainer:
         self.state = TrainState()
         self.ema = Ema(self.model, o.ema_decay) if o.ema_decay else None
         if ckpt is not None:
-            self.restore(ckpt)
+            try:
+                self.restore(ckpt)
+            except ValueError as e:  # the sampler's order belongs to its seed and world size
+                raise SystemExit(f"error: --resume {resume_path}: {e}; resume with the run's --seed") from None
+            note = resume_changes(ckpt.get("options") or {}, o, bool(self.state.budget_steps))
+            if note and self.ddp.main:
+                print(note, file=sys.stderr, flush=True)
+        if not self.dev_utts and self.ddp.main:
+            print(f"note: the dev split {o.dev_split!r} has no clips: evaluations score nothing and no best_model.pt "
+                  f"is written (give --dev-split a split with clips)", file=sys.stderr, flush=True)
         self.history, self.last_eval, self.last_eval_step = [], {}, -1
         self.t_start, self.t_measure = time.time(), None
         self.eval_seconds, self.budget_mark = 0.0, None  # --time-budget: evaluation time, last fit (step, time, evals)
@@ -668,6 +692,12 @@ class Trainer:
         """The loop: this epoch's optimizer steps -> log -> evaluate and save, until --max-steps,
         --stop-after or Ctrl-C; then a last evaluation (or save) and the closing line."""
         o, st = self.opts, self.state
+        if o.resume and st.step >= self.total_steps:  # nothing left: no second evaluation, no duplicate rows
+            if self.ddp.main:
+                print(f"{self.out}/last.pt: already finished at step {st.step} of {self.total_steps}; nothing to do "
+                      f"(raise --max-steps to train further)", flush=True)
+            return {"step": st.step, "best_cer": st.best_cer, "last_eval": {}, "history": [],
+                    "nan_skipped": st.nan_skipped, "data_errors": st.data_errors, "interrupted": False}
         if self.ddp.main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(opening(self), flush=True)
@@ -701,7 +731,7 @@ class Trainer:
         if self.ddp.main:
             print(closing(self, stopped_early), flush=True)
         return {"step": st.step, "best_cer": st.best_cer, "last_eval": self.last_eval, "history": self.history,
-                "nan_skipped": st.nan_skipped, "data_errors": st.data_errors}
+                "nan_skipped": st.nan_skipped, "data_errors": st.data_errors, "interrupted": stop.requested}
 
     def set_schedule(self, schedule_steps: int, adapt_steps: int) -> None:
         self.schedule_steps, self.adapt_steps = schedule_steps, adapt_steps
