@@ -150,13 +150,15 @@ def budget_run(monkeypatch, tmp_path, digits, step_seconds=lambda step: 2.0, pla
     return train(o), o
 
 
-def test_time_budget_sets_the_schedule_from_measured_costs(monkeypatch, tmp_path, digits):
+def test_time_budget_sets_the_schedule_from_measured_costs(monkeypatch, tmp_path, digits, capsys):
     # measured: 2 s/step (steps 3-23); the probe decodes the 6 dev clips in 3 s, so an evaluation
     # of 2 (--max-eval-utts) costs 1 s; 90 - 49 = 41 s left. 33 steps: 10 x 2 s + 2 evaluations
     # = 22 s fits; 43 steps (42 s) would not
     result, _ = budget_run(monkeypatch, tmp_path / "a", digits)
     ckpt = load_checkpoint(tmp_path / "a/out/last.pt")
     assert result["step"] == 33 and ckpt["state"]["budget_steps"] == 33
+    assert ("note: 33 steps are fewer than twice --warmup-steps 30: the learning rate climbs for 30 of them and "
+            "decays in the 3 left") in capsys.readouterr().out
     # a fifth of the steps as padding adaptation at 1.8x a step: 33 + 7 steps (47.2 s) do not fit
     result, _ = budget_run(monkeypatch, tmp_path / "b", digits, pad_adapt_fraction=0.2)
     state = load_checkpoint(tmp_path / "b/out/last.pt")["state"]

@@ -799,6 +799,10 @@ class Trainer:
         tqdm.write(f"--time-budget {o.time_budget:g} min{' (fitted again)' if replan else ''}: {per_step:.2f} s/step, "
                    f"~{per_eval:.0f} s per evaluation, {left / 60:.1f} min left -> {n} steps"
                    + (f" + {adapt_steps} adaptation steps" if adapt_steps else ""))
+        if n < 2 * o.warmup_steps and not replan:  # the learning rate would spend the run climbing
+            tqdm.write(f"note: {n} steps are fewer than twice --warmup-steps {o.warmup_steps}: the learning rate "
+                       f"climbs for {min(n, o.warmup_steps)} of them and decays in the {max(0, n - o.warmup_steps)} "
+                       f"left; a longer --time-budget or a smaller --warmup-steps (e.g. {max(1, n // 10)}) trains better")
 
     def time_evaluation(self) -> float:
         """Seconds one dev evaluation will take, from decoding a few dev clips now (x2 with EMA).
