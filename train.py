@@ -18,8 +18,8 @@ def main(argv=None) -> int:
     try:
         result = train(opts)
     except KeyboardInterrupt:  # the second Ctrl-C: stop at once, as asked
-        print("train.py: interrupted; no checkpoint written for this step (--resume continues from the last one)",
-              file=sys.stderr)
+        print("train.py: interrupted; no checkpoint written for this step (--resume continues from the last saved "
+              "one, if there is one)", file=sys.stderr)
         return 130
     except CheckpointError as e:  # --resume on a file that is not a loadable checkpoint
         print(f"train.py: error: {e}", file=sys.stderr)

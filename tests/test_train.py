@@ -255,13 +255,20 @@ def test_resume_says_what_differs_finishes_once_and_refuses_another_seed(tmp_pat
     assert "already finished at step 4 of 4; nothing to do" in capsys.readouterr().out
     assert (tmp_path / "out" / "metrics.csv").read_text().count("\n") == rows
     Trainer(opts(tmp_path, digits, max_steps=6, eval_every=2, max_eval_utts=2, warmup_steps=2, learning_rate=1e-2,
-                 init_from=str(tmp_path / "out" / "last.pt"), resume=True))
+                 init_from=str(tmp_path / "out" / "last.pt"), resume=True, output_dir=str(tmp_path / "out") + "/"))
     err = capsys.readouterr().err
     assert "note: --resume with flags that differ from the run's:" in err
     assert "--learning-rate 0.01 (was 0.001)" in err and "--max-steps 6 (was 4)" in err
     assert "--init-from" in err and "ignored on resume" in err
+    assert "--output-dir" not in err  # the same folder spelled another way is not a change
     with pytest.raises(SystemExit, match="--resume .*last.pt: sampler state is for seed 0.*resume with the run's --seed"):
         Trainer(opts(tmp_path, digits, max_steps=6, seed=1, resume=True))
+    # stopped before its last evaluation (--stop-after), resumed with --max-steps at that step: evaluated, not skipped
+    train(opts(tmp_path / "s", digits, max_steps=8, stop_after=5, eval_every=3, max_eval_utts=2, warmup_steps=2))
+    capsys.readouterr()
+    result = Trainer(opts(tmp_path / "s", digits, max_steps=5, eval_every=3, max_eval_utts=2, warmup_steps=2,
+                          resume=True)).run()
+    assert "already finished" not in capsys.readouterr().out and result["last_eval"]["step"] == 5
     for flags, message in [(["--time-budget", "nan"], "--time-budget must be a finite number > 0"),
                            (["--max-batch-seconds", "nan"], "--max-batch-seconds must be a finite number >= 30")]:
         with pytest.raises(SystemExit):

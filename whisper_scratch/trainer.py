@@ -268,16 +268,29 @@ def resolve_device(opts: TrainOptions, ddp: Dist) -> torch.device:
     return device
 
 
-RESUME_SAME = {"resume", "stop_after", "progress", "num_workers", "log_every", "max_nan_steps"}  # run-time only
+# flags that change how a run is carried out, not what it learns: no note when they differ on resume
+RESUME_SAME = {"resume", "stop_after", "progress", "num_workers", "log_every", "max_nan_steps", "feature_cache",
+               "eval_batch_size"}
+RESUME_PATHS = {"output_dir", "local_data_dir", "init_from", "noise_dir", "eval_lm_path"}
+TOKENIZER_FLAGS = {"keep_chars", "lowercase", "punctuation", "bpe_vocab_size"}  # the checkpoint's tokenizer is kept
 
 
 def resume_changes(old: dict, opts: TrainOptions, budget_fitted: bool) -> str:
     """A note naming every flag that differs from the resumed run's (taking effect from here on,
     or ignored on resume), or "" when none does: a resume continues the run it is given flags for,
     so a changed --learning-rate or --max-steps reshapes the rest of the schedule."""
-    ignored = {"init_from", "init_decoder"} | ({"time_budget", "max_steps"} if budget_fitted else set())
+    ignored = {"init_from", "init_decoder"} | TOKENIZER_FLAGS
+    if budget_fitted:
+        ignored |= {"time_budget", "max_steps", "pad_adapt_fraction", "pad_adapt_steps"}
+
+    def same(k) -> bool:
+        a, b = old[k], getattr(opts, k)
+        if k in RESUME_PATHS and a and b:
+            return Path(a).resolve() == Path(b).resolve()  # exp/run/ and /abs/exp/run are one folder
+        return a == b
+
     changed = [f"{flag(k)} {getattr(opts, k)} (was {old[k]}{'; ignored on resume' if k in ignored else ''})"
-               for k in sorted(old) if k not in RESUME_SAME and hasattr(opts, k) and old[k] != getattr(opts, k)]
+               for k in sorted(old) if k not in RESUME_SAME and hasattr(opts, k) and not same(k)]
     return f"note: --resume with flags that differ from the run's: {', '.join(changed)}" if changed else ""
 
 
@@ -561,6 +574,7 @@ class TrainState:
     best_ema_cer: float = float("inf")
     budget_steps: int = 0  # --time-budget: the schedule's length it chose (kept on resume)
     budget_adapt_steps: int = 0
+    evaluated_step: int = -1  # the step of the last evaluation this state was saved after
 
 
 class StopRequest:
@@ -677,7 +691,8 @@ class Trainer:
             try:
                 self.restore(ckpt)
             except ValueError as e:  # the sampler's order belongs to its seed and world size
-                raise SystemExit(f"error: --resume {resume_path}: {e}; resume with the run's --seed") from None
+                raise SystemExit(f"error: --resume {resume_path}: {e}; resume with the run's --seed and number of "
+                                 f"processes") from None
             note = resume_changes(ckpt.get("options") or {}, o, bool(self.state.budget_steps))
             if note and self.ddp.main:
                 print(note, file=sys.stderr, flush=True)
@@ -692,10 +707,12 @@ class Trainer:
         """The loop: this epoch's optimizer steps -> log -> evaluate and save, until --max-steps,
         --stop-after or Ctrl-C; then a last evaluation (or save) and the closing line."""
         o, st = self.opts, self.state
-        if o.resume and st.step >= self.total_steps:  # nothing left: no second evaluation, no duplicate rows
+        if o.resume and st.step >= self.total_steps and st.evaluated_step == st.step:  # finished and evaluated
             if self.ddp.main:
+                further = ("its --time-budget schedule is kept: start a new run with --init-from it to train further"
+                           if st.budget_steps else "raise --max-steps to train further")
                 print(f"{self.out}/last.pt: already finished at step {st.step} of {self.total_steps}; nothing to do "
-                      f"(raise --max-steps to train further)", flush=True)
+                      f"({further})", flush=True)
             return {"step": st.step, "best_cer": st.best_cer, "last_eval": {}, "history": [],
                     "nan_skipped": st.nan_skipped, "data_errors": st.data_errors, "interrupted": False}
         if self.ddp.main:
@@ -731,7 +748,8 @@ class Trainer:
         if self.ddp.main:
             print(closing(self, stopped_early), flush=True)
         return {"step": st.step, "best_cer": st.best_cer, "last_eval": self.last_eval, "history": self.history,
-                "nan_skipped": st.nan_skipped, "data_errors": st.data_errors, "interrupted": stop.requested}
+                "nan_skipped": st.nan_skipped, "data_errors": st.data_errors,
+                "interrupted": stop.requested and stopped_early}
 
     def set_schedule(self, schedule_steps: int, adapt_steps: int) -> None:
         self.schedule_steps, self.adapt_steps = schedule_steps, adapt_steps
@@ -796,6 +814,8 @@ class Trainer:
             return
         st.budget_steps, st.budget_adapt_steps = n, adapt_steps
         self.set_schedule(n, adapt_steps)
+        if not self.ddp.main:  # every rank fits the same plan; one says it
+            return
         tqdm.write(f"--time-budget {o.time_budget:g} min{' (fitted again)' if replan else ''}: {per_step:.2f} s/step, "
                    f"~{per_eval:.0f} s per evaluation, {left / 60:.1f} min left -> {n} steps"
                    + (f" + {adapt_steps} adaptation steps" if adapt_steps else ""))
@@ -887,7 +907,7 @@ class Trainer:
 
     def evaluate_and_save(self) -> None:
         st = self.state
-        self.last_eval_step = st.step  # on every rank: they must agree on when to meet at the barrier
+        self.last_eval_step = st.evaluated_step = st.step  # on every rank: they must agree on when to meet
         started = time.time()
         if self.ddp.main:
             scores = dev_evaluate(self.model, self.tokenizer, self.dev_utts, self.opts, self.amp)
