@@ -103,10 +103,11 @@ def save_checkpoint(path, model: Whisper, tokenizer: Tokenizer, **extra) -> None
     atomic_save(ckpt, path)
 
 
-def load_checkpoint(path, map_location: Union[str, torch.device] = "cpu") -> dict:
-    """Read a checkpoint written by save_checkpoint. Anything else is a CheckpointError that says
-    what the file is (empty, text, truncated, pickled code, another tool's model) and what to do;
-    a pickle that would run code is never unpickled (weights_only)."""
+def read_checkpoint_file(path, map_location: Union[str, torch.device] = "cpu"):
+    """What a .pt file holds, read safely: a file that is no torch checkpoint at all is a
+    CheckpointError saying what it is (empty, text, truncated, pickled code, a folder) and what to
+    do; a pickle that would run code is never unpickled (weights_only). Whose checkpoint it is,
+    the callers judge (load_checkpoint: ours; warmstart.read_source: ours or openai-whisper's)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -121,6 +122,14 @@ def load_checkpoint(path, map_location: Union[str, torch.device] = "cpu") -> dic
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for bad files; say which kind of bad it is
         raise CheckpointError(f"{path}: {foreign.explain_load_failure(path, e)}") from None
+    return ckpt
+
+
+def load_checkpoint(path, map_location: Union[str, torch.device] = "cpu") -> dict:
+    """Read a checkpoint written by save_checkpoint. Anything else is a CheckpointError that says
+    what the file is (empty, text, truncated, pickled code, another tool's model) and what to do."""
+    ckpt = read_checkpoint_file(path, map_location)
+    path = Path(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: {foreign.describe_object(path, ckpt)}")
     return check_version_and_keys(path, ckpt)

@@ -15,8 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import foreign_files as foreign
-from .checkpoint import FORMAT, check_version_and_keys
+from .checkpoint import FORMAT, check_version_and_keys, read_checkpoint_file
 from .model import ModelDimensions, Whisper
 
 # What the encoder hears and computes: every one must match for its weights to mean the same.
@@ -28,15 +27,7 @@ def read_source(path: Union[str, Path]) -> tuple:
     """(dims dict, state dict, 'openai-whisper' or 'whisper_scratch', tokenizer dict or None) of a
     checkpoint to start from."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint to warm-start from not found")
-    problem = foreign.sniff(path)  # text, an archive, audio, ...: say what the file is, as load_checkpoint does
-    if problem:
-        raise ValueError(f"{path}: {problem}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: {foreign.explain_load_failure(path, e)}") from None
+    ckpt = read_checkpoint_file(path)  # a file that is no checkpoint: a CheckpointError saying what it is
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         ckpt = check_version_and_keys(path, ckpt)
         return ckpt["dims"], ckpt["model"], "whisper_scratch", ckpt["tokenizer"]
