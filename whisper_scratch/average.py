@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .checkpoint import atomic_save, load_checkpoint
-from .config import option, parse_options, require
+from .config import option, output_problem, parse_options, require
 
 SNAPSHOT = re.compile(r"^step-(\d+)\.pt$")
 
@@ -188,11 +188,7 @@ class AverageOptions:
 def main(argv=None) -> int:
     opts = parse_options(AverageOptions, argv, prog="python -m whisper_scratch.average")
     try:
-        if Path(opts.output).is_dir():
-            raise ValueError(f"--output {opts.output}: is a folder; give a file name")
-        blocking = next((p for p in Path(opts.output).parents if p.exists() and not p.is_dir()), None)
-        if blocking:
-            raise ValueError(f"--output {opts.output}: {blocking} is a file, not a folder")
+        require(not (problem := output_problem("--output", opts.output)), problem)
         if opts.dir and not Path(opts.dir).is_dir():
             raise FileNotFoundError(f"--dir {opts.dir}: no such folder")
         paths = [Path(p) for p in opts.checkpoints] or choose(opts.dir, opts.last, opts.best)

@@ -38,7 +38,7 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from .config import option, parse_options
+from .config import option, output_problem, parse_options
 from .tables import TableError, read_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -579,9 +579,9 @@ def build_corpus(out_dir: PathLike, sentences_path: Optional[PathLike] = None,
     sentences = read_sentences(path)
     text_sha = hashlib.sha256(path.read_bytes()).hexdigest()
     root = Path(opts.out_dir) / LOCALE
-    blocking = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
-    if blocking:
-        raise SynthError(f"--out-dir {opts.out_dir}: {blocking} is a file, not a folder")
+    problem = output_problem("--out-dir", root, "folder")
+    if problem:
+        raise SynthError(problem)
     params = _params(opts, path, len(sentences), text_sha)
     done = None if opts.force else _up_to_date(root, params)
     if done is not None:

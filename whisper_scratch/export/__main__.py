@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import load_model
-from ..config import option, parse_options
+from ..config import option, output_problem, parse_options
 from .ct2 import CT2_QUANTIZATIONS, export_ct2
 from .ggml import GGML_TYPES, export_ggml
 from .hf import export_hf
@@ -75,13 +75,13 @@ NEEDS = {"hf": ("transformers", "tokenizers"), "ct2": ("ctranslate2", "transform
 def check_output(out: Path, to: str) -> None:
     """A file target over a folder, a folder target over a file, or a path under a file: refused
     before anything is read or deleted."""
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking:
-        raise FileExistsError(f"--output {out}: {blocking} is a file, not a folder")
     if to in FOLDER_TARGETS and out.is_file():
         raise FileExistsError(f"--output {out} is a file; --to {to} writes a folder: choose another --output")
     if to not in FOLDER_TARGETS and out.is_dir():
         raise FileExistsError(f"--output {out} is a folder; --to {to} writes one file: give a file name")
+    problem = output_problem("--output", out, "folder" if to in FOLDER_TARGETS else "file")
+    if problem:  # a file on the way, a broken link, a folder nobody may write in
+        raise FileExistsError(problem)
 
 
 def check_packages(to: str) -> None:
