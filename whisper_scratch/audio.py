@@ -121,9 +121,17 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE, warn: bool = True) -> np.n
 
     Integer PCM is scaled by 2**(bits-1), exactly as openai-whisper's ffmpeg s16le / 32768 path
     for 16-bit files. Channels are averaged; resampling uses soxr's high-quality filter. A WAV
-    cut short is read as far as it goes with an AudioWarning (warn=False: the caller asks
-    `wav_shortfall` itself, e.g. from threads, where the warnings module's state is shared).
+    cut short is read as far as it goes with an AudioWarning (warn=False: none; threads, where the
+    warnings module's state is shared, use `read_audio`, which returns what is missing).
     """
+    audio, short = read_audio(path, sr)
+    if short and warn:  # decoded as far as it goes, and said (a warning per file: the message names it)
+        warnings.warn(f"{path}: {short}", AudioWarning, stacklevel=2)
+    return audio
+
+
+def read_audio(path: PathLike, sr: int = SAMPLE_RATE) -> tuple:
+    """(load_audio's samples, wav_shortfall's note: "" unless the WAV was cut short)."""
     path = Path(path)
     info = _open_info(path)
     if info.samplerate <= 0:  # a damaged header; soxr would fail on it without naming the file
@@ -132,9 +140,7 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE, warn: bool = True) -> np.n
         data, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise AudioError(f"{path}: {_undecodable(e)}") from None
-    short = wav_shortfall(path, info) if warn else ""
-    if short:  # decoded as far as it goes, and said (a warning per file: the message names it)
-        warnings.warn(f"{path}: {short}", AudioWarning, stacklevel=2)
+    short = wav_shortfall(path, info)
     if data.shape[0] == 0:
         raise AudioError(f"{path}: contains no audio frames")
     audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
@@ -144,7 +150,7 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE, warn: bool = True) -> np.n
         audio = soxr.resample(audio, file_sr, sr, quality="HQ")
     if audio.size == 0:  # e.g. 1 sample at 48 kHz: nothing is left at 16 kHz
         raise AudioError(f"{path}: too short: {data.shape[0]} sample(s) at {file_sr} Hz leave none at {sr} Hz")
-    return np.ascontiguousarray(audio, dtype=np.float32)
+    return np.ascontiguousarray(audio, dtype=np.float32), short
 
 
 def pad_or_trim(array, length: int = N_SAMPLES, *, axis: int = -1):

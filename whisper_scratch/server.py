@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
-import soundfile as sf
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -50,7 +49,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from .audio import SAMPLE_RATE, AudioError, load_audio, one_line_audio_warnings, wav_shortfall
+from .audio import SAMPLE_RATE, AudioError, one_line_audio_warnings, read_audio
 from .checkpoint import check_device, check_quantize, load_model, precision, quantize, quantize_option
 from .config import DTYPE_ALIASES, canonical_dtype, option, parse_options, require
 from .decoding import DecodingOptions, FallbackOptions, with_language_model
@@ -357,10 +356,9 @@ def load_upload(upload: UploadFile) -> np.ndarray:
         shutil.copyfileobj(upload.file, tmp)
         tmp.flush()
         try:
-            audio = load_audio(tmp.name, warn=False)  # uploads load in threads: no warnings-module state
+            audio, short = read_audio(tmp.name)  # uploads load in threads: no warnings-module state
         except AudioError as e:
             raise ApiError(400, str(e).replace(tmp.name, name), "file", "invalid_audio") from None
-        short = wav_shortfall(tmp.name, sf.info(tmp.name))
         if short:  # a truncated upload is decoded as far as it goes, and logged under its own name
             log.warning("%s: %s", name, short)
         return audio
