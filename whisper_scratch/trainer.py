@@ -713,10 +713,8 @@ class Trainer:
                            if st.budget_steps else "raise --max-steps to train further")
                 print(f"{self.out}/last.pt: already finished at step {st.step} of {self.total_steps}; nothing to do "
                       f"({further})", flush=True)
-            return {"step": st.step, "best_cer": st.best_cer, "last_eval": {}, "history": [],
-                    "nan_skipped": st.nan_skipped, "data_errors": st.data_errors, "interrupted": False}
-        if self.ddp.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            return self.summary(interrupted=False)
+        if self.ddp.main:  # check_output_dir made the folder
             print(opening(self), flush=True)
         self.log = TrainLog(self.out, self.ddp.main, o.resume, self.total_steps, st.step, o.progress,
                             o.log_every, o.ctc_weight > 0)
@@ -747,9 +745,13 @@ class Trainer:
         self.log.close()
         if self.ddp.main:
             print(closing(self, stopped_early), flush=True)
+        return self.summary(interrupted=stop.requested and stopped_early)
+
+    def summary(self, interrupted: bool) -> dict:
+        """What `train` returns (interrupted: stopped by Ctrl-C before the schedule's end)."""
+        st = self.state
         return {"step": st.step, "best_cer": st.best_cer, "last_eval": self.last_eval, "history": self.history,
-                "nan_skipped": st.nan_skipped, "data_errors": st.data_errors,
-                "interrupted": stop.requested and stopped_early}
+                "nan_skipped": st.nan_skipped, "data_errors": st.data_errors, "interrupted": interrupted}
 
     def set_schedule(self, schedule_steps: int, adapt_steps: int) -> None:
         self.schedule_steps, self.adapt_steps = schedule_steps, adapt_steps
