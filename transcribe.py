@@ -30,7 +30,8 @@ import torch
 from tqdm import tqdm
 
 from whisper_scratch.audio import AUDIO_EXTENSIONS, AudioError, one_line_audio_warnings
-from whisper_scratch.checkpoint import CheckpointError, check_device, check_quantize, load_model, precision, quantize, quantize_option
+from whisper_scratch.checkpoint import (CheckpointError, check_device, check_quantize, load_model, precision, quantize,
+                                        quantize_option)
 from whisper_scratch.config import DTYPE_ALIASES, canonical_dtype, option, output_problem, parse_options, require
 from whisper_scratch import decoding as D
 from whisper_scratch.decoding import DecodingOptions, FallbackOptions
@@ -117,7 +118,7 @@ def audio_files(folder) -> list:
     if not paths:
         others = sum(1 for p in Path(folder).rglob("*") if p.is_file())
         raise InputError(f"--audio_dir {folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in it or its "
-                           f"subfolders ({others} other file(s))")
+                         f"subfolders ({others} other file(s))")
     return paths
 
 
