@@ -699,7 +699,7 @@ class Trainer:
         if not self.dev_utts and self.ddp.main:
             print(f"note: the dev split {o.dev_split!r} has no clips: evaluations score nothing and no best_model.pt "
                   f"is written (give --dev-split a split with clips)", file=sys.stderr, flush=True)
-        self.history, self.last_eval, self.last_eval_step = [], {}, -1
+        self.history, self.last_eval = [], {}
         self.t_start, self.t_measure = time.time(), None
         self.eval_seconds, self.budget_mark = 0.0, None  # --time-budget: evaluation time, last fit (step, time, evals)
 
@@ -738,7 +738,7 @@ class Trainer:
                     st.epoch, st.batches_done = st.epoch + 1, 0
                     self.sampler.set_epoch(st.epoch)
         stopped_early = st.step < self.total_steps
-        if not stopped_early and st.step > 0 and self.last_eval_step != st.step:
+        if not stopped_early and st.step > 0 and st.evaluated_step != st.step:
             self.evaluate_and_save()
         elif stopped_early or st.step == 0:
             self.save("last.pt")
@@ -909,7 +909,7 @@ class Trainer:
 
     def evaluate_and_save(self) -> None:
         st = self.state
-        self.last_eval_step = st.evaluated_step = st.step  # on every rank: they must agree on when to meet
+        st.evaluated_step = st.step  # on every rank: they must agree on when to meet at the barrier
         started = time.time()
         if self.ddp.main:
             scores = dev_evaluate(self.model, self.tokenizer, self.dev_utts, self.opts, self.amp)
